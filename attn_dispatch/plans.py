@@ -1,0 +1,70 @@
+"""Objects made once per batch (or per request) and consumed by every layer.
+
+Each is produced by an operation of the same group as the one that consumes it (see ``ops.OP_GROUPS``),
+so a plugin's plan never meets another implementation's kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class AttentionParams:
+    """A layer's scheduling key: everything besides the batch that shapes FA3's split/tile schedule.
+
+    ``window_size`` is ``(left, right)``; -1 means unbounded. ``softcap`` 0 means off. ``num_splits`` 0
+    lets the kernel choose; ``pack_gqa`` None lets it choose. Two layers with equal params share metadata.
+    """
+
+    causal: bool = True
+    window_size: tuple[int, int] = (-1, -1)
+    softcap: float = 0.0
+    num_splits: int = 0
+    pack_gqa: bool | None = None
+
+
+DEFAULT_PARAMS = AttentionParams()
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """One forward batch of paged attention (decode, or mixed extend + decode), made once per step.
+
+    Tensors are the engine's own (int32, on the device); ints are host values the engine already has, so
+    making or using a plan never syncs with the device. ``metadata`` maps each planned
+    :class:`AttentionParams` to the provider's precomputed scheduler metadata; it is empty when scheduling
+    is left to the kernel at every call (the original path).
+    """
+
+    cache_seqlens: torch.Tensor  # [B] int32: keys per sequence, new tokens included
+    page_table: torch.Tensor  # [B, max_pages] int32
+    cu_seqlens_q: torch.Tensor  # [B + 1] int32: query tokens per sequence (1 each in pure decode)
+    max_seqlen_q: int
+    max_seqlen_k: int
+    page_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    head_dim_v: int
+    dtype: torch.dtype
+    metadata: Mapping[AttentionParams, torch.Tensor] = field(default_factory=dict)
+    provider: str = "reference"
+
+    @property
+    def batch_size(self) -> int:
+        return self.cache_seqlens.shape[0]
+
+
+@dataclass(frozen=True)
+class MaskMeta:
+    """A key-padding mask, made once per request by ``build_mask_meta`` and reused by every block.
+
+    ``key_mask`` is ``[B, S_k]``: bool (True = attend), or float (added to the scores, original path only).
+    Plugins subclass this to carry varlen metadata; ``key_mask`` stays so any path can fall back to SDPA.
+    """
+
+    key_mask: torch.Tensor

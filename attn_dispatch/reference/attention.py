@@ -1,0 +1,220 @@
+"""Original path for attention into the engine's output buffer (seed PRs sglang #21985, #21104).
+
+The pre-optimization code allocated the attention result, then copied it into the engine's ``out``, and
+left FA3's scheduling to the kernel at every layer. This module is that contract in portable torch: the
+plan carries no metadata, the result is computed into a fresh tensor and copied into ``out`` once.
+
+Semantics every implementation matches (FA3's):
+- sequence ``b`` owns query tokens ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` (``Lq`` of them) and attends to
+  its first ``Lk`` keys;
+- causal masking and windows are aligned bottom-right: query ``i`` sees key ``j`` iff
+  ``j <= i + Lk - Lq`` (causal), ``j >= i + Lk - Lq - left`` and ``j <= i + Lk - Lq + right`` (window);
+- ``softcap > 0`` maps scores to ``softcap * tanh(score / softcap)``;
+- a query with no visible key gets zeros; rows of ``out`` past the last real token are left untouched.
+
+It is a reference, not a fast path: it materialises ``[tokens, keys, heads]`` scores. It never syncs
+with the device (segment ids come from ``searchsorted``, not ``.tolist()``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..checks import check_tensor, fail, out_rows_view
+from ..plans import DEFAULT_PARAMS, AttentionParams, AttentionPlan
+
+INDEX_DTYPE = torch.int32
+
+
+def validate_plan_inputs(
+    *,
+    cache_seqlens: torch.Tensor,
+    page_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    page_size: int,
+    num_heads: int,
+    num_kv_heads: int,
+) -> None:
+    """Checks shared by every ``make_attention_plan`` implementation."""
+    check_tensor("cache_seqlens", cache_seqlens, ndim=1, dtype=INDEX_DTYPE)
+    check_tensor("page_table", page_table, ndim=2, dtype=INDEX_DTYPE, device=cache_seqlens.device)
+    check_tensor("cu_seqlens_q", cu_seqlens_q, ndim=1, dtype=INDEX_DTYPE, device=cache_seqlens.device)
+    batch = cache_seqlens.shape[0]
+    if page_table.shape[0] != batch:
+        fail("page_table", f"has {page_table.shape[0]} rows but cache_seqlens has batch {batch}")
+    if cu_seqlens_q.shape[0] != batch + 1:
+        fail("cu_seqlens_q", f"expected {batch + 1} entries (batch + 1), got {cu_seqlens_q.shape[0]}")
+    if page_size <= 0:
+        fail("page_size", f"must be positive, got {page_size}")
+    if num_kv_heads <= 0 or num_heads % num_kv_heads:
+        fail("num_heads", f"{num_heads} is not divisible by num_kv_heads={num_kv_heads}")
+
+
+def make_attention_plan(
+    *,
+    cache_seqlens: torch.Tensor,
+    page_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    page_size: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    head_dim_v: int | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    layer_params: Sequence[AttentionParams] = (DEFAULT_PARAMS,),
+    static_plan: AttentionPlan | None = None,
+) -> AttentionPlan:
+    """Describe one forward batch. Call once per step; pass the result to every layer.
+
+    ``layer_params`` lists the distinct :class:`AttentionParams` the model's layers use (a model mixing
+    sliding-window and global layers lists both). ``static_plan`` is the plan captured in a CUDA graph:
+    implementations with precomputed metadata refresh its persistent buffers in place and return it.
+    The original path has nothing to precompute; it returns a plan with empty ``metadata``.
+    """
+    validate_plan_inputs(
+        cache_seqlens=cache_seqlens,
+        page_table=page_table,
+        cu_seqlens_q=cu_seqlens_q,
+        page_size=page_size,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+    )
+    return AttentionPlan(
+        cache_seqlens=cache_seqlens,
+        page_table=page_table,
+        cu_seqlens_q=cu_seqlens_q,
+        max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k,
+        page_size=page_size,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        head_dim_v=head_dim if head_dim_v is None else head_dim_v,
+        dtype=dtype,
+    )
+
+
+def paged_attention_out(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    plan: AttentionPlan,
+    params: AttentionParams = DEFAULT_PARAMS,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """Paged attention for one layer, written into ``out``; returns ``out``.
+
+    ``q`` ``[tokens, heads, head_dim]`` (tokens may exceed ``cu_seqlens_q[-1]``: padding rows);
+    ``k_cache`` ``[pages, page_size, kv_heads, head_dim]``, ``v_cache`` ``[pages, page_size, kv_heads, head_dim_v]``;
+    ``out`` ``[>=tokens, heads * head_dim_v]`` or ``[>=tokens, heads, head_dim_v]``.
+    """
+    tokens, heads, head_dim = q.shape
+    out_view = out_rows_view(out, tokens, plan.num_heads, plan.head_dim_v, like=q)
+    check_tensor("k_cache", k_cache, ndim=4, dtype=q.dtype, device=q.device)
+    check_tensor("v_cache", v_cache, ndim=4, dtype=q.dtype, device=q.device)
+    if heads != plan.num_heads or head_dim != plan.head_dim:
+        fail("q", f"shape {tuple(q.shape)} does not match the plan ({plan.num_heads} heads, head_dim {plan.head_dim})")
+
+    batch, max_pages = plan.page_table.shape
+    keys = max_pages * plan.page_size
+    k = k_cache[plan.page_table.long()].reshape(batch, keys, plan.num_kv_heads, head_dim)
+    v = v_cache[plan.page_table.long()].reshape(batch, keys, plan.num_kv_heads, plan.head_dim_v)
+    seq_of_token, pos_q, len_q, valid = _segments(plan.cu_seqlens_q, tokens)
+    len_k = plan.cache_seqlens.long()[seq_of_token]  # [tokens]
+    key_pos = torch.arange(keys, device=q.device)
+    allowed = _visible(pos_q[:, None], key_pos[None, :], len_q[:, None], len_k[:, None], params)
+    allowed &= (key_pos[None, :] < len_k[:, None]) & valid[:, None]
+
+    group = heads // plan.num_kv_heads
+    k_tok = k[seq_of_token].repeat_interleave(group, dim=2).float()  # [tokens, keys, heads, d]
+    v_tok = v[seq_of_token].repeat_interleave(group, dim=2).float()
+    scores = torch.einsum("thd,tkhd->thk", q.float(), k_tok)
+    probs = _softmax(scores, allowed[:, None, :], _scale(softmax_scale, head_dim), params.softcap)
+    result = torch.einsum("thk,tkhd->thd", probs, v_tok).to(q.dtype)  # allocate + compute ...
+    out_view.copy_(result)  # ... then the one copy the optimized path removes
+    return out
+
+
+def varlen_attention_out(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    params: AttentionParams = DEFAULT_PARAMS,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """Varlen (packed) prefill attention written into ``out``; returns ``out``.
+
+    ``q`` ``[tokens_q, heads, head_dim]``, ``k`` ``[tokens_k, kv_heads, head_dim]``,
+    ``v`` ``[tokens_k, kv_heads, head_dim_v]``; ``cu_seqlens_*`` int32 ``[batch + 1]``.
+    """
+    tokens_q, heads, head_dim = q.shape
+    check_tensor("k", k, ndim=3, dtype=q.dtype, device=q.device)
+    check_tensor("v", v, ndim=3, dtype=q.dtype, device=q.device)
+    check_tensor("cu_seqlens_q", cu_seqlens_q, ndim=1, dtype=INDEX_DTYPE, device=q.device)
+    check_tensor("cu_seqlens_k", cu_seqlens_k, ndim=1, dtype=INDEX_DTYPE, device=q.device)
+    if cu_seqlens_k.shape != cu_seqlens_q.shape:
+        fail("cu_seqlens_k", f"has {cu_seqlens_k.shape[0]} entries but cu_seqlens_q has {cu_seqlens_q.shape[0]}")
+    kv_heads, head_dim_v = k.shape[1], v.shape[2]
+    if kv_heads <= 0 or heads % kv_heads:
+        fail("q", f"{heads} heads is not divisible by the {kv_heads} heads of k")
+    out_view = out_rows_view(out, tokens_q, heads, head_dim_v, like=q)
+
+    seq_q, pos_q, len_q, valid_q = _segments(cu_seqlens_q, tokens_q)
+    seq_k, pos_k, len_k, valid_k = _segments(cu_seqlens_k, k.shape[0])
+    allowed = (seq_q[:, None] == seq_k[None, :]) & valid_q[:, None] & valid_k[None, :]
+    allowed &= _visible(pos_q[:, None], pos_k[None, :], len_q[:, None], len_k[None, :], params)
+
+    group = heads // kv_heads
+    scores = torch.einsum("qhd,khd->qhk", q.float(), k.repeat_interleave(group, dim=1).float())
+    probs = _softmax(scores, allowed[:, None, :], _scale(softmax_scale, head_dim), params.softcap)
+    result = torch.einsum("qhk,khd->qhd", probs, v.repeat_interleave(group, dim=1).float()).to(q.dtype)
+    out_view.copy_(result)
+    return out
+
+
+def _scale(softmax_scale: float | None, head_dim: int) -> float:
+    return head_dim**-0.5 if softmax_scale is None else softmax_scale
+
+
+def _segments(cu_seqlens: torch.Tensor, tokens: int):
+    """Per token: its sequence, its position in it, the sequence's length, and whether it is real."""
+    cu = cu_seqlens.long()
+    token = torch.arange(tokens, device=cu.device)
+    seq = torch.searchsorted(cu[1:], token, right=True).clamp_(max=cu.shape[0] - 2)
+    valid = token < cu[-1]
+    return seq, token - cu[seq], cu[seq + 1] - cu[seq], valid
+
+
+def _visible(pos_q, pos_k, len_q, len_k, params: AttentionParams) -> torch.Tensor:
+    """Bottom-right aligned causal/window visibility, broadcast over its arguments."""
+    diagonal = pos_q + len_k - len_q  # the key aligned with this query
+    left, right = params.window_size
+    if params.causal:
+        right = 0
+    ok = torch.ones_like(pos_k - diagonal, dtype=torch.bool)
+    if right >= 0:
+        ok &= pos_k <= diagonal + right
+    if left >= 0:
+        ok &= pos_k >= diagonal - left
+    return ok
+
+
+def _softmax(scores: torch.Tensor, allowed: torch.Tensor, scale: float, softcap: float) -> torch.Tensor:
+    scores = scores * scale
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return probs.nan_to_num(0.0)  # a row with no visible key gives zeros, as FlashAttention does
