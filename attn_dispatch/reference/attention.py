@@ -10,7 +10,9 @@ Semantics every implementation matches (FA3's):
 - causal masking and windows are aligned bottom-right: query ``i`` sees key ``j`` iff
   ``j <= i + Lk - Lq`` (causal), ``j >= i + Lk - Lq - left`` and ``j <= i + Lk - Lq + right`` (window);
 - ``softcap > 0`` maps scores to ``softcap * tanh(score / softcap)``;
-- a query with no visible key gets zeros; rows of ``out`` past the last real token are left untouched.
+- a query with no visible key gets zeros;
+- ``q`` rows past ``cu_seqlens_q[-1]`` (CUDA-graph padding) give unspecified ``out`` rows (zeros here);
+  ``out`` rows past ``q``'s rows are never written.
 
 It is a reference, not a fast path: it materialises ``[tokens, keys, heads]`` scores. It never syncs
 with the device (segment ids come from ``searchsorted``, not ``.tolist()``).
