@@ -193,9 +193,10 @@ def _activate(
     if plugin.module is None:
         return report(FAILED, plugin.error)
     try:
-        spec = _call_one(pm, "attn_dispatch_plugin_spec", plugin.module, hardware=hardware)
+        specs = _call_one(pm, "attn_dispatch_plugin_spec", plugin.module, hardware=hardware)
     except Exception as exc:
         return report(FAILED, f"attn_dispatch_plugin_spec raised {type(exc).__name__}: {exc}")
+    spec = specs[0] if specs else None
     if not isinstance(spec, PluginSpec):
         return report(FAILED, f"attn_dispatch_plugin_spec returned {type(spec).__name__}, not a PluginSpec")
     archs = tuple(spec.archs)
@@ -243,15 +244,10 @@ def _activate(
     return report(ACTIVE, "", archs, tuple(taken))
 
 
-def _call_one(pm: pluggy.PluginManager, hook_name: str, plugin: object, **kwargs):
+def _call_one(pm: pluggy.PluginManager, hook_name: str, plugin: object, **kwargs) -> list:
     """Call one plugin's implementation of a hook (through pluggy, so tracing sees it); load time only."""
     others = [p for p in pm.get_plugins() if p is not plugin]
-    results = pm.subset_hook_caller(hook_name, remove_plugins=others)(**kwargs)
-    if hook_name == "attn_dispatch_plugin_spec":
-        if not results:
-            raise LookupError("the plugin does not implement attn_dispatch_plugin_spec")
-        return results[0]
-    return None
+    return pm.subset_hook_caller(hook_name, remove_plugins=others)(**kwargs)
 
 
 def _importable(module: str) -> bool:
