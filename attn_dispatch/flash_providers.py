@@ -5,11 +5,18 @@ order (``page_table`` vs ``block_table``, ``num_heads`` vs ``num_heads_q``, vllm
 before ``cu_seqlens_q``). Each adapter maps one package onto :class:`FlashProvider`; plugins call only
 the adapter. :func:`probe` tries them in order, importing nothing until it is called (at plugin load).
 
+Adapters, in FA3 probe order (:data:`FA3_ORDER`): ``sgl_kernel`` (sglang-kernel >= 0.4.10), ``vllm_fa3``
+(the vllm wheel's FA3), ``flash_attn_interface`` (upstream FA3; cannot write into ``out``). ``fa4``
+(flash-attn-4's CuTe forward, ``out=``, no scheduler metadata) is probed only when asked for, on sm100
+(:func:`probe_order`). The Python wrappers are called with keyword arguments, so argument order
+differences between packages never matter; the keywords each one needs are checked once, at probe time.
+
 Only the tensors a call needs are passed; everything else is keyword-only and has FA3's default.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,12 +35,16 @@ class FlashProvider:
     runs varlen attention and returns the output tensor. Paged KV: ``k``/``v`` are the caches
     ``[pages, page_size, kv_heads, d]`` with ``page_table`` and ``seqused_k`` (no ``cu_seqlens_k``).
     When ``writes_out`` is False the provider cannot write into a given ``out``: callers pass ``out=None``
-    and copy the result once.
+    and copy the result once. ``out`` is ``[total_q, heads, head_dim_v]``, contiguous in its last dim.
+    ``has_seqused_q``: ``fwd`` takes ``seqused_q`` (sgl_kernel and upstream FA3: on the non-paged path only).
 
     ``scheduler_metadata(...)`` (None when unsupported) returns FA3's int32 metadata tensor for a batch;
     keyword arguments: batch_size, max_seqlen_q, max_seqlen_k, num_heads, num_kv_heads, head_dim,
     head_dim_v, cache_seqlens, cu_seqlens_q, page_size, dtype, causal, window_size, softcap, num_splits,
-    pack_gqa.
+    pack_gqa. It launches FA3's ``prepare_varlen_num_blocks`` once. A forward given that tensor must be
+    scheduled identically: same batch, causal/window, softcap on/off, num_splits, pack_gqa, and the same
+    key length. For paged KV, FA3's forward takes its key length from the page table
+    (``page_table.shape[1] * page_size``), not from ``max_seqlen_k``: pass that as ``max_seqlen_k`` here.
     """
 
     name: str
@@ -88,18 +99,180 @@ def _vllm_fa3() -> FlashProvider:
     return FlashProvider("vllm_fa3", 3, fwd, scheduler_metadata, writes_out=True, has_seqused_q=True)
 
 
-# Probe order: sglang's kernel package, then vllm's, then upstream FA3 (which cannot write into `out`).
+def _sgl_kernel() -> FlashProvider:
+    """sglang's kernel package. Only sglang-kernel >= 0.4.10 has both ``out=`` and ``get_scheduler_metadata``;
+    older builds (sgl-kernel 0.3.x) import fine but are refused here, so the probe moves on to vllm."""
+    from sgl_kernel import flash_attn as sgl_flash_attn
+
+    with_kvcache = sgl_flash_attn.flash_attn_with_kvcache
+    varlen = sgl_flash_attn.flash_attn_varlen_func
+    metadata = getattr(sgl_flash_attn, "get_scheduler_metadata", None)
+    _require_keywords("sgl_kernel.flash_attn.flash_attn_with_kvcache", with_kvcache, ("out", "scheduler_metadata", "pack_gqa"))
+    _require_keywords("sgl_kernel.flash_attn.flash_attn_varlen_func", varlen, ("out", "seqused_q", "pack_gqa"))
+    if metadata is None:
+        raise ImportError("sgl_kernel.flash_attn has no get_scheduler_metadata (sglang-kernel >= 0.4.10 needed)")
+    # Newer wrappers pick FA3 or FA4 with `ver`; pin FA3, whose scheduler metadata this adapter makes.
+    fa3 = {"ver": 3} if "ver" in _keywords(with_kvcache) else {}
+    varlen_takes_metadata = "scheduler_metadata" in _keywords(varlen)
+
+    def fwd(
+        q, k, v, *, out=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None, seqused_k=None,
+        max_seqlen_q, max_seqlen_k, page_table=None, softmax_scale, causal, window_size=(-1, -1),
+        softcap=0.0, scheduler_metadata=None, num_splits=0, pack_gqa=None,
+    ):  # fmt: skip
+        common = dict(
+            softmax_scale=softmax_scale, causal=causal, window_size=tuple(window_size), softcap=softcap,
+            num_splits=num_splits, pack_gqa=pack_gqa, out=out,
+        )  # fmt: skip
+        if page_table is not None:
+            if seqused_q is not None or cu_seqlens_k is not None:
+                raise NotImplementedError("sgl_kernel paged attention takes neither seqused_q nor cu_seqlens_k")
+            return with_kvcache(
+                q, k, v, cache_seqlens=seqused_k, page_table=page_table, cu_seqlens_q=cu_seqlens_q,
+                max_seqlen_q=max_seqlen_q, scheduler_metadata=scheduler_metadata, **common, **fa3,
+            )  # fmt: skip
+        if scheduler_metadata is not None:
+            if not varlen_takes_metadata:
+                raise NotImplementedError("this sgl_kernel's flash_attn_varlen_func takes no scheduler_metadata")
+            common["scheduler_metadata"] = scheduler_metadata
+        return varlen(
+            q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+            max_seqlen_k=max_seqlen_k, seqused_q=seqused_q, seqused_k=seqused_k, **common, **fa3,
+        )  # fmt: skip
+
+    return FlashProvider("sgl_kernel", 3, fwd, _fa3_style_metadata(metadata), writes_out=True, has_seqused_q=True)
+
+
+def _upstream_fa3() -> FlashProvider:
+    """Upstream FA3 built from ``hopper/`` (module ``flash_attn_interface``). Its Python custom op rejects a
+    passed ``out``, so this provider returns a fresh tensor and the caller copies it into its buffer once."""
+    import flash_attn_interface as upstream
+
+    with_kvcache = upstream.flash_attn_with_kvcache
+    varlen = upstream.flash_attn_varlen_func
+    _require_keywords("flash_attn_interface.flash_attn_with_kvcache", with_kvcache, ("scheduler_metadata", "pack_gqa"))
+    _require_keywords("flash_attn_interface.flash_attn_varlen_func", varlen, ("seqused_q", "pack_gqa"))
+    if not hasattr(upstream, "get_scheduler_metadata"):
+        raise ImportError("flash_attn_interface has no get_scheduler_metadata (FA3 too old)")
+
+    def fwd(
+        q, k, v, *, out=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None, seqused_k=None,
+        max_seqlen_q, max_seqlen_k, page_table=None, softmax_scale, causal, window_size=(-1, -1),
+        softcap=0.0, scheduler_metadata=None, num_splits=0, pack_gqa=None,
+    ):  # fmt: skip
+        if out is not None:
+            raise TypeError("flash_attn_interface cannot write into `out` (writes_out=False): pass out=None and copy")
+        common = dict(
+            softmax_scale=softmax_scale, causal=causal, window_size=tuple(window_size), softcap=softcap,
+            num_splits=num_splits, pack_gqa=pack_gqa,
+        )  # fmt: skip
+        if page_table is not None:
+            if seqused_q is not None or cu_seqlens_k is not None:
+                raise NotImplementedError("flash_attn_with_kvcache takes neither seqused_q nor cu_seqlens_k")
+            return with_kvcache(
+                q, k, v, cache_seqlens=seqused_k, page_table=page_table, cu_seqlens_q=cu_seqlens_q,
+                max_seqlen_q=max_seqlen_q, scheduler_metadata=scheduler_metadata, **common,
+            )  # fmt: skip
+        if scheduler_metadata is not None:
+            raise NotImplementedError("flash_attn_interface.flash_attn_varlen_func takes no scheduler_metadata")
+        return varlen(
+            q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+            max_seqlen_k=max_seqlen_k, seqused_q=seqused_q, seqused_k=seqused_k, **common,
+        )  # fmt: skip
+
+    metadata = _fa3_style_metadata(upstream.get_scheduler_metadata)
+    return FlashProvider("flash_attn_interface", 3, fwd, metadata, writes_out=False, has_seqused_q=True)
+
+
+def _fa4() -> FlashProvider:
+    """flash-attn-4 (CuTe DSL) for sm100. Its private ``_flash_attn_fwd`` takes ``out=`` (the public varlen
+    function does not). FA4 schedules inside the kernel: there is no FA3-style metadata tensor to precompute."""
+    from flash_attn.cute.interface import _flash_attn_fwd
+
+    _require_keywords("flash_attn.cute.interface._flash_attn_fwd", _flash_attn_fwd, ("out", "page_table", "seqused_q"))
+
+    def fwd(
+        q, k, v, *, out=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None, seqused_k=None,
+        max_seqlen_q, max_seqlen_k, page_table=None, softmax_scale, causal, window_size=(-1, -1),
+        softcap=0.0, scheduler_metadata=None, num_splits=0, pack_gqa=None,
+    ):  # fmt: skip
+        if scheduler_metadata is not None:
+            raise NotImplementedError("FA4 takes no FA3 scheduler metadata")
+        left, right = window_size
+        result, _lse = _flash_attn_fwd(
+            q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_q=seqused_q,
+            seqused_k=seqused_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, page_table=page_table,
+            softmax_scale=softmax_scale, causal=causal, softcap=softcap if softcap > 0 else None,
+            window_size_left=left if left >= 0 else None, window_size_right=right if right >= 0 else None,
+            num_splits=num_splits, pack_gqa=pack_gqa, out=out,
+        )  # fmt: skip
+        return result
+
+    return FlashProvider("fa4", 4, fwd, None, writes_out=True, has_seqused_q=True)
+
+
+def _fa3_style_metadata(get_scheduler_metadata: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Adapt a ``get_scheduler_metadata`` Python wrapper (sgl_kernel's or upstream's). Both take the first seven
+    arguments in the same order (their names differ: num_heads vs num_heads_q) and the rest by these keywords."""
+
+    def scheduler_metadata(
+        *, batch_size, max_seqlen_q, max_seqlen_k, num_heads, num_kv_heads, head_dim, head_dim_v,
+        cache_seqlens, cu_seqlens_q, page_size, dtype, causal, window_size, softcap, num_splits, pack_gqa,
+    ):  # fmt: skip
+        return get_scheduler_metadata(
+            batch_size, max_seqlen_q, max_seqlen_k, num_heads, num_kv_heads, head_dim, cache_seqlens,
+            qkv_dtype=dtype, headdim_v=head_dim_v, cu_seqlens_q=cu_seqlens_q, page_size=page_size,
+            causal=causal, window_size=tuple(window_size), has_softcap=softcap > 0, num_splits=num_splits,
+            pack_gqa=pack_gqa,
+        )  # fmt: skip
+
+    return scheduler_metadata
+
+
+def _keywords(fn: Callable) -> set[str]:
+    return set(inspect.signature(fn).parameters)
+
+
+def _require_keywords(name: str, fn: Callable, keywords: tuple[str, ...]) -> None:
+    missing = [keyword for keyword in keywords if keyword not in _keywords(fn)]
+    if missing:
+        raise ImportError(f"{name} lacks {', '.join(missing)} (installed version too old)")
+
+
+# FA3 probe order: sglang's kernel package, then vllm's, then upstream FA3 (which cannot write into `out`).
+FA3_ORDER: tuple[str, ...] = ("sgl_kernel", "vllm_fa3", "flash_attn_interface")
+# Blackwell: FA3's kernels are Hopper-only; flash-attn-4 is the provider there.
+FA4_ORDER: tuple[str, ...] = ("fa4",)
+
 PROVIDERS: dict[str, Callable[[], FlashProvider]] = {
+    "sgl_kernel": _sgl_kernel,
     "vllm_fa3": _vllm_fa3,
+    "flash_attn_interface": _upstream_fa3,
+    "fa4": _fa4,
 }
 
 
+def probe_order(arch: str) -> tuple[str, ...]:
+    """The providers worth trying on ``arch`` (a :attr:`Hardware.arch` value such as ``"sm90"``)."""
+    return FA4_ORDER if arch == "sm100" else FA3_ORDER
+
+
 def probe(order: tuple[str, ...] | None = None) -> tuple[FlashProvider | None, str]:
-    """The first provider that imports, and a reason listing what failed when none does."""
+    """The first provider that imports, and a reason listing what failed when none does.
+
+    ``order`` defaults to :data:`FA3_ORDER`; an unknown name is reported as a failure, not raised.
+    """
     failures = []
-    for name in order or tuple(PROVIDERS):
+    for name in order or FA3_ORDER:
+        factory = PROVIDERS.get(name)
+        if factory is None:
+            failures.append(f"{name}: unknown provider (known: {', '.join(PROVIDERS)})")
+            continue
         try:
-            return PROVIDERS[name](), ""
-        except Exception as exc:  # ImportError, or a package present without its FA3 extension
+            provider = factory()
+        except Exception as exc:  # ImportError, or a package present without its FA extension
             failures.append(f"{name}: {type(exc).__name__}: {exc}".splitlines()[0])
-    return None, "no FlashAttention-3 provider importable (" + "; ".join(failures) + ")"
+            continue
+        log.debug("FlashAttention provider: %s", provider.describe())
+        return provider, ""
+    return None, "no FlashAttention provider importable (" + "; ".join(failures) + ")"

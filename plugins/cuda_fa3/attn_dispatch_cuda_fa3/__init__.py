@@ -1,14 +1,42 @@
 """FlashAttention-3 on sm90 (FA4 on sm100): attention writes into the engine's preallocated output
 (no device-to-device copy per layer) and the scheduler metadata is made once per batch, not per layer.
 Seed PRs: sglang #21985 (out-aliasing) and #21104 (metadata precompute).
+
+The plugin registers the whole "attention_out" group (``make_attention_plan``, ``paged_attention_out``,
+``varlen_attention_out``) over the first FlashAttention provider that imports
+(:mod:`attn_dispatch.flash_providers`: sgl_kernel, vllm, upstream FA3; FA4 on sm100).
+
+Settings (read once, at load):
+
+* ``ATTN_DISPATCH_CUDA_FA3_PROVIDER=vllm_fa3[,…]``: the providers to try, in order, instead of the arch's
+  default order.
+* ``ATTN_DISPATCH_CUDA_FA3_PATH=original``: register the pre-optimization path on the same kernels
+  (alloc + copy into ``out``, metadata per layer) for A/B runs; ``optimized`` (the default) otherwise.
+
+``stats`` counts the copies into ``out`` a provider without ``out=`` forces (see :mod:`.stats`).
 """
 
 from __future__ import annotations
 
-from attn_dispatch import Hardware, PluginSpec, hookimpl
+import logging
+import os
+
+from attn_dispatch import Hardware, MissingDependency, PluginSpec, hookimpl
+from attn_dispatch.flash_providers import FlashProvider, probe, probe_order
+
+from .attention import AttentionOutOps, build_ops
+from .plan import FlashPlan
+from .stats import Stats, stats
+
+log = logging.getLogger("attn_dispatch")
 
 NAME = "cuda_fa3"
 ARCHS = ("sm90", "sm100")
+ENV_PROVIDER = "ATTN_DISPATCH_CUDA_FA3_PROVIDER"
+ENV_PATH = "ATTN_DISPATCH_CUDA_FA3_PATH"
+PATHS = ("optimized", "original")
+
+__all__ = ["AttentionOutOps", "FlashPlan", "Stats", "build_ops", "resolve_provider", "stats"]
 
 
 @hookimpl
@@ -18,4 +46,36 @@ def attn_dispatch_plugin_spec(hardware: Hardware) -> PluginSpec:
 
 @hookimpl
 def attn_dispatch_register_ops(hardware: Hardware, register) -> None:
-    """Skeleton: the optimization lands in its own issue."""
+    """Resolve the provider once, then offer the three ops of the "attention_out" group over it."""
+    path = os.environ.get(ENV_PATH, "optimized").strip().lower()
+    if path not in PATHS:
+        raise ValueError(f"{ENV_PATH}={path!r}: expected one of {', '.join(PATHS)}")
+    provider = resolve_provider(hardware.arch)
+    original = path == "original"
+    note = describe(provider, original)
+    for op, implementation in build_ops(provider, original=original).items():
+        register(op, implementation, note=note)
+
+
+def resolve_provider(arch: str) -> FlashProvider:
+    """The provider for ``arch``, or :class:`MissingDependency` with what each candidate said."""
+    setting = os.environ.get(ENV_PROVIDER, "")
+    order = tuple(name.strip() for name in setting.split(",") if name.strip()) or probe_order(arch)
+    provider, reason = probe(order)
+    if provider is not None:
+        return provider
+    if arch == "sm100" and not setting:
+        raise MissingDependency(f"flash-attn-4 not installed (FA3's kernels are Hopper-only): {reason}")
+    raise MissingDependency(f"install sglang-kernel>=0.4.10 or vllm: {reason}")
+
+
+def describe(provider: FlashProvider, original: bool) -> str:
+    """The one line ``attn-dispatch info`` shows next to each op."""
+    if original:
+        return f"{provider.describe()}; original path: alloc + copy into out, scheduling per layer"
+    if provider.writes_out:
+        writes = "writes into out (0 copies)"
+    else:
+        writes = "1 copy into out per call (counted: attn_dispatch_cuda_fa3.stats.out_copies)"
+    schedule = "metadata once per batch" if provider.scheduler_metadata is not None else "kernel-side scheduling"
+    return f"{provider.describe()}; {writes}; {schedule}"

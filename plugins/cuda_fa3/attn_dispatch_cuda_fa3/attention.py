@@ -1,0 +1,271 @@
+"""The "attention_out" op group over one FlashAttention provider: checks, then one kernel call into ``out``.
+
+Per call: shape/dtype/device checks on host metadata (ValueError naming the argument, before anything
+runs), a dict lookup for the layer's planned metadata, and the provider's forward writing straight into
+the engine's buffer. No pluggy, no device syncs, no data-dependent shapes, so it is CUDA-graph capturable.
+
+torch.compile: FA3's own op schemas return ``out`` aliased (``Tensor(a!)``), which functionalization cannot
+handle. The kernel call is therefore also exposed as the custom op ``attn_dispatch_cuda_fa3::attention_out``
+that mutates ``out`` and returns nothing; under compilation the ops call it, and Inductor re-inplaces it
+(no clone of ``out``, no copy back). Eagerly they call the same implementation directly, which skips the
+dispatcher's overhead for custom ops (tens of microseconds per call outside inference mode).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from attn_dispatch.checks import check_tensor, fail, out_rows_view
+from attn_dispatch.flash_providers import FlashProvider
+from attn_dispatch.plans import DEFAULT_PARAMS, AttentionParams, AttentionPlan
+
+from .plan import FLASH_DTYPES, FlashPlan, make_plan, planned_metadata
+from .stats import stats
+
+OP_NAMESPACE = "attn_dispatch_cuda_fa3"
+INDEX_DTYPE = torch.int32
+
+# The custom op takes plain values only; providers are passed as an index into this list.
+_providers: list[FlashProvider] = []
+
+
+def provider_index(provider: FlashProvider) -> int:
+    for index, known in enumerate(_providers):
+        if known is provider:
+            return index
+    _providers.append(provider)
+    return len(_providers) - 1
+
+
+def _attention_out(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor | None,
+    seqused_k: torch.Tensor | None,
+    page_table: torch.Tensor | None,
+    scheduler_metadata: torch.Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    num_splits: int,
+    pack_gqa: bool | None,
+    provider: int,
+    alloc_and_copy: bool,
+) -> None:
+    """Attention for ``q``'s rows, written into the first rows of ``out``. Inputs are already checked.
+
+    ``alloc_and_copy`` is the original path: the kernel allocates, schedules itself, and the result is
+    copied into ``out``. Otherwise the provider writes into ``out`` (or, when it cannot, copies once and
+    that copy is counted).
+    """
+    flash = _providers[provider]
+    tokens, heads, _ = q.shape
+    out_rows = out[:tokens].view(tokens, heads, v.shape[-1])
+    kwargs = dict(
+        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, page_table=page_table,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale, causal=causal,
+        window_size=(window_left, window_right), softcap=softcap, num_splits=num_splits, pack_gqa=pack_gqa,
+    )  # fmt: skip
+    if alloc_and_copy:
+        out_rows.copy_(flash.fwd(q, k, v, out=None, scheduler_metadata=None, **kwargs))
+    elif flash.writes_out:
+        flash.fwd(q, k, v, out=out_rows, scheduler_metadata=scheduler_metadata, **kwargs)
+    else:
+        out_rows.copy_(flash.fwd(q, k, v, out=None, scheduler_metadata=scheduler_metadata, **kwargs))
+        stats.out_copies += 1
+
+
+attention_out = torch.library.custom_op(f"{OP_NAMESPACE}::attention_out", mutates_args={"out"})(_attention_out)
+
+
+@attention_out.register_fake
+def _attention_out_fake(q, k, v, out, *args) -> None:
+    return None
+
+
+def _launch(*args) -> None:
+    if torch.compiler.is_compiling():
+        attention_out(*args)
+    else:
+        _attention_out(*args)
+
+
+class AttentionOutOps:
+    """``make_attention_plan``, ``paged_attention_out`` and ``varlen_attention_out`` for one provider.
+
+    Signatures and semantics are those of ``attn_dispatch.reference.attention``. ``original=True`` gives the
+    pre-optimization path on the same kernels (alloc + copy into ``out``, FA3 scheduling itself in every
+    layer), for byte-identity tests and benchmarks.
+    """
+
+    def __init__(self, provider: FlashProvider, *, original: bool = False) -> None:
+        self.provider = provider
+        self.original = original
+        self._provider = provider_index(provider)
+
+    def make_attention_plan(
+        self,
+        *,
+        cache_seqlens: torch.Tensor,
+        page_table: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        max_seqlen_q: int,
+        max_seqlen_k: int,
+        page_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        head_dim_v: int | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+        layer_params: Sequence[AttentionParams] = (DEFAULT_PARAMS,),
+        static_plan: AttentionPlan | None = None,
+    ) -> AttentionPlan:
+        """Describe one forward batch and make FA3's scheduler metadata once per distinct ``layer_params``.
+
+        ``static_plan`` (CUDA graphs, plan made outside the graph): refresh that plan's persistent metadata
+        buffers instead of allocating; see :mod:`attn_dispatch_cuda_fa3.plan`. A plan made inside a graph
+        capture needs no ``static_plan``: its metadata kernel is replayed with the layers.
+        """
+        return make_plan(
+            self.provider,
+            precompute=not self.original,
+            cache_seqlens=cache_seqlens,
+            page_table=page_table,
+            cu_seqlens_q=cu_seqlens_q,
+            max_seqlen_q=max_seqlen_q,
+            max_seqlen_k=max_seqlen_k,
+            page_size=page_size,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            head_dim_v=head_dim_v,
+            dtype=dtype,
+            layer_params=layer_params,
+            static_plan=static_plan,
+        )
+
+    def paged_attention_out(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        out: torch.Tensor,
+        *,
+        plan: AttentionPlan,
+        params: AttentionParams = DEFAULT_PARAMS,
+        softmax_scale: float | None = None,
+    ) -> torch.Tensor:
+        """Paged attention for one layer, written into ``out``; returns ``out``. ``params`` must be planned."""
+        metadata = planned_metadata(plan, params, self.provider.name)
+        check_paged(q, k_cache, v_cache, out, plan)
+        left, right = params.window_size
+        _launch(
+            q, k_cache, v_cache, out, plan.cu_seqlens_q, None, plan.cache_seqlens, plan.page_table, metadata,
+            plan.max_seqlen_q, plan.max_seqlen_k, _scale(softmax_scale, plan.head_dim), params.causal, left, right,
+            params.softcap, params.num_splits, params.pack_gqa, self._provider, self.original,
+        )  # fmt: skip
+        return out
+
+    def varlen_attention_out(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        *,
+        cu_seqlens_q: torch.Tensor,
+        cu_seqlens_k: torch.Tensor,
+        max_seqlen_q: int,
+        max_seqlen_k: int,
+        params: AttentionParams = DEFAULT_PARAMS,
+        softmax_scale: float | None = None,
+    ) -> torch.Tensor:
+        """Varlen (packed) prefill written into ``out``; returns ``out``. FA3 schedules it in the kernel
+        (a prefill batch is one call per layer with nothing shared to precompute across calls)."""
+        check_varlen(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        left, right = params.window_size
+        _launch(
+            q, k, v, out, cu_seqlens_q, cu_seqlens_k, None, None, None, max_seqlen_q, max_seqlen_k,
+            _scale(softmax_scale, q.shape[2]), params.causal, left, right, params.softcap, params.num_splits,
+            params.pack_gqa, self._provider, self.original,
+        )  # fmt: skip
+        return out
+
+    def as_dict(self) -> dict[str, Callable]:
+        return {
+            "make_attention_plan": self.make_attention_plan,
+            "paged_attention_out": self.paged_attention_out,
+            "varlen_attention_out": self.varlen_attention_out,
+        }
+
+
+def build_ops(provider: FlashProvider, *, original: bool = False) -> dict[str, Callable]:
+    """The op dict the plugin registers, for ``provider``: the seam tests and benchmarks use."""
+    return AttentionOutOps(provider, original=original).as_dict()
+
+
+def check_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor, plan: FlashPlan) -> None:
+    device = plan.cache_seqlens.device
+    check_tensor("q", q, ndim=3, dtype=plan.dtype, device=device)
+    if tuple(q.shape[1:]) != (plan.num_heads, plan.head_dim):
+        fail("q", f"shape {tuple(q.shape)} does not match the plan ({plan.num_heads} heads, head_dim {plan.head_dim})")
+    check_tensor("k_cache", k_cache, ndim=4, dtype=plan.dtype, device=device)
+    check_tensor("v_cache", v_cache, ndim=4, dtype=plan.dtype, device=device)
+    pages = k_cache.shape[0]
+    for name, cache, dim in (("k_cache", k_cache, plan.head_dim), ("v_cache", v_cache, plan.head_dim_v)):
+        expected = (pages, plan.page_size, plan.num_kv_heads, dim)
+        if tuple(cache.shape) != expected:
+            fail(name, f"expected shape [pages={pages}, page_size, kv_heads, head_dim] = {list(expected)}, got {list(cache.shape)}")
+    _check_last_dim_contiguous(q=q, k_cache=k_cache, v_cache=v_cache)
+    out_rows_view(out, q.shape[0], plan.num_heads, plan.head_dim_v, like=q)
+
+
+def check_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+) -> None:
+    check_tensor("q", q, ndim=3, dtype=FLASH_DTYPES)
+    check_tensor("k", k, ndim=3, dtype=q.dtype, device=q.device)
+    check_tensor("v", v, ndim=3, dtype=q.dtype, device=q.device)
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        check_tensor(name, cu, ndim=1, dtype=INDEX_DTYPE, device=q.device)
+        if not cu.is_contiguous():
+            fail(name, f"must be contiguous (strides {cu.stride()})")
+    if cu_seqlens_k.shape != cu_seqlens_q.shape:
+        fail("cu_seqlens_k", f"has {cu_seqlens_k.shape[0]} entries but cu_seqlens_q has {cu_seqlens_q.shape[0]}")
+    heads, kv_heads = q.shape[1], k.shape[1]
+    if kv_heads <= 0 or heads % kv_heads:
+        fail("q", f"{heads} heads is not divisible by the {kv_heads} heads of k")
+    if k.shape[2] != q.shape[2]:
+        fail("k", f"head_dim {k.shape[2]} differs from q's {q.shape[2]}")
+    if tuple(v.shape[:2]) != tuple(k.shape[:2]):
+        fail("v", f"shape {tuple(v.shape)} does not match k's tokens and heads {tuple(k.shape[:2])}")
+    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if value <= 0:
+            fail(name, f"must be positive, got {value}")
+    _check_last_dim_contiguous(q=q, k=k, v=v)
+    out_rows_view(out, q.shape[0], heads, v.shape[2], like=q)
+
+
+def _check_last_dim_contiguous(**tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        if t.stride(-1) != 1:
+            fail(name, f"must be contiguous in its last dim (strides {t.stride()})")
+
+
+def _scale(softmax_scale: float | None, head_dim: int) -> float:
+    return head_dim**-0.5 if softmax_scale is None else softmax_scale

@@ -1,0 +1,213 @@
+"""The per-batch plan: FA3 scheduler metadata made once per distinct scheduling key, read by every layer.
+
+FA3 checks only the metadata's length, dtype, device and contiguity; a forward scheduled differently from
+the metadata it is handed reads it wrongly, without a word. So the plan keys metadata by the layer's whole
+:class:`AttentionParams` (causal, window, softcap, num_splits, pack_gqa; head dims are plan-wide) and a
+layer asking for params that were not planned is refused (see ``attention.check_paged``).
+
+CUDA graphs, two ways (the calls are the engine's ``ops.make_attention_plan``):
+
+* Plan inside the graph. Call ``make_attention_plan`` inside the capture, before the layers: the metadata
+  kernel is captured with them and re-reads the engine's static ``cache_seqlens`` / ``cu_seqlens_q`` on
+  every replay. No host work per step, no copies.
+* Plan outside the graph, persistent buffers (what sglang and vLLM do). The plan made for the largest
+  captured batch owns one metadata buffer per key. Before capturing a smaller batch, and before every
+  replay, call ``make_attention_plan(..., static_plan=captured)`` with the engine's static tensors (the
+  captured plan's own tensors, or views at their front): fresh metadata is computed, copied into the front
+  of the buffer, and the tail is zeroed (stale entries would let blocks of the split-KV combine write
+  rows they do not own). Same batch size: the captured plan is refreshed in place and returned; a smaller
+  batch: a new plan over the same buffers is returned, to capture with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+from attn_dispatch.checks import fail
+from attn_dispatch.flash_providers import FlashProvider
+from attn_dispatch.plans import DEFAULT_PARAMS, AttentionParams, AttentionPlan
+from attn_dispatch.reference.attention import validate_plan_inputs
+
+from .stats import stats
+
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class FlashPlan(AttentionPlan):
+    """An :class:`AttentionPlan` made by this plugin.
+
+    ``layer_params``: the distinct keys planned, in the order given. ``metadata[params]`` is what a layer
+    with ``params`` hands FA3 (absent on the original path and with FA4, which schedule in the kernel);
+    it is a view at the front of ``metadata_buffers[params]``, the persistent buffer (the same tensor
+    unless the plan shares a larger static plan's buffers).
+    """
+
+    layer_params: tuple[AttentionParams, ...] = ()
+    metadata_buffers: Mapping[AttentionParams, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def schedule_seqlen_k(self) -> int:
+        """The key length FA3 schedules a paged forward for: the page table's capacity, not max_seqlen_k."""
+        return self.page_table.shape[1] * self.page_size
+
+
+def make_plan(
+    provider: FlashProvider,
+    *,
+    precompute: bool,
+    cache_seqlens: torch.Tensor,
+    page_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    page_size: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    head_dim_v: int | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    layer_params: Sequence[AttentionParams] = (DEFAULT_PARAMS,),
+    static_plan: AttentionPlan | None = None,
+) -> FlashPlan:
+    """``make_attention_plan`` for ``provider``; ``precompute=False`` is the original path (no metadata)."""
+    validate_plan_inputs(
+        cache_seqlens=cache_seqlens,
+        page_table=page_table,
+        cu_seqlens_q=cu_seqlens_q,
+        page_size=page_size,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+    )
+    for name, t in (("cache_seqlens", cache_seqlens), ("cu_seqlens_q", cu_seqlens_q)):
+        if not t.is_contiguous():
+            fail(name, f"must be contiguous (strides {t.stride()})")
+    if page_table.stride(-1) != 1:
+        fail("page_table", f"must be contiguous in its last dim (strides {page_table.stride()})")
+    if dtype not in FLASH_DTYPES:
+        fail("dtype", f"FlashAttention runs float16 or bfloat16, got {dtype}")
+    if max_seqlen_q <= 0:
+        fail("max_seqlen_q", f"must be positive, got {max_seqlen_q}")
+    capacity = page_table.shape[1] * page_size
+    if not 0 <= max_seqlen_k <= capacity:
+        fail("max_seqlen_k", f"{max_seqlen_k} is outside [0, {capacity}] (page_table columns x page_size)")
+    distinct = _distinct(layer_params)
+    plan = FlashPlan(
+        cache_seqlens=cache_seqlens,
+        page_table=page_table,
+        cu_seqlens_q=cu_seqlens_q,
+        max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k,
+        page_size=page_size,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        head_dim_v=head_dim if head_dim_v is None else head_dim_v,
+        dtype=dtype,
+        provider=provider.name,
+        layer_params=distinct,
+    )
+    precompute = precompute and provider.scheduler_metadata is not None
+    if static_plan is not None:
+        return _into_static_plan(provider, plan, static_plan, precompute)
+    if not precompute:
+        return plan
+    metadata = {params: _scheduler_metadata(provider, plan, params) for params in distinct}
+    return _with_metadata(plan, metadata, buffers=metadata)
+
+
+def _distinct(layer_params: Sequence[AttentionParams]) -> tuple[AttentionParams, ...]:
+    if isinstance(layer_params, AttentionParams):
+        layer_params = (layer_params,)
+    distinct = tuple(dict.fromkeys(layer_params))
+    if not distinct or not all(isinstance(p, AttentionParams) for p in distinct):
+        fail("layer_params", f"expected a non-empty sequence of AttentionParams, got {layer_params!r}")
+    return distinct
+
+
+def _scheduler_metadata(provider: FlashProvider, plan: FlashPlan, params: AttentionParams) -> torch.Tensor:
+    """One launch of FA3's ``prepare_varlen_num_blocks``, scheduled exactly as the layers' forwards will be."""
+    stats.metadata_builds += 1
+    return provider.scheduler_metadata(
+        batch_size=plan.batch_size,
+        max_seqlen_q=plan.max_seqlen_q,
+        # FA3's paged forward sizes its schedule from the page table, not from max_seqlen_k.
+        max_seqlen_k=plan.schedule_seqlen_k,
+        num_heads=plan.num_heads,
+        num_kv_heads=plan.num_kv_heads,
+        head_dim=plan.head_dim,
+        head_dim_v=plan.head_dim_v,
+        cache_seqlens=plan.cache_seqlens,
+        cu_seqlens_q=plan.cu_seqlens_q,
+        page_size=plan.page_size,
+        dtype=plan.dtype,
+        causal=params.causal,
+        window_size=params.window_size,
+        softcap=params.softcap,
+        num_splits=params.num_splits,
+        pack_gqa=params.pack_gqa,
+    )
+
+
+def _with_metadata(plan: FlashPlan, metadata: Mapping, buffers: Mapping) -> FlashPlan:
+    return replace(plan, metadata=dict(metadata), metadata_buffers=dict(buffers))
+
+
+def _into_static_plan(provider: FlashProvider, plan: FlashPlan, static: AttentionPlan, precompute: bool) -> FlashPlan:
+    """Write ``plan``'s metadata into ``static``'s persistent buffers (front: fresh; tail: zeros)."""
+    if not isinstance(static, FlashPlan) or static.provider != provider.name:
+        fail("static_plan", f"must be a plan made by this plugin with provider {provider.name!r}, got {type(static).__name__} from {static.provider!r}")
+    plan_shape = (plan.num_heads, plan.num_kv_heads, plan.head_dim, plan.head_dim_v, plan.dtype, plan.page_size)
+    static_shape = (static.num_heads, static.num_kv_heads, static.head_dim, static.head_dim_v, static.dtype, static.page_size)
+    if plan_shape != static_shape:
+        fail("static_plan", f"was made for (heads, kv_heads, head_dim, head_dim_v, dtype, page_size) = {static_shape}, this batch has {plan_shape}")
+    if set(plan.layer_params) != set(static.layer_params):
+        fail("layer_params", f"{plan.layer_params} differ from the static plan's {static.layer_params}")
+    if plan.batch_size > static.batch_size:
+        fail("cache_seqlens", f"batch {plan.batch_size} exceeds the static plan's capacity {static.batch_size}")
+    # The captured graph reads the static plan's tensors: this batch must live in them (front views).
+    for name in ("cache_seqlens", "page_table", "cu_seqlens_q"):
+        mine, theirs = getattr(plan, name), getattr(static, name)
+        if mine.data_ptr() != theirs.data_ptr() or mine.stride() != theirs.stride():
+            fail(name, "must be the static plan's tensor, or a view at its front: copy the new values into it")
+    if plan.page_table.shape[1] != static.page_table.shape[1]:
+        fail("page_table", f"has {plan.page_table.shape[1]} columns, the static plan {static.page_table.shape[1]}")
+
+    in_place = plan.batch_size == static.batch_size
+    if in_place:
+        # A replay: the graph baked in the static plan's host ints, so the metadata is made for those.
+        for name in ("max_seqlen_q", "max_seqlen_k"):
+            if getattr(plan, name) > getattr(static, name):
+                fail(name, f"{getattr(plan, name)} exceeds the captured plan's {getattr(static, name)}")
+        plan = static
+    stats.static_refreshes += 1
+    if not precompute:
+        return plan
+
+    views = {}
+    for params in plan.layer_params:
+        fresh = _scheduler_metadata(provider, plan, params)
+        buffer = static.metadata_buffers[params]
+        used = fresh.numel()
+        if used > buffer.numel():
+            fail("static_plan", f"metadata for {params} needs {used} entries, its buffer holds {buffer.numel()}")
+        buffer[:used].copy_(fresh)
+        if used < buffer.numel():
+            buffer[used:].zero_()
+        views[params] = buffer[:used]
+    if in_place:
+        return static  # its metadata views already cover exactly these entries (same batch size)
+    return _with_metadata(plan, views, buffers=static.metadata_buffers)
+
+
+def planned_metadata(plan: AttentionPlan, params: AttentionParams, provider_name: str) -> torch.Tensor | None:
+    """The metadata a layer with ``params`` hands the kernel; ValueError when ``params`` was not planned."""
+    if not isinstance(plan, FlashPlan) or plan.provider != provider_name:
+        maker = getattr(plan, "provider", type(plan).__name__)
+        fail("plan", f"was made by {maker!r}, not by this plugin's make_attention_plan ({provider_name})")
+    if params not in plan.layer_params:
+        fail("params", f"{params} is not among the plan's layer_params {plan.layer_params}; list it in make_attention_plan(layer_params=...)")
+    return plan.metadata.get(params)
+

@@ -1,0 +1,262 @@
+"""CPU: the cuda_fa3 ops over a torch provider (plan keys, out handling, copy counting, errors)."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from attn_dispatch import reference
+from attn_dispatch.plans import DEFAULT_PARAMS, AttentionParams
+from attn_dispatch_cuda_fa3 import FlashPlan, build_ops, stats
+from fa3_batches import packed_batch, paged_batch
+from fa3_torch_provider import make_torch_provider
+
+SLIDING = AttentionParams(window_size=(8, 0))
+SOFTCAP = AttentionParams(softcap=30.0)
+MIXED = dict(q_lens=[1, 5, 1, 3], k_lens=[37, 20, 6, 3])  # decode, extend, decode, fresh prefill
+
+
+def run_paged(ops, batch, out, params=DEFAULT_PARAMS, layer_params=(DEFAULT_PARAMS,)):
+    plan = ops["make_attention_plan"](**batch.plan_args, layer_params=layer_params)
+    return ops["paged_attention_out"](batch.q, batch.k_cache, batch.v_cache, out, plan=plan, params=params)
+
+
+def reference_paged(batch, out, params=DEFAULT_PARAMS):
+    plan = reference.make_attention_plan(**batch.plan_args)
+    return reference.paged_attention_out(batch.q, batch.k_cache, batch.v_cache, out, plan=plan, params=params)
+
+
+@pytest.mark.parametrize("op", ["make_attention_plan", "paged_attention_out", "varlen_attention_out"])
+def test_signatures_match_the_reference(op):
+    ops = build_ops(make_torch_provider()[0])
+    assert inspect.signature(ops[op]) == inspect.signature(getattr(reference, op))
+
+
+@pytest.mark.parametrize("writes_out", [True, False])
+@pytest.mark.parametrize("original", [False, True])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        dict(heads=4, kv_heads=4, head_dim=64, page_size=16),  # MHA
+        dict(heads=8, kv_heads=2, head_dim=64, page_size=1),  # GQA 4, page size 1
+        dict(heads=6, kv_heads=1, head_dim=32, head_dim_v=16, page_size=8),  # MQA, distinct v head dim
+    ],
+)
+@pytest.mark.parametrize("params", [DEFAULT_PARAMS, SLIDING, SOFTCAP, AttentionParams(causal=False)])
+def test_paged_matches_the_reference(shape, params, writes_out, original):
+    batch = paged_batch(**MIXED, **shape, padding_rows=2)
+    ops = build_ops(make_torch_provider(writes_out=writes_out)[0], original=original)
+    out, want = batch.out(rows=batch.q.shape[0] + 3), batch.out(rows=batch.q.shape[0] + 3)
+    assert run_paged(ops, batch, out, params, layer_params=(params,)) is out
+    reference_paged(batch, want, params)
+    real = batch.tokens
+    assert torch.equal(out[:real], want[:real])
+    assert (out[batch.q.shape[0] :] == 7.0).all(), "rows past q's rows must never be written"
+
+
+@pytest.mark.parametrize("flat", [True, False])
+def test_out_may_be_flat_or_3d(flat):
+    batch = paged_batch(**MIXED, heads=4, kv_heads=2, head_dim=32)
+    ops = build_ops(make_torch_provider()[0])
+    out, want = batch.out(flat=flat), batch.out(flat=flat)
+    run_paged(ops, batch, out)
+    reference_paged(batch, want)
+    assert torch.equal(out, want)
+
+
+def test_one_metadata_per_distinct_params_and_none_per_layer():
+    provider, calls = make_torch_provider()
+    ops = build_ops(provider)
+    batch = paged_batch(**MIXED, heads=4, kv_heads=2, head_dim=32)
+    layers = [DEFAULT_PARAMS, SLIDING, DEFAULT_PARAMS, SLIDING, SOFTCAP, DEFAULT_PARAMS]  # Gemma-style mix
+    plan = ops["make_attention_plan"](**batch.plan_args, layer_params=layers)
+    assert isinstance(plan, FlashPlan)
+    assert plan.layer_params == (DEFAULT_PARAMS, SLIDING, SOFTCAP)
+    assert set(plan.metadata) == {DEFAULT_PARAMS, SLIDING, SOFTCAP}
+    assert calls.metadata == 3 and stats.metadata_builds == 3
+    for params in layers:
+        out, want = batch.out(), batch.out()
+        ops["paged_attention_out"](batch.q, batch.k_cache, batch.v_cache, out, plan=plan, params=params)
+        reference_paged(batch, want, params)
+        assert torch.equal(out, want)
+    # every layer used its own key's metadata (the provider rejects a mismatch) and built none
+    assert calls.metadata == 3
+    assert calls.fwd_with_metadata == len(layers) == calls.fwd_into_out
+    assert stats.out_copies == 0
+
+
+def test_metadata_is_keyed_by_every_scheduling_input():
+    provider, _ = make_torch_provider()
+    ops = build_ops(provider)
+    batch = paged_batch(**MIXED, heads=4, kv_heads=2, head_dim=32)
+    keys = [DEFAULT_PARAMS, SLIDING, SOFTCAP, AttentionParams(num_splits=1), AttentionParams(pack_gqa=False), AttentionParams(causal=False)]
+    plan = ops["make_attention_plan"](**batch.plan_args, layer_params=keys)
+    contents = {tuple(plan.metadata[p].tolist()) for p in keys}
+    assert len(contents) == len(keys)
+    # a layer handed another key's metadata would be mis-scheduled: the strict provider proves which it got
+    wrong = FlashPlan(**{**plan.__dict__, "metadata": {DEFAULT_PARAMS: plan.metadata[SLIDING]}})
+    with pytest.raises(AssertionError, match="another schedule"):
+        ops["paged_attention_out"](batch.q, batch.k_cache, batch.v_cache, batch.out(), plan=wrong)
+
+
+def test_unplanned_params_are_refused_before_any_launch():
+    provider, calls = make_torch_provider()
+    ops = build_ops(provider)
+    batch = paged_batch(**MIXED, heads=4, kv_heads=2, head_dim=32)
+    plan = ops["make_attention_plan"](**batch.plan_args)  # DEFAULT_PARAMS only
+    out = batch.out()
+    with pytest.raises(ValueError, match=r"^params: .*window_size=\(8, 0\).*layer_params"):
+        ops["paged_attention_out"](batch.q, batch.k_cache, batch.v_cache, out, plan=plan, params=SLIDING)
+    assert calls.fwd == 0 and (out == 7.0).all()
+
+
+def test_original_path_makes_no_metadata_and_matches_bytes():
+    provider, calls = make_torch_provider()
+    optimized, original = build_ops(provider), build_ops(provider, original=True)
+    batch = paged_batch(**MIXED, heads=8, kv_heads=2, head_dim=32)
+    plan = original["make_attention_plan"](**batch.plan_args, layer_params=(DEFAULT_PARAMS, SLIDING))
+    assert plan.metadata == {} and calls.metadata == 0
+    for params in (DEFAULT_PARAMS, SLIDING):
+        a, b = batch.out(), batch.out()
+        original["paged_attention_out"](batch.q, batch.k_cache, batch.v_cache, a, plan=plan, params=params)
+        run_paged(optimized, batch, b, params, layer_params=(params,))
+        assert torch.equal(a, b)
+    assert calls.fwd_into_out == 2  # only the optimized calls handed the kernel `out`
+    assert stats.out_copies == 0  # the original path's copy is by design, not counted
+
+
+def test_provider_without_out_copies_once_and_counts_it():
+    provider, calls = make_torch_provider(writes_out=False)
+    ops = build_ops(provider)
+    batch = paged_batch(**MIXED, heads=4, kv_heads=2, head_dim=32)
+    plan = ops["make_attention_plan"](**batch.plan_args)
+    for layer in range(3):
+        out, want = batch.out(), batch.out()
+        ops["paged_attention_out"](batch.q, batch.k_cache, batch.v_cache, out, plan=plan)
+        reference_paged(batch, want)
+        assert torch.equal(out, want)
+        assert stats.out_copies == layer + 1
+    q, k, v, lens = packed_batch(lens=[5, 9], heads=4, kv_heads=2, head_dim=32)
+    ops["varlen_attention_out"](q, k, v, torch.empty(14, 4, 32, dtype=q.dtype), **lens)
+    assert stats.out_copies == 4 and calls.fwd_into_out == 0
+
+
+def test_provider_without_metadata_schedules_in_the_kernel():
+    provider, calls = make_torch_provider(metadata=False)  # FA4-like
+    ops = build_ops(provider)
+    batch = paged_batch(**MIXED, heads=4, kv_heads=2, head_dim=32)
+    out, want = batch.out(), batch.out()
+    plan = ops["make_attention_plan"](**batch.plan_args, layer_params=(DEFAULT_PARAMS, SLIDING))
+    assert plan.metadata == {} and plan.layer_params == (DEFAULT_PARAMS, SLIDING)
+    ops["paged_attention_out"](batch.q, batch.k_cache, batch.v_cache, out, plan=plan, params=SLIDING)
+    reference_paged(batch, want, SLIDING)
+    assert torch.equal(out, want) and calls.fwd_into_out == 1
+    with pytest.raises(ValueError, match="^params:"):
+        ops["paged_attention_out"](batch.q, batch.k_cache, batch.v_cache, out, plan=plan, params=SOFTCAP)
+
+
+@pytest.mark.parametrize("writes_out", [True, False])
+@pytest.mark.parametrize("params", [DEFAULT_PARAMS, SLIDING, AttentionParams(causal=False)])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
+def test_varlen_matches_the_reference(params, heads, kv_heads, writes_out):
+    ops = build_ops(make_torch_provider(writes_out=writes_out)[0])
+    q, k, v, lens = packed_batch(lens=[5, 1, 9], heads=heads, kv_heads=kv_heads, head_dim=32)
+    out = torch.full((17, heads * 32), 7.0, dtype=q.dtype)
+    want = out.clone()
+    assert ops["varlen_attention_out"](q, k, v, out, **lens, params=params) is out
+    reference.varlen_attention_out(q, k, v, want, **lens, params=params)
+    assert torch.equal(out, want)
+    assert (out[15:] == 7.0).all()
+
+
+# ---- bad input: ValueError naming the argument, before any launch, `out` untouched --------------------
+
+
+def _paged_case(mutate):
+    """Return (call, out) where call() runs the paged op on a batch changed by mutate(dict of args)."""
+    provider, calls = make_torch_provider()
+    ops = build_ops(provider)
+    batch = paged_batch(**MIXED, heads=4, kv_heads=2, head_dim=32)
+    plan = ops["make_attention_plan"](**batch.plan_args)
+    args = dict(q=batch.q, k_cache=batch.k_cache, v_cache=batch.v_cache, out=batch.out(), plan=plan, params=DEFAULT_PARAMS)
+    mutate(args)
+    return (lambda: ops["paged_attention_out"](args.pop("q"), args.pop("k_cache"), args.pop("v_cache"), args.pop("out"), **args)), args, calls
+
+
+PAGED_ERRORS = {
+    "q dtype": (lambda a: a.update(q=a["q"].float()), "q"),
+    "q device": (lambda a: a.update(q=a["q"].to("meta")), "q"),
+    "q heads": (lambda a: a.update(q=a["q"][:, :2]), "q"),
+    "q strided last dim": (lambda a: a.update(q=a["q"].repeat_interleave(2, dim=2)[..., ::2]), "q"),
+    "k_cache dtype": (lambda a: a.update(k_cache=a["k_cache"].half()), "k_cache"),
+    "k_cache page size": (lambda a: a.update(k_cache=a["k_cache"][:, :8]), "k_cache"),
+    "v_cache kv heads": (lambda a: a.update(v_cache=a["v_cache"][:, :, :1]), "v_cache"),
+    "out dtype": (lambda a: a.update(out=a["out"].float()), "out"),
+    "out too short": (lambda a: a.update(out=a["out"][:3]), "out"),
+    "out width": (lambda a: a.update(out=a["out"][:, :64]), "out"),
+    "out not contiguous": (lambda a: a.update(out=torch.full((a["out"].shape[1], a["out"].shape[0]), 7.0, dtype=a["out"].dtype).t()), "out"),
+    "plan from the reference": (lambda a: a.update(plan=reference.make_attention_plan(**paged_batch(**MIXED, heads=4, kv_heads=2, head_dim=32).plan_args)), "plan"),
+    "params not planned": (lambda a: a.update(params=SOFTCAP), "params"),
+}
+
+
+@pytest.mark.parametrize("case", list(PAGED_ERRORS))
+def test_paged_bad_input(case):
+    mutate, arg = PAGED_ERRORS[case]
+    call, args, calls = _paged_case(mutate)
+    out = args["out"]
+    before = out.clone() if out.device.type != "meta" else None
+    with pytest.raises(ValueError, match=f"^{arg}: "):
+        call()
+    assert calls.fwd == 0
+    assert torch.equal(out, before)
+
+
+PLAN_ERRORS = {
+    "page_table batch": (lambda a: a.update(page_table=a["page_table"][:2]), "page_table"),
+    "cache_seqlens dtype": (lambda a: a.update(cache_seqlens=a["cache_seqlens"].long()), "cache_seqlens"),
+    "cu_seqlens_q length": (lambda a: a.update(cu_seqlens_q=a["cu_seqlens_q"][:-1]), "cu_seqlens_q"),
+    "heads not divisible": (lambda a: a.update(num_heads=6, num_kv_heads=4), "num_heads"),
+    "float32": (lambda a: a.update(dtype=torch.float32), "dtype"),
+    "max_seqlen_k past the page table": (lambda a: a.update(max_seqlen_k=10_000), "max_seqlen_k"),
+    "no layer params": (lambda a: a.update(layer_params=()), "layer_params"),
+    "page_table strided": (lambda a: a.update(page_table=a["page_table"].repeat_interleave(2, dim=1)[:, ::2]), "page_table"),
+}
+
+
+@pytest.mark.parametrize("case", list(PLAN_ERRORS))
+def test_plan_bad_input(case):
+    mutate, arg = PLAN_ERRORS[case]
+    provider, calls = make_torch_provider()
+    args = dict(paged_batch(**MIXED, heads=4, kv_heads=2, head_dim=32).plan_args)
+    mutate(args)
+    with pytest.raises(ValueError, match=f"^{arg}: "):
+        build_ops(provider)["make_attention_plan"](**args)
+    assert calls.metadata == 0
+
+
+VARLEN_ERRORS = {
+    "q dtype": (lambda a: a.update(q=a["q"].float()), "q"),
+    "k device": (lambda a: a.update(k=a["k"].to("meta")), "k"),
+    "heads not divisible": (lambda a: a.update(k=torch.cat([a["k"]] * 2, 1), v=torch.cat([a["v"]] * 2, 1)), "q"),
+    "v tokens": (lambda a: a.update(v=a["v"][:-1]), "v"),
+    "cu_seqlens_k length": (lambda a: a.update(cu_seqlens_k=a["cu_seqlens_k"][:-1]), "cu_seqlens_k"),
+    "cu_seqlens_q int64": (lambda a: a.update(cu_seqlens_q=a["cu_seqlens_q"].long()), "cu_seqlens_q"),
+    "out shape": (lambda a: a.update(out=a["out"][:, :2]), "out"),
+    "out not contiguous": (lambda a: a.update(out=a["out"].transpose(0, 1).contiguous().transpose(0, 1)), "out"),
+}
+
+
+@pytest.mark.parametrize("case", list(VARLEN_ERRORS))
+def test_varlen_bad_input(case):
+    mutate, arg = VARLEN_ERRORS[case]
+    provider, calls = make_torch_provider()
+    q, k, v, lens = packed_batch(lens=[5, 9], heads=6, kv_heads=2, head_dim=32)
+    args = dict(q=q, k=k, v=v, out=torch.full((14, 6, 32), 7.0, dtype=q.dtype), **lens)
+    mutate(args)
+    out = args["out"]
+    before = out.clone()
+    with pytest.raises(ValueError, match=f"^{arg}: "):
+        build_ops(provider)["varlen_attention_out"](args.pop("q"), args.pop("k"), args.pop("v"), args.pop("out"), **args)
+    assert calls.fwd == 0 and torch.equal(out, before)
