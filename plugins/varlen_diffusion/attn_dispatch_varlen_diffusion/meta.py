@@ -1,0 +1,122 @@
+"""Per-request mask metadata: the layout of a key-padding mask, the strategy it picks, and varlen tensors.
+
+:func:`make_mask_meta` runs once per request (the engine reuses the result in every block). It costs one
+device-to-host copy of three integers (valid-token count, most runs in a row, latest run start): the
+strategy is a host decision and the packed sizes are host shapes. Everything else stays on the device,
+and nothing in :class:`VarlenMaskMeta` needs another sync when a layer uses it.
+
+Layouts (per request, over all rows of the batch):
+
+- ``prefix``: each row's valid keys are ``0..n-1`` (right padding, no padding, or none valid).
+- ``window``: each row's valid keys are one contiguous run ``a..a+n-1`` (left padding, or both sides).
+- ``general``: some row has two or more runs (gaps: e.g. text, its padding, then image tokens).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from attn_dispatch import MaskMeta
+
+
+class Layout(str, enum.Enum):
+    PREFIX = "prefix"
+    WINDOW = "window"
+    GENERAL = "general"
+
+
+class Strategy(str, enum.Enum):
+    """How the tensors reach FlashAttention (see the ``attention`` module for each one's contract)."""
+
+    ZERO_COPY = "zero_copy"
+    KV_PACK = "kv_pack"
+    QKV_PACK = "qkv_pack"
+
+
+@dataclass(frozen=True, eq=False)
+class VarlenMaskMeta(MaskMeta):
+    """A boolean key mask ``[B, S]`` plus what varlen FlashAttention needs for it. All tensors int32.
+
+    ``cu_seqlens_k``: zero-copy: ``b * S + run start`` (the padded tensor's own rows, read with
+    ``seqlens`` as seqused); packed strategies: the prefix sum of ``seqlens`` over the packed rows.
+    ``indices``: flat ``b * S + s`` of each valid token, in order (packed strategies only).
+    ``inverse``: each padded token's packed position, -1 where masked (``qkv_pack`` only).
+    """
+
+    layout: Layout
+    strategy: Strategy
+    zero_masked_queries: bool  # True: rows of masked query tokens come out as zeros (qkv_pack contract)
+    batch: int
+    seqlen: int
+    total: int  # valid tokens in the batch
+    seqlens: torch.Tensor  # [B]
+    cu_seqlens_padded: torch.Tensor  # [B + 1]: b * S
+    cu_seqlens_k: torch.Tensor  # [B + 1]
+    indices: torch.Tensor | None = None  # [total]
+    inverse: torch.Tensor | None = None  # [B * S]
+
+
+def classify(key_mask: torch.Tensor) -> tuple[Layout, int, torch.Tensor, torch.Tensor]:
+    """(layout, valid-token count, valid keys per row, first valid key per row); one host sync."""
+    seqlens = key_mask.sum(dim=1, dtype=torch.int32)
+    run_starts = key_mask & ~F.pad(key_mask[:, :-1], (1, 0), value=False)
+    runs = run_starts.sum(dim=1, dtype=torch.int32)
+    # argmax returns the first maximum; rows with no valid key get start 0.
+    first = torch.where(seqlens > 0, key_mask.to(torch.uint8).argmax(dim=1).to(torch.int32), 0)
+    stats = torch.stack([seqlens.sum(dtype=torch.int32), runs.max(), first.max()])
+    total, max_runs, max_first = stats.tolist()  # the one sync per request
+    if max_runs > 1:
+        layout = Layout.GENERAL
+    elif max_first > 0:
+        layout = Layout.WINDOW
+    else:
+        layout = Layout.PREFIX
+    return layout, total, seqlens, first
+
+
+def make_mask_meta(
+    key_mask: torch.Tensor, *, general_strategy: Strategy, zero_copy: bool = True, zero_copy_skips_queries: bool = True
+) -> VarlenMaskMeta:
+    """Build the metadata for a bool ``[B, S]`` mask (B, S >= 1) and pick its strategy.
+
+    ``general_strategy`` (``kv_pack`` or ``qkv_pack``) is used for general layouts and fixes the
+    masked-query contract: ``qkv_pack`` zeros masked query rows in every layout. ``zero_copy`` False
+    forces the packed strategy (benchmarks). ``zero_copy_skips_queries``: the provider can leave masked
+    query rows out (``seqused_q`` and ``out=``), which zero-copy needs under the zeroing contract.
+    """
+    assert key_mask.dtype == torch.bool and key_mask.dim() == 2, f"expected a bool [B, S] mask, got {key_mask.dtype}"
+    assert general_strategy in (Strategy.KV_PACK, Strategy.QKV_PACK), f"not a general-mask strategy: {general_strategy}"
+    batch, seqlen = key_mask.shape
+    device = key_mask.device
+    layout, total, seqlens, first = classify(key_mask)
+    zero_masked_queries = general_strategy is Strategy.QKV_PACK
+    if layout is not Layout.GENERAL and zero_copy and (zero_copy_skips_queries or not zero_masked_queries):
+        strategy = Strategy.ZERO_COPY
+    else:
+        strategy = general_strategy
+
+    cu_seqlens_padded = torch.arange(batch + 1, dtype=torch.int32, device=device) * seqlen
+    indices = inverse = None
+    if strategy is Strategy.ZERO_COPY:
+        cu_seqlens_k = cu_seqlens_padded.clone()
+        cu_seqlens_k[:-1] += first
+    else:
+        cu_seqlens_k = F.pad(seqlens.cumsum(0, dtype=torch.int32), (1, 0))
+        flat_mask = key_mask.reshape(-1)
+        packed_pos = flat_mask.cumsum(0, dtype=torch.int32) - 1
+        # Scatter each valid token's flat index to its packed slot; masked tokens go to a spare slot.
+        # (torch.nonzero would give the same, at the price of a second sync.)
+        slots = torch.where(flat_mask, packed_pos, total).long()
+        flat = torch.arange(batch * seqlen, dtype=torch.int32, device=device)
+        indices = torch.empty(total + 1, dtype=torch.int32, device=device).scatter_(0, slots, flat)[:total]
+        if strategy is Strategy.QKV_PACK:
+            inverse = torch.where(flat_mask, packed_pos, -1)
+    return VarlenMaskMeta(
+        key_mask=key_mask, layout=layout, strategy=strategy, zero_masked_queries=zero_masked_queries,
+        batch=batch, seqlen=seqlen, total=total, seqlens=seqlens, cu_seqlens_padded=cu_seqlens_padded,
+        cu_seqlens_k=cu_seqlens_k, indices=indices, inverse=inverse,
+    )  # fmt: skip

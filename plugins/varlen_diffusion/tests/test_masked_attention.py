@@ -1,0 +1,186 @@
+"""masked_attention against the original path (SDPA + boolean key mask), on CPU with the torch stand-in.
+
+The row contract under test (module docstring of ``attention``): valid query rows are SDPA's; masked
+query rows are SDPA's by default and zeros under qkv_pack; batch elements with no valid key are zeros.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from varlen_masks import key_masks, row, text_image_mask
+from varlen_torch_provider import make_torch_provider
+
+from attn_dispatch.reference import masked as original
+from attn_dispatch_varlen_diffusion.attention import build_ops
+from attn_dispatch_varlen_diffusion.meta import Strategy
+
+H, D = 2, 16
+RTOL, ATOL = 1e-2, 5e-2  # bf16 FlashAttention tolerance, as the seed PR used
+
+
+def qkv(batch: int, seqlen: int, *, dtype=torch.bfloat16, fused: bool = False, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    if fused:  # slices of one projection output, as diffusion models split it
+        return torch.randn(batch, seqlen, 3, H, D, generator=gen).to(dtype).unbind(2)
+    return tuple(torch.randn(batch, seqlen, H, D, generator=gen).to(dtype) for _ in range(3))
+
+
+def sdpa(q, k, v, mask):
+    return original.masked_attention(q, k, v, original.build_mask_meta(mask)).float()
+
+
+def ops_for(general: str, *, zero_copy: bool = True, **caps):
+    return build_ops(make_torch_provider(**caps), general_strategy=general, zero_copy=zero_copy, device_type="cpu")
+
+
+def check_contract(out, q, k, v, mask, *, zero_masked_queries: bool):
+    """Every row against what the contract says it must be."""
+    ref = sdpa(q, k, v, mask)
+    out = out.float()
+    has_keys = mask.any(dim=1)
+    for b in range(mask.shape[0]):
+        if not has_keys[b]:
+            # Ours: zeros. SDPA's depends on backend and version (NaN, or zeros as torch 2.13's CPU kernels give).
+            assert torch.equal(out[b], torch.zeros_like(out[b]))
+            continue
+        valid = mask[b]
+        torch.testing.assert_close(out[b, valid], ref[b, valid], rtol=RTOL, atol=ATOL)
+        if zero_masked_queries:
+            assert torch.equal(out[b, ~valid], torch.zeros_like(out[b, ~valid]))
+        else:
+            torch.testing.assert_close(out[b, ~valid], ref[b, ~valid], rtol=RTOL, atol=ATOL)
+
+
+@settings(max_examples=30, deadline=None)
+@given(mask=key_masks(), general=st.sampled_from(["kv_pack", "qkv_pack"]), fused=st.booleans())
+def test_random_masks_follow_the_row_contract(mask, general, fused):
+    q, k, v = qkv(*mask.shape, fused=fused)
+    ops = ops_for(general)
+    meta = ops.build_mask_meta(mask)
+    out = ops.masked_attention(q, k, v, meta)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
+    check_contract(out, q, k, v, mask, zero_masked_queries=general == "qkv_pack")
+
+
+@settings(max_examples=15, deadline=None)
+@given(mask=key_masks())
+def test_zero_copy_and_packed_strategies_agree_exactly(mask):
+    """Same kernel, same keys: zero-copy equals kv_pack (all rows), and its zeroing form equals qkv_pack."""
+    q, k, v = qkv(*mask.shape, fused=True)
+    results = {}
+    for general in ("kv_pack", "qkv_pack"):
+        for zero_copy in (True, False):
+            ops = ops_for(general, zero_copy=zero_copy)
+            meta = ops.build_mask_meta(mask)
+            results[meta.strategy, general] = ops.masked_attention(q, k, v, meta)
+    if (Strategy.ZERO_COPY, "kv_pack") in results:  # prefix / window layouts
+        assert torch.equal(results[Strategy.ZERO_COPY, "kv_pack"], results[Strategy.KV_PACK, "kv_pack"])
+        assert torch.equal(results[Strategy.ZERO_COPY, "qkv_pack"], results[Strategy.QKV_PACK, "qkv_pack"])
+
+
+def test_all_masked_row_is_zeros():
+    mask = torch.tensor([row("none", 6), row("prefix", 6, 4)])
+    q, k, v = qkv(2, 6)
+    for general in ("kv_pack", "qkv_pack"):
+        for zero_copy in (True, False):
+            ops = ops_for(general, zero_copy=zero_copy)
+            out = ops.masked_attention(q, k, v, ops.build_mask_meta(mask))
+            check_contract(out, q, k, v, mask, zero_masked_queries=general == "qkv_pack")
+
+
+def test_whole_batch_masked_returns_zeros_without_calling_the_provider():
+    ops = ops_for("kv_pack")
+    q, k, v = qkv(2, 5)
+    out = ops.masked_attention(q, k, v, ops.build_mask_meta(torch.zeros(2, 5, dtype=torch.bool)))
+    assert torch.equal(out, torch.zeros_like(q)) and ops.provider.fwd.calls == []
+
+
+@pytest.mark.parametrize("general", ["kv_pack", "qkv_pack"])
+def test_left_padding_runs_zero_copy(general):
+    mask = torch.tensor([row("suffix", 9, 3), row("suffix", 9, 7)])
+    q, k, v = qkv(2, 9)
+    ops = ops_for(general)
+    meta = ops.build_mask_meta(mask)
+    assert meta.strategy is Strategy.ZERO_COPY
+    check_contract(ops.masked_attention(q, k, v, meta), q, k, v, mask, zero_masked_queries=general == "qkv_pack")
+    assert ops.provider.fwd.calls == [{"seqused_q": general == "qkv_pack", "seqused_k": True, "out": True}]
+
+
+@pytest.mark.parametrize("general", ["kv_pack", "qkv_pack"])
+def test_text_padding_gap_before_image_tokens_packs(general):
+    mask = text_image_mask([3, 5], text=6, image=7, text_first=True)
+    q, k, v = qkv(*mask.shape, fused=True)
+    ops = ops_for(general)
+    meta = ops.build_mask_meta(mask)
+    assert meta.strategy is Strategy(general)
+    check_contract(ops.masked_attention(q, k, v, meta), q, k, v, mask, zero_masked_queries=general == "qkv_pack")
+
+
+@pytest.mark.parametrize(("caps", "general"), [({"has_seqused_q": False}, "qkv_pack"), ({"writes_out": False}, "kv_pack")])
+def test_providers_with_fewer_capabilities(caps, general):
+    mask = text_image_mask([2, 4], text=5, image=6, text_first=False)
+    q, k, v = qkv(*mask.shape)
+    ops = ops_for(general, **caps)
+    out = ops.masked_attention(q, k, v, ops.build_mask_meta(mask))
+    check_contract(out, q, k, v, mask, zero_masked_queries=general == "qkv_pack")
+
+
+def test_softmax_scale_is_passed_through():
+    mask = text_image_mask([3], text=4, image=4, text_first=True)
+    q, k, v = qkv(*mask.shape)
+    ops = ops_for("kv_pack")
+    got = ops.masked_attention(q, k, v, ops.build_mask_meta(mask), softmax_scale=0.5)
+    ref = original.masked_attention(q, k, v, original.build_mask_meta(mask), softmax_scale=0.5)
+    torch.testing.assert_close(got.float(), ref.float(), rtol=RTOL, atol=ATOL)
+
+
+# Fallbacks: the original function itself runs, so results are byte-identical to it.
+def assert_original_path(ops, q, k, v, mask):
+    got = ops.masked_attention(q, k, v, ops.build_mask_meta(mask))
+    want = original.masked_attention(q, k, v, original.build_mask_meta(mask))
+    assert torch.equal(got.nan_to_num(), want.nan_to_num()) and got.isnan().equal(want.isnan())
+    assert ops.provider.fwd.calls == []
+
+
+def test_float_mask_falls_back():
+    mask = torch.zeros(2, 6)
+    mask[0, 4:] = float("-inf")
+    assert_original_path(ops_for("kv_pack"), *qkv(2, 6), mask)
+
+
+def test_cross_attention_falls_back():
+    q = qkv(2, 3)[0]
+    _, k, v = qkv(2, 7, seed=1)
+    assert_original_path(ops_for("kv_pack"), q, k, v, torch.tensor([row("prefix", 7, 5), row("full", 7)]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_unsupported_dtype_falls_back(dtype):
+    mask = text_image_mask([1, 3], text=4, image=3, text_first=True)
+    assert_original_path(ops_for("kv_pack"), *qkv(*mask.shape, dtype=dtype), mask)
+
+
+def test_tensors_on_another_device_type_fall_back():
+    ops = build_ops(make_torch_provider(), general_strategy="kv_pack")  # expects cuda tensors
+    mask = text_image_mask([1, 3], text=4, image=3, text_first=True)
+    assert_original_path(ops, *qkv(*mask.shape), mask)
+
+
+def test_mask_on_another_device_is_an_error():
+    ops = ops_for("kv_pack")
+    q, k, v = qkv(2, 5)
+    meta = ops.build_mask_meta(torch.ones(2, 5, dtype=torch.bool))
+    elsewhere = dataclasses.replace(meta, key_mask=meta.key_mask.to("meta"))
+    with pytest.raises(ValueError, match="^mask_meta: key_mask is on meta"):
+        ops.masked_attention(q, k, v, elsewhere)
+
+
+def test_mask_of_another_shape_is_an_error():
+    ops = ops_for("kv_pack")
+    with pytest.raises(ValueError, match="^mask_meta: key_mask shape"):
+        ops.masked_attention(*qkv(2, 5), ops.build_mask_meta(torch.ones(2, 6, dtype=torch.bool)))

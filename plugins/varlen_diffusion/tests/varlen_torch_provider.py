@@ -1,0 +1,51 @@
+"""A CPU stand-in for a FlashAttention provider: ``FlashProvider.fwd``'s varlen contract in plain torch.
+
+Semantics copied from FA3 varlen (non-causal, no window): sequence ``b`` reads query rows
+``cu_seqlens_q[b] : + seqused_q[b]`` (or up to ``cu_seqlens_q[b + 1]`` without seqused) and the key rows
+likewise; only those output rows are written; a sequence with no keys gets zeros. Rows no sequence
+covers keep what ``out`` held, and NaN when the provider allocates ``out`` itself (FA3 leaves them
+uninitialised), so a caller that relies on them fails loudly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attn_dispatch.flash_providers import FlashProvider
+
+
+def make_torch_provider(*, has_seqused_q: bool = True, writes_out: bool = True, name: str = "torch_varlen") -> FlashProvider:
+    calls: list[dict] = []
+
+    def fwd(
+        q, k, v, *, out=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None, seqused_k=None,
+        max_seqlen_q, max_seqlen_k, page_table=None, softmax_scale, causal, window_size=(-1, -1),
+        softcap=0.0, scheduler_metadata=None, num_splits=0, pack_gqa=None,
+    ):  # fmt: skip
+        assert not causal and page_table is None and tuple(window_size) == (-1, -1) and softcap == 0.0
+        assert q.dim() == k.dim() == v.dim() == 3 and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+        assert cu_seqlens_q.dtype == cu_seqlens_k.dtype == torch.int32
+        assert has_seqused_q or seqused_q is None, "this provider has no seqused_q"
+        assert writes_out or out is None, "this provider cannot write into out"
+        calls.append({"seqused_q": seqused_q is not None, "seqused_k": seqused_k is not None, "out": out is not None})
+        if out is None:
+            out = torch.full_like(q, float("nan"), memory_format=torch.contiguous_format)
+        assert out.shape == q.shape
+        cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        used_q = seqused_q.tolist() if seqused_q is not None else [b - a for a, b in zip(cu_q, cu_q[1:])]
+        used_k = seqused_k.tolist() if seqused_k is not None else [b - a for a, b in zip(cu_k, cu_k[1:])]
+        for q0, lq, k0, lk in zip(cu_q, used_q, cu_k, used_k):
+            assert 0 <= lq <= max_seqlen_q and 0 <= lk <= max_seqlen_k
+            assert q0 + lq <= q.shape[0] and k0 + lk <= k.shape[0], "sequence runs past the tensor"
+            if lq == 0:
+                continue
+            if lk == 0:
+                out[q0 : q0 + lq] = 0
+                continue
+            qs, ks, vs = (x.float() for x in (q[q0 : q0 + lq], k[k0 : k0 + lk], v[k0 : k0 + lk]))
+            probs = torch.softmax(torch.einsum("qhd,khd->hqk", qs, ks) * softmax_scale, dim=-1)
+            out[q0 : q0 + lq] = torch.einsum("hqk,khd->qhd", probs, vs).to(out.dtype)
+        return out
+
+    fwd.calls = calls  # what each call passed, for tests that check the route taken
+    return FlashProvider(name, 3, fwd, None, writes_out=writes_out, has_seqused_q=has_seqused_q)
