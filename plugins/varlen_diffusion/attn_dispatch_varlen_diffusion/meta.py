@@ -18,7 +18,6 @@ import enum
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from attn_dispatch import MaskMeta
 
@@ -63,7 +62,8 @@ class VarlenMaskMeta(MaskMeta):
 def classify(key_mask: torch.Tensor) -> tuple[Layout, int, torch.Tensor, torch.Tensor]:
     """(layout, valid-token count, valid keys per row, first valid key per row); one host sync."""
     seqlens = key_mask.sum(dim=1, dtype=torch.int32)
-    run_starts = key_mask & ~F.pad(key_mask[:, :-1], (1, 0), value=False)
+    previous = torch.cat([key_mask.new_zeros(key_mask.shape[0], 1), key_mask[:, :-1]], dim=1)
+    run_starts = key_mask & ~previous
     runs = run_starts.sum(dim=1, dtype=torch.int32)
     # argmax returns the first maximum; rows with no valid key get start 0.
     first = torch.where(seqlens > 0, key_mask.to(torch.uint8).argmax(dim=1).to(torch.int32), 0)
@@ -105,7 +105,7 @@ def make_mask_meta(
         cu_seqlens_k = cu_seqlens_padded.clone()
         cu_seqlens_k[:-1] += first
     else:
-        cu_seqlens_k = F.pad(seqlens.cumsum(0, dtype=torch.int32), (1, 0))
+        cu_seqlens_k = torch.cat([seqlens.new_zeros(1), seqlens.cumsum(0, dtype=torch.int32)])
         flat_mask = key_mask.reshape(-1)
         packed_pos = flat_mask.cumsum(0, dtype=torch.int32) - 1
         # Scatter each valid token's flat index to its packed slot; masked tokens go to a spare slot.

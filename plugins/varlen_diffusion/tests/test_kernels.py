@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from varlen_torch_provider import needs_interpreter
+
 from attn_dispatch_varlen_diffusion.kernels import gather_rows, scatter_rows
+
+pytestmark = needs_interpreter
 
 B, S, H = 2, 11, 3
 

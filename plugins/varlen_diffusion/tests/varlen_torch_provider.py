@@ -9,9 +9,18 @@ uninitialised), so a caller that relies on them fails loudly.
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 
 from attn_dispatch.flash_providers import FlashProvider
+
+# CPU tests run the plugin's Triton kernels on CPU tensors, which only the interpreter can do. It is
+# switched on by the conftest when no GPU is present; on a GPU machine those tests skip (TRITON_INTERPRET
+# is process-wide, and the GPU tests need compiled kernels).
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="CPU kernel tests need TRITON_INTERPRET=1 (set when no GPU is present)")
 
 
 def make_torch_provider(*, has_seqused_q: bool = True, writes_out: bool = True, name: str = "torch_varlen") -> FlashProvider:

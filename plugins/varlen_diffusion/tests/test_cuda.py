@@ -1,0 +1,158 @@
+"""On an sm90/sm100 GPU with a FlashAttention provider: the strategies against SDPA, bit-equality of
+zero-copy and K/V pack, the kernels at benchmark size, no host syncs, and CUDA-graph capture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from varlen_masks import row, text_image_mask
+
+import attn_dispatch
+from attn_dispatch import flash_providers
+from attn_dispatch.reference import masked as original
+from attn_dispatch_varlen_diffusion import ARCHS, NAME
+from attn_dispatch_varlen_diffusion.meta import Strategy
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")]
+
+H, D = 8, 128
+RTOL, ATOL = 1e-2, 5e-2
+
+
+@pytest.fixture(scope="module")
+def provider():
+    arch = attn_dispatch.detect(0).arch
+    if arch not in ARCHS:
+        pytest.skip(f"{arch} is not one of {ARCHS}")
+    found, reason = flash_providers.probe(flash_providers.probe_order(arch))
+    if found is None:
+        pytest.skip(reason)
+    return found
+
+
+def ops_for(provider, general: str, zero_copy: bool = True):
+    from attn_dispatch_varlen_diffusion.attention import build_ops
+
+    return build_ops(provider, general_strategy=general, zero_copy=zero_copy)
+
+
+def qkv(batch: int, seqlen: int, *, fused: bool = False, seed: int = 0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    if fused:
+        return torch.randn(batch, seqlen, 3, H, D, generator=gen, device="cuda").bfloat16().unbind(2)
+    return tuple(torch.randn(batch, seqlen, H, D, generator=gen, device="cuda").bfloat16() for _ in range(3))
+
+
+MASKS = {
+    "prefix": text_image_mask([100, 37], text=128, image=1000, text_first=False),
+    "general": text_image_mask([100, 37], text=128, image=1000, text_first=True),
+    "left_padding": torch.tensor([row("suffix", 1128, 40), row("suffix", 1128, 500)]),
+    "empty_row": torch.tensor([row("none", 1128), row("gaps", 1128, bits=(1 << 1128) - 1 - (0xFFFF << 300))]),
+}
+
+
+@pytest.mark.parametrize("general", ["kv_pack", "qkv_pack"])
+@pytest.mark.parametrize("zero_copy", [True, False])
+@pytest.mark.parametrize("name", list(MASKS))
+def test_rows_follow_the_contract(provider, name, general, zero_copy):
+    mask = MASKS[name].cuda()
+    q, k, v = qkv(*mask.shape)
+    ops = ops_for(provider, general, zero_copy)
+    out = ops.masked_attention(q, k, v, ops.build_mask_meta(mask)).float()
+    ref = original.masked_attention(q, k, v, original.build_mask_meta(mask)).float()
+    for b in range(mask.shape[0]):
+        valid = mask[b]
+        if not valid.any():
+            assert torch.equal(out[b], torch.zeros_like(out[b]))  # SDPA: NaN or zeros, by backend
+            continue
+        torch.testing.assert_close(out[b, valid], ref[b, valid], rtol=RTOL, atol=ATOL)
+        if general == "qkv_pack":
+            assert torch.equal(out[b, ~valid], torch.zeros_like(out[b, ~valid]))
+        else:
+            torch.testing.assert_close(out[b, ~valid], ref[b, ~valid], rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("name", ["prefix", "left_padding"])
+def test_zero_copy_equals_kv_pack_on_valid_rows(provider, name):
+    mask = MASKS[name].cuda()
+    q, k, v = qkv(*mask.shape)
+    results = []
+    for zero_copy in (True, False):
+        ops = ops_for(provider, "kv_pack", zero_copy)
+        meta = ops.build_mask_meta(mask)
+        assert meta.strategy is (Strategy.ZERO_COPY if zero_copy else Strategy.KV_PACK)
+        results.append(ops.masked_attention(q, k, v, meta))
+    valid = mask[:, :, None, None].expand_as(q)
+    assert torch.equal(results[0][valid], results[1][valid])
+
+
+def test_strided_qkv_slices(provider):
+    """q/k/v as slices of one fused projection (row stride 3*H*D) on every strategy."""
+    mask = MASKS["prefix"].cuda()
+    q, k, v = qkv(*mask.shape, fused=True)
+    ref = original.masked_attention(q, k, v, original.build_mask_meta(mask)).float()
+    valid = mask[:, :, None, None].expand_as(q)
+    for general, zero_copy in (("kv_pack", True), ("kv_pack", False), ("qkv_pack", True), ("qkv_pack", False)):
+        ops = ops_for(provider, general, zero_copy)
+        out = ops.masked_attention(q, k, v, ops.build_mask_meta(mask)).float()
+        torch.testing.assert_close(out[valid], ref[valid], rtol=RTOL, atol=ATOL)
+
+
+def test_kernels_bit_exact_at_benchmark_size():
+    from attn_dispatch_varlen_diffusion.kernels import gather_rows, scatter_rows
+
+    mask = text_image_mask([384, 256], text=512, image=4096, text_first=True).cuda()
+    batch, seqlen = mask.shape
+    fused = torch.randn(batch, seqlen, 3, 24, 128, device="cuda").bfloat16()
+    sources = fused.unbind(2)
+    indices = mask.reshape(-1).nonzero().squeeze(1).int()
+    packed = gather_rows(sources, indices)
+    want = torch.stack([x.reshape(-1, 24, 128).index_select(0, indices.long()) for x in sources])
+    assert torch.equal(packed.view(torch.int16), want.view(torch.int16))
+    inverse = torch.full((batch * seqlen,), -1, dtype=torch.int32, device="cuda")
+    inverse[indices.long()] = torch.arange(indices.numel(), dtype=torch.int32, device="cuda")
+    scattered = scatter_rows(packed[1], inverse, batch, seqlen)
+    expected = torch.zeros(batch * seqlen, 24, 128, device="cuda").bfloat16().index_copy_(0, indices.long(), packed[1])
+    assert torch.equal(scattered.view(-1, 24, 128).view(torch.int16), expected.view(torch.int16))
+    assert gather_rows(sources, indices[:0]).shape == (3, 0, 24, 128)
+
+
+@pytest.mark.parametrize("general", ["kv_pack", "qkv_pack"])
+@pytest.mark.parametrize("name", ["prefix", "general"])
+def test_no_host_sync_and_cuda_graph_replay(provider, name, general):
+    mask = MASKS[name].cuda()
+    q, k, v = qkv(*mask.shape)
+    ops = ops_for(provider, general)
+    meta = ops.build_mask_meta(mask)  # per request: may sync once
+    eager = ops.masked_attention(q, k, v, meta)  # compiles the kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ops.masked_attention(q, k, v, meta)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ops.masked_attention(q, k, v, meta)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = ops.masked_attention(q, k, v, meta)
+    fresh = qkv(*mask.shape, seed=1)
+    for static, new in zip((q, k, v), fresh):
+        static.copy_(new)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, ops.masked_attention(*fresh, meta))
+    assert not torch.equal(captured, eager)
+
+
+def test_load_registers_the_plugin():
+    ops = attn_dispatch.load(refresh=True)
+    if ops.hardware.arch not in ARCHS:
+        pytest.skip(f"{ops.hardware.arch} is not a target")
+    report = next(p for p in ops.plugins if p.name == NAME)
+    assert report.status == "active", report.reason
+    assert ops.resolutions["masked_attention"].plugin == NAME
