@@ -4,8 +4,9 @@
 then ``transpose(0, 1).flatten(1, 2)`` copies it into o_proj's ``(batch, heads * v_dim)`` input.
 
 ``mla_query_for_backend`` / ``mla_decode_query``: the two sides of the decode query hand-off. The model
-passes the split ``q_nope`` (absorbed, ``kv_lora_rank`` wide) and ``q_rope``; the backend concatenates
-them into the ``(tokens, heads, kv_lora_rank + rope_dim)`` query its kernel reads.
+passes the split ``q_nope`` (absorbed, ``kv_lora_rank`` wide) and ``q_rope``, even when it holds them as
+slices of one concatenated ``q_cat``; the backend concatenates them (again) into the
+``(tokens, heads, kv_lora_rank + rope_dim)`` query its kernel reads.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ def mla_v_up_proj(
 ):
     """``attn_output`` ``(batch, heads, kv_lora_rank)`` x ``w_vc`` -> o_proj input ``(batch, heads * v_dim)``.
 
-    ``w_vc`` is ``(heads, kv_lora_rank, v_dim)`` in a float dtype. MXFP4 weights (uint8 with
-    ``w_vc_scale``) and quantized o_proj inputs (``o_proj_weight_dtype`` uint8 or float8) need aiter's
-    kernels and are served by the ``rocm_mxfp4`` plugin; asking the portable path for them is an error.
-    When the o_proj input is quantized, implementations return ``(values, scales)``.
+    ``w_vc`` is ``(heads, kv_lora_rank, v_dim)`` in attn_output's float dtype. MXFP4 weights (uint8
+    ``(heads, v_dim, kv_lora_rank // 2)``, two e2m1 per byte, with E8M0 ``w_vc_scale``
+    ``(heads, v_dim, kv_lora_rank // 32)``) and quantized o_proj inputs (``o_proj_weight_dtype`` uint8:
+    MXFP4, or float8_e4m3fn: fp8 in groups of 128) need aiter's kernels and are served by the
+    ``rocm_mxfp4`` plugin; asking the portable path for them is an error. When the o_proj input is
+    quantized, implementations return ``(values, scales)``.
     """
     check_tensor("attn_output", attn_output, ndim=3, dtype=FLOAT_DTYPES)
     check_tensor("w_vc", w_vc, ndim=3, device=attn_output.device)
@@ -47,23 +50,33 @@ def mla_v_up_proj(
 
 
 def mla_query_for_backend(
-    q_nope: torch.Tensor,
-    q_rope: torch.Tensor,
+    q: torch.Tensor,
+    q_rope: torch.Tensor | None,
     *,
     is_decode: bool,
     decode_impl: str,
+    kv_lora_rank: int | None = None,
     llama_4_scaling: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Model side: what to pass the attention backend as ``(q, q_rope)``.
 
-    ``q_nope`` ``(tokens, heads, kv_lora_rank)``, ``q_rope`` ``(tokens, heads, rope_dim)``. The original
-    path always passes the split form; ``llama_4_scaling`` (decode only) scales ``q_nope`` in place.
-    Optimized implementations may return ``(q_cat, None)`` for backends that take a concatenated query.
+    Either ``q`` is ``q_nope`` ``(tokens, heads, kv_lora_rank)`` and ``q_rope`` ``(tokens, heads,
+    rope_dim)``, or ``q_rope`` is None and ``q`` is the model's concatenated ``q_cat`` ``(tokens, heads,
+    kv_lora_rank + rope_dim)`` (``kv_lora_rank`` then says where to split it). The original path always
+    passes the split form (views of ``q_cat`` when given one); ``llama_4_scaling`` (decode only) scales
+    the nope part in place. Optimized implementations may return ``(q_cat, None)`` for backends that
+    take a concatenated query.
     """
-    check_tensor("q_nope", q_nope, ndim=3)
-    check_tensor("q_rope", q_rope, ndim=3, dtype=q_nope.dtype, device=q_nope.device)
-    if q_rope.shape[:2] != q_nope.shape[:2]:
-        fail("q_rope", f"shape {tuple(q_rope.shape)} does not match q_nope {tuple(q_nope.shape)} in tokens and heads")
+    check_tensor("q", q, ndim=3)
+    if q_rope is None:
+        if not isinstance(kv_lora_rank, int) or not 0 < kv_lora_rank < q.shape[-1]:
+            fail("kv_lora_rank", f"with q_rope=None it must be an int in (0, {q.shape[-1]}), got {kv_lora_rank!r}")
+        q_nope, q_rope = q[..., :kv_lora_rank], q[..., kv_lora_rank:]
+    else:
+        q_nope = q
+        check_tensor("q_rope", q_rope, ndim=3, dtype=q.dtype, device=q.device)
+        if q_rope.shape[:2] != q_nope.shape[:2]:
+            fail("q_rope", f"shape {tuple(q_rope.shape)} does not match q {tuple(q_nope.shape)} in tokens and heads")
     if is_decode and llama_4_scaling is not None:
         q_nope.mul_(llama_4_scaling)
     return q_nope, q_rope

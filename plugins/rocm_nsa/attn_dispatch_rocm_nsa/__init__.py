@@ -1,13 +1,30 @@
 """NSA/DSA decode on gfx950 (tilelang or aiter decode impl): the backend takes the caller's already
 concatenated query as a zero-copy view instead of concatenating again. Seed: sglang NSA cat-skip.
+
+Public API: :func:`mla_query_for_backend` and :func:`mla_decode_query` (the two sides of the hand-off),
+:data:`CAT_SKIPPING_DECODE_IMPLS` and :func:`build_ops` (what gets registered).
+
+The cat-skip is pure torch (views and an in-place scale), so unlike rocm_mxfp4 this plugin does not
+need aiter: the tilelang decode impl benefits without it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from attn_dispatch import Hardware, PluginSpec, hookimpl
+
+from .decode_query import CAT_SKIPPING_DECODE_IMPLS, mla_decode_query, mla_query_for_backend
 
 NAME = "rocm_nsa"
 ARCHS = ("gfx950",)
+
+__all__ = ["ARCHS", "CAT_SKIPPING_DECODE_IMPLS", "NAME", "build_ops", "mla_decode_query", "mla_query_for_backend"]
+
+
+def build_ops() -> dict[str, Callable]:
+    """The ops this plugin registers: the whole ``mla_decode_query`` group."""
+    return {"mla_query_for_backend": mla_query_for_backend, "mla_decode_query": mla_decode_query}
 
 
 @hookimpl
@@ -17,4 +34,6 @@ def attn_dispatch_plugin_spec(hardware: Hardware) -> PluginSpec:
 
 @hookimpl
 def attn_dispatch_register_ops(hardware: Hardware, register) -> None:
-    """Skeleton: the optimization lands in its own issue."""
+    impls = ", ".join(sorted(CAT_SKIPPING_DECODE_IMPLS))
+    for op, implementation in build_ops().items():
+        register(op, implementation, note=f"cat-skip for decode_impl in {{{impls}}}")
