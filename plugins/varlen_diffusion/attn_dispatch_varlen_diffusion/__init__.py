@@ -12,11 +12,12 @@ This module imports nothing heavy: Triton and the provider load in ``attn_dispat
 
 from __future__ import annotations
 
-import logging
+from typing import TYPE_CHECKING
 
 from attn_dispatch import Hardware, MissingDependency, PluginSpec, hookimpl
 
-log = logging.getLogger("attn_dispatch")
+if TYPE_CHECKING:
+    from attn_dispatch.flash_providers import FlashProvider
 
 NAME = "varlen_diffusion"
 ARCHS = ("sm90", "sm100")
@@ -39,7 +40,7 @@ def attn_dispatch_register_ops(hardware: Hardware, register) -> None:
     register("masked_attention", ops.masked_attention, note=ops.describe())
 
 
-def probe_provider(arch: str):
+def probe_provider(arch: str) -> FlashProvider:
     """The shared layer's first importable provider for ``arch`` (FA3 order on sm90, FA4 on sm100)."""
     from attn_dispatch import flash_providers
 

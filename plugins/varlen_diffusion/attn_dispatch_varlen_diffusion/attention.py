@@ -24,8 +24,9 @@ What comes back, row by row ("valid" = the token's own key-mask bit is True):
   atol 5e-2). ``zero_copy`` and ``kv_pack`` run the same kernel on the same keys: bit-equal.
 - Masked query rows: default: exactly what SDPA computes for them (attention over the row's valid
   keys; SDPA masks keys only). Under ``qkv_pack``: zeros, in every layout.
-- Every query row of a batch element with no valid key: zeros (FlashAttention's empty-softmax output).
-  SDPA returns NaN there; the fallback below keeps SDPA's NaN.
+- Every query row of a batch element with no valid key: zeros (FlashAttention's empty-softmax output),
+  in every strategy. SDPA's answer there depends on backend and version (NaN on some; zeros on torch
+  2.13's CPU kernels); the fallback below returns whatever SDPA returns.
 - Left padding, gaps, any mix of layouts across the batch: covered by the rules above.
 
 Fallback (the original SDPA path, called as is, so byte-identical): float (additive) masks, for which
