@@ -2,7 +2,7 @@
 
 SDPA with a boolean key mask: correct everywhere, but the mask keeps SDPA off its flash kernels.
 Layout is ``[batch, seq, heads, head_dim]`` as the diffusion models hold it. A query row whose keys are
-all masked comes out as SDPA makes it (NaN on the math and efficient kernels).
+all masked comes out as SDPA makes it (NaN or zeros, by backend and torch version).
 """
 
 from __future__ import annotations
