@@ -14,6 +14,7 @@ dispatcher's overhead for custom ops (tens of microseconds per call outside infe
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Optional
 
 import torch
 from attn_dispatch.checks import check_tensor, fail, out_rows_view
@@ -38,16 +39,17 @@ def provider_index(provider: FlashProvider) -> int:
     return len(_providers) - 1
 
 
+# typing.Optional, not `X | None`: the custom op's schema is inferred from these annotations.
 def _attention_out(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     out: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor | None,
-    seqused_k: torch.Tensor | None,
-    page_table: torch.Tensor | None,
-    scheduler_metadata: torch.Tensor | None,
+    cu_seqlens_k: Optional[torch.Tensor],
+    seqused_k: Optional[torch.Tensor],
+    page_table: Optional[torch.Tensor],
+    scheduler_metadata: Optional[torch.Tensor],
     max_seqlen_q: int,
     max_seqlen_k: int,
     softmax_scale: float,
@@ -56,7 +58,7 @@ def _attention_out(
     window_right: int,
     softcap: float,
     num_splits: int,
-    pack_gqa: bool | None,
+    pack_gqa: Optional[bool],
     provider: int,
     alloc_and_copy: bool,
 ) -> None:

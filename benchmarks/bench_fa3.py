@@ -1,0 +1,360 @@
+"""cuda_fa3 on one GPU: the original path vs the dispatched optimized path vs hand-written FA3 calls.
+
+    python benchmarks/bench_fa3.py [--rounds 5] [--json results.json] [--quick]
+
+Decode: a 32-layer step (32 q heads, 8 kv heads, head_dim 128, page 16, bf16, causal), each layer with its
+own KV cache, replayed from a CUDA graph, for batch {1, 16, 64} x context {1024, 4096}. Paths:
+
+* original: the pre-optimization path on the same kernels (``build_ops(provider, original=True)``): the
+  kernel allocates its output, which is copied into the engine's buffer, and schedules itself per layer.
+* dispatched: ``attn_dispatch.load()``'s ops; the plan is made inside the graph, so each replay runs the
+  metadata kernel once and every layer writes into ``out``.
+* dispatched, static plan: the same ops with the plan made outside the graph and refreshed into the
+  captured plan's persistent buffers before each replay (``static_plan=``); the refresh is timed too.
+* hand-written: raw ``torch.ops._vllm_fa3_C`` calls (metadata once, ``out=`` per layer), as an engine author
+  would write them without the plugin.
+
+Prefill: one varlen call over 4 causal sequences totalling 2048 and 8192 tokens (eager; no graph).
+
+Timing: ``triton.testing.do_bench`` medians (L2 flushed between calls), paths interleaved over rounds and
+the median across rounds kept. Kernel counts per step come from ``torch.profiler`` (graph replays and,
+as a cross-check, the same step run eagerly). Prints a markdown table last. Without a CUDA device it says
+so and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+LAYERS, HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 32, 8, 128, 16
+DTYPE = torch.bfloat16
+SCALE = HEAD_DIM**-0.5
+DECODE_CASES = [(1, 1024), (1, 4096), (16, 1024), (16, 4096), (64, 1024), (64, 4096)]
+PREFILL_TOKENS = [2048, 8192]
+PREFILL_SEQUENCES = 4
+DECODE_PATHS = ("original", "dispatched", "dispatched_static", "hand_written")
+PREFILL_PATHS = ("original", "dispatched", "hand_written")
+
+
+@dataclass
+class Result:
+    case: str
+    times_us: dict[str, float]
+    counts_graph: dict[str, dict[str, float]] = field(default_factory=dict)  # path -> kernel kind -> per step
+    counts_eager: dict[str, dict[str, float]] = field(default_factory=dict)
+    equal: bool = True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median kept)")
+    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--quick", action="store_true", help="B=1 ctx=1024 decode and 2k prefill only")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_fa3: no CUDA device here; run it on an sm90 GPU with an FA3 provider (nothing measured)")
+        return 0
+
+    import attn_dispatch
+    from attn_dispatch.cli import format_info
+    from attn_dispatch_cuda_fa3 import build_ops, resolve_provider, stats
+
+    ops = attn_dispatch.load()
+    print(format_info(ops), flush=True)
+    if ops.resolutions["paged_attention_out"].plugin != "cuda_fa3":
+        print(f"bench_fa3: cuda_fa3 is not active here ({ops.summary()})")
+        return 1
+    provider = resolve_provider(ops.hardware.arch)
+    paths = Paths(dispatched=ops, original=build_ops(provider, original=True), hand=HandWritten(provider))
+    print(f"provider: {provider.describe()}; hand-written: {paths.hand.kind}", flush=True)
+
+    results = []
+    for batch, ctx in DECODE_CASES[:1] if args.quick else DECODE_CASES:
+        results.append(bench_decode(paths, batch, ctx, args.rounds))
+        print(row(results[-1]), flush=True)
+        torch.cuda.empty_cache()
+    for tokens in PREFILL_TOKENS[:1] if args.quick else PREFILL_TOKENS:
+        results.append(bench_prefill(paths, tokens, args.rounds))
+        print(row(results[-1]), flush=True)
+    print(f"\nattn_dispatch_cuda_fa3.stats after the run: {stats.as_dict()}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "provider": provider.describe(), "results": [asdict(r) for r in results]}, f, indent=2)
+    print(bars(results))
+    print("\n" + table(results))
+    return 0
+
+
+@dataclass
+class Paths:
+    dispatched: object  # attn_dispatch Ops
+    original: dict[str, Callable]
+    hand: HandWritten
+
+
+class HandWritten:
+    """FA3 called directly: vllm's raw ops when that is the provider, else the provider adapter itself."""
+
+    def __init__(self, provider) -> None:
+        self.provider = provider
+        self.kind = "torch.ops._vllm_fa3_C" if provider.name == "vllm_fa3" else f"{provider.name} adapter"
+
+    def metadata(self, *, batch, max_seqlen_q, schedule_seqlen_k, cache_seqlens, cu_seqlens_q) -> torch.Tensor:
+        if self.provider.name == "vllm_fa3":
+            return torch.ops._vllm_fa3_C.get_scheduler_metadata(
+                batch, max_seqlen_q, schedule_seqlen_k, HEADS, KV_HEADS, HEAD_DIM, HEAD_DIM, DTYPE, cache_seqlens,
+                cu_seqlens_q, None, None, None, None, PAGE, 0, True, -1, -1, False, 0, None, 0,
+            )  # fmt: skip
+        return self.provider.scheduler_metadata(
+            batch_size=batch, max_seqlen_q=max_seqlen_q, max_seqlen_k=schedule_seqlen_k, num_heads=HEADS,
+            num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, head_dim_v=HEAD_DIM, cache_seqlens=cache_seqlens,
+            cu_seqlens_q=cu_seqlens_q, page_size=PAGE, dtype=DTYPE, causal=True, window_size=(-1, -1),
+            softcap=0.0, num_splits=0, pack_gqa=None,
+        )  # fmt: skip
+
+    def fwd(self, q, k, v, out, *, cu_seqlens_q, cu_seqlens_k=None, seqused_k=None, page_table=None, max_seqlen_q, max_seqlen_k, metadata=None):
+        if self.provider.name == "vllm_fa3":
+            torch.ops._vllm_fa3_C.fwd(
+                q, k, v, None, None, None, out, cu_seqlens_q, cu_seqlens_k, None, None, seqused_k,
+                max_seqlen_q, max_seqlen_k, page_table, None, None, None, None, None, None, None, None,
+                SCALE, True, -1, -1, 0.0, True, metadata, 0, None, 0, None, 1, 0, None,
+            )  # fmt: skip
+            return
+        self.provider.fwd(
+            q, k, v, out=out, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
+            page_table=page_table, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, softmax_scale=SCALE,
+            causal=True, scheduler_metadata=metadata,
+        )  # fmt: skip
+
+
+class DecodeStep:
+    """One 32-layer decode step's tensors: per-layer KV caches, queries and output buffers per path."""
+
+    def __init__(self, batch: int, ctx: int) -> None:
+        dev = "cuda"
+        columns = ctx // PAGE
+        pages = batch * columns
+        g = torch.Generator(device=dev).manual_seed(batch * 100_003 + ctx)
+        self.batch = batch
+        self.k = torch.empty(LAYERS, pages, PAGE, KV_HEADS, HEAD_DIM, dtype=DTYPE, device=dev).normal_(generator=g)
+        self.v = torch.empty_like(self.k).normal_(generator=g)
+        self.q = torch.empty(LAYERS, batch, HEADS, HEAD_DIM, dtype=DTYPE, device=dev).normal_(generator=g)
+        self.outs = {path: torch.zeros(LAYERS, batch, HEADS * HEAD_DIM, dtype=DTYPE, device=dev) for path in DECODE_PATHS}
+        self.plan_args = dict(
+            cache_seqlens=torch.full((batch,), ctx, dtype=torch.int32, device=dev),
+            page_table=torch.randperm(pages, device=dev, generator=g).to(torch.int32).view(batch, columns),
+            cu_seqlens_q=torch.arange(batch + 1, dtype=torch.int32, device=dev),
+            max_seqlen_q=1, max_seqlen_k=ctx, page_size=PAGE, num_heads=HEADS, num_kv_heads=KV_HEADS,
+            head_dim=HEAD_DIM, dtype=DTYPE,
+        )  # fmt: skip
+
+    def layers(self, paged_attention_out: Callable, plan, path: str) -> None:
+        out = self.outs[path]
+        for layer in range(LAYERS):
+            paged_attention_out(self.q[layer], self.k[layer], self.v[layer], out[layer], plan=plan)
+
+    def hand_written(self, hand: HandWritten) -> None:
+        a = self.plan_args
+        metadata = hand.metadata(
+            batch=self.batch, max_seqlen_q=1, schedule_seqlen_k=a["page_table"].shape[1] * PAGE,
+            cache_seqlens=a["cache_seqlens"], cu_seqlens_q=a["cu_seqlens_q"],
+        )  # fmt: skip
+        out = self.outs["hand_written"]
+        for layer in range(LAYERS):
+            hand.fwd(
+                self.q[layer], self.k[layer], self.v[layer], out[layer].view(self.batch, HEADS, HEAD_DIM),
+                cu_seqlens_q=a["cu_seqlens_q"], seqused_k=a["cache_seqlens"], page_table=a["page_table"],
+                max_seqlen_q=1, max_seqlen_k=a["max_seqlen_k"], metadata=metadata,
+            )  # fmt: skip
+
+
+def bench_decode(paths: Paths, batch: int, ctx: int, rounds: int) -> Result:
+    step = DecodeStep(batch, ctx)
+    ops, original = paths.dispatched, paths.original
+    original_plan = original["make_attention_plan"](**step.plan_args)
+    static_plan = ops.make_attention_plan(**step.plan_args)
+    in_graph: dict[str, object] = {}
+
+    def dispatched_step() -> None:
+        in_graph["plan"] = ops.make_attention_plan(**step.plan_args)  # inside the capture: replayed per step
+        step.layers(ops.paged_attention_out, in_graph["plan"], "dispatched")
+
+    eager = {
+        "original": lambda: step.layers(original["paged_attention_out"], original_plan, "original"),
+        "dispatched": dispatched_step,
+        "dispatched_static": lambda: step.layers(ops.paged_attention_out, static_plan, "dispatched_static"),
+        "hand_written": lambda: step.hand_written(paths.hand),
+    }
+    graphs = {path: capture(fn) for path, fn in eager.items()}
+
+    def refresh_and_replay() -> None:
+        ops.make_attention_plan(**step.plan_args, static_plan=static_plan)
+        graphs["dispatched_static"].replay()
+
+    replays = {path: graph.replay for path, graph in graphs.items()}
+    replays["dispatched_static"] = refresh_and_replay
+    for fn in replays.values():
+        fn()
+    torch.cuda.synchronize()
+    reference = step.outs["original"]
+    equal = all(torch.equal(step.outs[path], reference) for path in DECODE_PATHS)
+
+    times = time_interleaved(replays, rounds)
+    eager["dispatched_static"] = lambda: (ops.make_attention_plan(**step.plan_args, static_plan=static_plan), step.layers(ops.paged_attention_out, static_plan, "dispatched_static"))
+    result = Result(
+        f"decode B={batch} ctx={ctx}", times,
+        counts_graph={path: kernel_counts(fn) for path, fn in replays.items()},
+        counts_eager={path: kernel_counts(fn) for path, fn in eager.items()},
+        equal=equal,
+    )  # fmt: skip
+    del graphs, replays, step
+    return result
+
+
+def bench_prefill(paths: Paths, tokens: int, rounds: int) -> Result:
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(tokens)
+    q = torch.empty(tokens, HEADS, HEAD_DIM, dtype=DTYPE, device=dev).normal_(generator=g)
+    k, v = (torch.empty(tokens, KV_HEADS, HEAD_DIM, dtype=DTYPE, device=dev).normal_(generator=g) for _ in range(2))
+    seq = tokens // PREFILL_SEQUENCES
+    cu = torch.arange(0, tokens + 1, seq, dtype=torch.int32, device=dev)
+    lengths = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=seq, max_seqlen_k=seq)
+    outs = {path: torch.zeros(tokens, HEADS * HEAD_DIM, dtype=DTYPE, device=dev) for path in PREFILL_PATHS}
+    calls = {
+        "original": lambda: paths.original["varlen_attention_out"](q, k, v, outs["original"], **lengths),
+        "dispatched": lambda: paths.dispatched.varlen_attention_out(q, k, v, outs["dispatched"], **lengths),
+        "hand_written": lambda: paths.hand.fwd(q, k, v, outs["hand_written"].view(tokens, HEADS, HEAD_DIM), **lengths),
+    }
+    for fn in calls.values():
+        fn()
+    torch.cuda.synchronize()
+    equal = all(torch.equal(outs[path], outs["original"]) for path in PREFILL_PATHS)
+    times = time_interleaved(calls, rounds)
+    counts = {path: kernel_counts(fn) for path, fn in calls.items()}
+    return Result(f"prefill {tokens} tok ({PREFILL_SEQUENCES} seq)", times, counts_eager=counts, equal=equal)
+
+
+def capture(fn: Callable[[], None]) -> torch.cuda.CUDAGraph:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up outside the graph
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def time_interleaved(fns: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
+    """Median over rounds of each path's do_bench median, paths interleaved so drift hits all alike (µs)."""
+    from triton.testing import do_bench
+
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            samples[name].append(do_bench(fn, warmup=10, rep=60, return_mode="median") * 1e3)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def kernel_counts(fn: Callable[[], None], steps: int = 4) -> dict[str, float]:
+    """Per-step GPU activity by kind, from torch.profiler."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    kinds: Counter[str] = Counter()
+    for event in prof.events():
+        if event.device_type != DeviceType.CUDA:
+            continue
+        name = event.name
+        if "Memcpy DtoD" in name:
+            kinds["memcpy_dtod"] += 1
+        elif "Memset" in name:
+            kinds["memset"] += 1
+        elif "prepare_varlen_num_blocks" in name:
+            kinds["prepare_varlen_num_blocks"] += 1
+        elif "Memcpy" in name:
+            kinds["memcpy_other"] += 1
+        else:
+            kinds["other_kernels"] += 1
+    return {kind: count / steps for kind, count in sorted(kinds.items())}
+
+
+def row(r: Result) -> str:
+    t = r.times_us
+    return f"{r.case}: " + ", ".join(f"{path} {t[path]:.1f} us" for path in t) + f"; outputs equal: {r.equal}"
+
+
+def _counts(r: Result, path: str, kind: str) -> str:
+    graph = r.counts_graph.get(path, {}).get(kind)
+    eager = r.counts_eager.get(path, {}).get(kind, 0.0)
+    text = f"{eager:g}" if graph is None else f"{graph:g}"
+    if graph is not None and graph != eager:
+        text += f" (eager {eager:g})"
+    return text
+
+
+def table(results: list[Result]) -> str:
+    lines = [
+        "| case | original µs | dispatched µs | dispatched, static plan µs | hand-written µs | dispatched vs hand-written | dispatched vs original | DtoD / step (orig → disp) | prepare_varlen_num_blocks / step (orig → disp) | bytes equal |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        t = r.times_us
+        static = f"{t['dispatched_static']:.1f}" if "dispatched_static" in t else "–"
+        vs_hand = (t["dispatched"] / t["hand_written"] - 1) * 100
+        vs_orig = (1 - t["dispatched"] / t["original"]) * 100
+        dtod = f"{_counts(r, 'original', 'memcpy_dtod')} → {_counts(r, 'dispatched', 'memcpy_dtod')}"
+        prep = f"{_counts(r, 'original', 'prepare_varlen_num_blocks')} → {_counts(r, 'dispatched', 'prepare_varlen_num_blocks')}"
+        if "dispatched_static" in t:  # its metadata refresh copies into the persistent buffer: show it
+            dtod += f" (static plan: {_counts(r, 'dispatched_static', 'memcpy_dtod')})"
+            prep += f" (static plan: {_counts(r, 'dispatched_static', 'prepare_varlen_num_blocks')})"
+        lines.append(
+            f"| {r.case} | {t['original']:.1f} | {t['dispatched']:.1f} | {static} | {t['hand_written']:.1f} | "
+            f"{vs_hand:+.2f}% | {vs_orig:.1f}% faster | {dtod} | {prep} | {'yes' if r.equal else 'NO'} |"
+        )
+    return "\n".join(lines)
+
+
+def bars(results: list[Result]) -> str:
+    """The issue's bars, each with its verdict."""
+    lines = ["", "bars:"]
+    worst = max(results, key=lambda r: abs(r.times_us["dispatched"] / r.times_us["hand_written"] - 1))
+    gap = (worst.times_us["dispatched"] / worst.times_us["hand_written"] - 1) * 100
+    lines.append(f"- dispatched within 1% of hand-written everywhere: {'PASS' if abs(gap) <= 1 else 'FAIL'} (worst {gap:+.2f}% at {worst.case})")
+    first = next((r for r in results if r.case == "decode B=1 ctx=1024"), None)
+    if first is not None:
+        speedup = (1 - first.times_us["dispatched"] / first.times_us["original"]) * 100
+        lines.append(f"- B=1 ctx=1024 >= 10% faster than original: {'PASS' if speedup >= 10 else 'FAIL'} ({first.times_us['original']:.1f} -> {first.times_us['dispatched']:.1f} us, {speedup:.1f}%)")
+    decode = [r for r in results if r.case.startswith("decode")]
+    ok = all(
+        _per_step(r, "dispatched", "memcpy_dtod") == 0 and _per_step(r, "dispatched", "prepare_varlen_num_blocks") == 1
+        and _per_step(r, "original", "memcpy_dtod") == LAYERS and _per_step(r, "original", "prepare_varlen_num_blocks") == LAYERS
+        for r in decode
+    )  # fmt: skip
+    lines.append(f"- decode profile 0 DtoD + 1 prepare per step (dispatched) vs {LAYERS}/{LAYERS} (original): {'PASS' if ok else 'FAIL'}")
+    lines.append(f"- outputs torch.equal across paths: {'PASS' if all(r.equal for r in results) else 'FAIL'}")
+    return "\n".join(lines)
+
+
+def _per_step(r: Result, path: str, kind: str) -> float:
+    counts = r.counts_graph.get(path) or r.counts_eager.get(path, {})
+    return counts.get(kind, 0.0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

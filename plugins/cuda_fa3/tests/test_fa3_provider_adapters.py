@@ -1,0 +1,141 @@
+"""CPU: the sgl_kernel, upstream FA3 and FA4 adapters of attn_dispatch.flash_providers, against stand-in
+modules with those packages' Python signatures (the H200 run exercises vllm's FA3 for real)."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+from attn_dispatch import flash_providers
+
+Q, K, V = (torch.zeros(3, 4, 8) for _ in range(3))
+OUT = torch.empty(3, 4, 8)
+TABLE, SEQLENS, CU = torch.zeros(2, 4, dtype=torch.int32), torch.zeros(2, dtype=torch.int32), torch.zeros(3, dtype=torch.int32)
+PAGED = dict(cu_seqlens_q=CU, seqused_k=SEQLENS, max_seqlen_q=2, max_seqlen_k=64, page_table=TABLE, softmax_scale=0.5, causal=True,
+             window_size=(16, 0), softcap=0.0, num_splits=0, pack_gqa=None)  # fmt: skip
+PACKED = dict(cu_seqlens_q=CU, cu_seqlens_k=CU, max_seqlen_q=2, max_seqlen_k=2, softmax_scale=0.5, causal=True)
+METADATA = dict(
+    batch_size=2, max_seqlen_q=1, max_seqlen_k=64, num_heads=4, num_kv_heads=2, head_dim=8, head_dim_v=8,
+    cache_seqlens=SEQLENS, cu_seqlens_q=CU, page_size=16, dtype=torch.bfloat16, causal=True, window_size=(16, 0),
+    softcap=50.0, num_splits=0, pack_gqa=None,
+)  # fmt: skip
+
+
+def fa3_module(*, with_out: bool, with_ver: bool = False, with_metadata: bool = True) -> tuple[types.ModuleType, list]:
+    """A module with FA3's Python wrappers' signatures (sglang-kernel 0.4.10 / upstream hopper), recording calls."""
+    calls: list[tuple[str, dict]] = []
+    extra = ", ver=3" if with_ver else ""
+    out_arg = ", out=None" if with_out else ""
+    source = f"""
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary_cos=None, rotary_sin=None,
+        cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, page_table=None, cu_seqlens_q=None,
+        cu_seqlens_k_new=None, max_seqlen_q=None, rotary_seqlens=None, q_descale=None, k_descale=None,
+        v_descale=None, softmax_scale=None, causal=False, window_size=(-1, -1), attention_chunk=0, softcap=0.0,
+        rotary_interleaved=True, scheduler_metadata=None, num_splits=0, pack_gqa=None, sm_margin=0,
+        return_softmax_lse=False{extra}{out_arg}):
+    calls.append(("with_kvcache", dict(locals())))
+    return "result"
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q=None,
+        seqused_k=None, softmax_scale=None, causal=False, qv=None, q_descale=None, k_descale=None, v_descale=None,
+        window_size=(-1, -1), attention_chunk=0, softcap=0.0, num_splits=1, pack_gqa=None, deterministic=False,
+        sm_margin=0, return_softmax_lse=False{extra}{out_arg}):
+    calls.append(("varlen", dict(locals())))
+    return "result"
+"""
+    if with_metadata:
+        source += """
+def get_scheduler_metadata(batch_size, max_seqlen_q, max_seqlen_k, num_heads, num_heads_k, headdim, cache_seqlens,
+        qkv_dtype=None, headdim_v=None, cu_seqlens_q=None, cu_seqlens_k_new=None, cache_leftpad=None, page_size=None,
+        max_seqlen_k_new=0, causal=False, window_size=(-1, -1), attention_chunk=0, has_softcap=False, num_splits=0,
+        pack_gqa=None, sm_margin=0):
+    calls.append(("metadata", dict(locals())))
+    return "metadata"
+"""
+    module = types.ModuleType("fa3_standin")
+    module.calls = calls
+    exec(source, module.__dict__)
+    return module, calls
+
+
+def install_sgl_kernel(monkeypatch, module):
+    package = types.ModuleType("sgl_kernel")
+    package.flash_attn = module
+    monkeypatch.setitem(sys.modules, "sgl_kernel", package)
+    monkeypatch.setitem(sys.modules, "sgl_kernel.flash_attn", module)
+
+
+def test_sgl_kernel_maps_paged_and_packed_calls(monkeypatch):
+    module, calls = fa3_module(with_out=True, with_ver=True)
+    install_sgl_kernel(monkeypatch, module)
+    provider, reason = flash_providers.probe()
+    assert provider.name == "sgl_kernel" and reason == ""
+    assert provider.writes_out and provider.scheduler_metadata is not None
+
+    provider.fwd(Q, K, V, out=OUT, scheduler_metadata="meta", **PAGED)
+    name, args = calls[-1]
+    assert name == "with_kvcache"
+    assert args["cache_seqlens"] is SEQLENS and args["page_table"] is TABLE and args["out"] is OUT
+    assert args["scheduler_metadata"] == "meta" and args["window_size"] == (16, 0) and args["ver"] == 3
+    assert args["max_seqlen_q"] == 2 and args["causal"] is True and args["softmax_scale"] == 0.5
+
+    provider.fwd(Q, K, V, out=OUT, **PACKED)
+    name, args = calls[-1]
+    assert name == "varlen" and args["out"] is OUT and args["cu_seqlens_k"] is CU and args["num_splits"] == 0
+
+    assert provider.scheduler_metadata(**METADATA) == "metadata"
+    name, args = calls[-1]
+    assert (args["batch_size"], args["max_seqlen_q"], args["max_seqlen_k"], args["num_heads"], args["num_heads_k"], args["headdim"]) == (2, 1, 64, 4, 2, 8)
+    assert args["cache_seqlens"] is SEQLENS and args["qkv_dtype"] is torch.bfloat16 and args["headdim_v"] == 8
+    assert args["page_size"] == 16 and args["window_size"] == (16, 0) and args["has_softcap"] is True
+
+
+@pytest.mark.parametrize("what", ["no out", "no metadata"])
+def test_old_sgl_kernel_is_passed_over_with_a_reason(monkeypatch, what):
+    module, _ = fa3_module(with_out=what != "no out", with_metadata=what != "no metadata")
+    install_sgl_kernel(monkeypatch, module)
+    provider, reason = flash_providers.probe(("sgl_kernel",))
+    assert provider is None
+    assert "sgl_kernel: ImportError" in reason and ("out" in reason or "get_scheduler_metadata" in reason)
+
+
+def test_upstream_fa3_returns_a_fresh_tensor_and_refuses_out(monkeypatch):
+    module, calls = fa3_module(with_out=False)
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", module)
+    provider, _ = flash_providers.probe(("flash_attn_interface",))
+    assert provider.name == "flash_attn_interface" and not provider.writes_out
+    assert "copy into out" in provider.describe()
+    assert provider.fwd(Q, K, V, scheduler_metadata="meta", **PAGED) == "result"
+    name, args = calls[-1]
+    assert name == "with_kvcache" and args["cache_seqlens"] is SEQLENS and args["scheduler_metadata"] == "meta"
+    with pytest.raises(TypeError, match="cannot write into `out`"):
+        provider.fwd(Q, K, V, out=OUT, **PAGED)
+    provider.scheduler_metadata(**METADATA)
+    assert calls[-1][0] == "metadata"
+
+
+def test_fa4_passes_out_and_translates_windows(monkeypatch):
+    seen = {}
+
+    def _flash_attn_fwd(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None, seqused_k=None, max_seqlen_q=None,
+                        max_seqlen_k=None, page_table=None, softmax_scale=None, causal=False, softcap=None,
+                        window_size_left=None, window_size_right=None, learnable_sink=None, num_splits=1, pack_gqa=None,
+                        return_lse=False, out=None, lse=None):  # fmt: skip
+        seen.update(locals())
+        return out, None
+
+    modules = {name: types.ModuleType(name) for name in ("flash_attn", "flash_attn.cute", "flash_attn.cute.interface")}
+    modules["flash_attn.cute.interface"]._flash_attn_fwd = _flash_attn_fwd
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    provider, _ = flash_providers.probe(flash_providers.probe_order("sm100"))
+    assert provider.name == "fa4" and provider.writes_out and provider.scheduler_metadata is None
+    assert provider.fwd(Q, K, V, out=OUT, **{**PAGED, "window_size": (-1, -1), "softcap": 0.0}) is OUT
+    assert seen["window_size_left"] is None and seen["window_size_right"] is None and seen["softcap"] is None
+    assert seen["page_table"] is TABLE and seen["seqused_k"] is SEQLENS and seen["out"] is OUT
+    provider.fwd(Q, K, V, out=OUT, **PAGED)
+    assert (seen["window_size_left"], seen["window_size_right"]) == (16, 0)
+    with pytest.raises(NotImplementedError):
+        provider.fwd(Q, K, V, out=OUT, scheduler_metadata="meta", **PAGED)
