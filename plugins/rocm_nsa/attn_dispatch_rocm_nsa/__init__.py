@@ -4,8 +4,9 @@ concatenated query as a zero-copy view instead of concatenating again. Seed: sgl
 Public API: :func:`mla_query_for_backend` and :func:`mla_decode_query` (the two sides of the hand-off),
 :data:`CAT_SKIPPING_DECODE_IMPLS` and :func:`build_ops` (what gets registered).
 
-The cat-skip is pure torch (views and an in-place scale), so unlike rocm_mxfp4 this plugin does not
-need aiter: the tilelang decode impl benefits without it.
+The cat-skip itself is pure torch (views and an in-place scale). The plugin still requires aiter, as
+the issue's detection contract says: the HIP decode impls it serves (tilelang, aiter) ship with it in
+every ROCm serving image, and "aiter not installed" is the signal that this is not such an image.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def build_ops() -> dict[str, Callable]:
 
 @hookimpl
 def attn_dispatch_plugin_spec(hardware: Hardware) -> PluginSpec:
-    return PluginSpec(name=NAME, archs=ARCHS, requires=("torch",), description=__doc__.splitlines()[0])
+    return PluginSpec(name=NAME, archs=ARCHS, requires=("torch", "aiter"), description=__doc__.splitlines()[0])
 
 
 @hookimpl

@@ -1,7 +1,10 @@
 """GPU tests: ``cuda`` on an NVIDIA GPU (the plugin's torch glue under ATTN_DISPATCH_ARCH=gfx950),
 ``rocm`` on a real gfx950. The profiler shows the original's cat kernel and the cat-skip's absence of one."""
 
+import importlib.machinery
 import re
+import sys
+import types
 
 import pytest
 import torch
@@ -26,6 +29,9 @@ def ops(monkeypatch, request):
         monkeypatch.delenv(var, raising=False)
     if request.param == "simulated":
         monkeypatch.setenv("ATTN_DISPATCH_ARCH", "gfx950")
+        fake_aiter = types.ModuleType("aiter")  # the plugin requires aiter; the cat-skip never calls it
+        fake_aiter.__spec__ = importlib.machinery.ModuleSpec("aiter", None)
+        monkeypatch.setitem(sys.modules, "aiter", fake_aiter)
     else:
         monkeypatch.delenv("ATTN_DISPATCH_ARCH", raising=False)
     attn_dispatch.reset()

@@ -1,6 +1,8 @@
 """How the host finds, declines or activates rocm_nsa (simulated arch)."""
 
+import importlib.machinery
 import sys
+import types
 
 import pytest
 import torch
@@ -28,9 +30,17 @@ def report(ops: attn_dispatch.Ops) -> attn_dispatch.PluginReport:
     return next(p for p in ops.plugins if p.name == "rocm_nsa")
 
 
-def test_active_on_gfx950_without_aiter(monkeypatch):
-    # The cat-skip is views and an in-place scale: the tilelang decode impl needs no aiter for it.
-    monkeypatch.setitem(sys.modules, "aiter", None)
+def test_aiter_missing_on_gfx950_is_missing_dependency(monkeypatch):
+    monkeypatch.setitem(sys.modules, "aiter", None)  # import aiter -> ImportError, even where it is installed
+    ops = load_on(monkeypatch, "gfx950")
+    assert (report(ops).status, report(ops).reason) == ("missing-dependency", "aiter not installed")
+    assert ops.mla_decode_query is reference.mla_decode_query
+
+
+def test_active_on_gfx950_with_aiter(monkeypatch):
+    fake_aiter = types.ModuleType("aiter")
+    fake_aiter.__spec__ = importlib.machinery.ModuleSpec("aiter", None)
+    monkeypatch.setitem(sys.modules, "aiter", fake_aiter)
     ops = load_on(monkeypatch, "gfx950")
     assert report(ops).status == "active"
     assert report(ops).ops == ("mla_query_for_backend", "mla_decode_query")
