@@ -132,9 +132,10 @@ def _check_mla_decode_query(ops: Ops, device, g) -> list[CheckResult]:
     want = torch.cat([q_nope, q_rope], dim=-1)
     results = []
     for impl in ("aiter", "flashmla"):
-        q, rope = ops.mla_query_for_backend(q_nope.clone(), q_rope.clone(), is_decode=True, decode_impl=impl)
-        q_all, _, _ = ops.mla_decode_query(q, rope, num_heads=heads, kv_lora_rank=kv_lora_rank, decode_impl=impl)
-        results.append(_compare(ops, "mla_decode_query", f"decode, {impl} impl", q_all, want, exact=True))
+        for given, q, rope in (("split", q_nope.clone(), q_rope.clone()), ("q_cat", want.clone(), None)):
+            q, rope = ops.mla_query_for_backend(q, rope, is_decode=True, decode_impl=impl, kv_lora_rank=kv_lora_rank)
+            q_all, _, _ = ops.mla_decode_query(q, rope, num_heads=heads, kv_lora_rank=kv_lora_rank, decode_impl=impl)
+            results.append(_compare(ops, "mla_decode_query", f"decode {given}, {impl} impl", q_all, want, exact=True))
     return results
 
 
