@@ -46,16 +46,16 @@ def paged_batch(
 ) -> PagedBatch:
     """Sequence b has q_lens[b] new tokens and k_lens[b] keys (new ones included) in shuffled pages."""
     assert all(k >= q for q, k in zip(q_lens, k_lens))
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)  # generate where the batch lives (fast on a GPU)
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
     batch = len(q_lens)
     columns = -(-max(k_lens) // page_size) + spare_columns
     total_pages = batch * columns + 3
-    k_cache = torch.randn(total_pages, page_size, kv_heads, head_dim, generator=g).to(dtype=dtype, device=device)
-    v_cache = torch.randn(total_pages, page_size, kv_heads, head_dim_v, generator=g).to(dtype=dtype, device=device)
-    page_table = torch.randperm(total_pages, generator=g)[: batch * columns].view(batch, columns)
+    k_cache = torch.randn(total_pages, page_size, kv_heads, head_dim, generator=g, device=device).to(dtype)
+    v_cache = torch.randn(total_pages, page_size, kv_heads, head_dim_v, generator=g, device=device).to(dtype)
+    page_table = torch.randperm(total_pages, generator=g, device=device)[: batch * columns].view(batch, columns)
     tokens = sum(q_lens)
-    q = torch.randn(tokens + padding_rows, heads, head_dim, generator=g).to(dtype=dtype, device=device)
+    q = torch.randn(tokens + padding_rows, heads, head_dim, generator=g, device=device).to(dtype)
     plan_args = dict(
         cache_seqlens=torch.tensor(k_lens, dtype=torch.int32, device=device),
         page_table=page_table.to(device=device, dtype=torch.int32),
@@ -68,8 +68,8 @@ def paged_batch(
 
 def packed_batch(*, lens: list[int], heads: int, kv_heads: int, head_dim: int, dtype=torch.bfloat16, device="cpu", seed: int = 0):
     """(q, k, v, varlen keyword arguments) for causal self-attention over packed sequences."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     total = sum(lens)
-    q, k, v = (torch.randn(total, h, head_dim, generator=g).to(dtype=dtype, device=device) for h in (heads, kv_heads, kv_heads))
+    q, k, v = (torch.randn(total, h, head_dim, generator=g, device=device).to(dtype) for h in (heads, kv_heads, kv_heads))
     cu = cumulative(lens, device)
     return q, k, v, dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max(lens), max_seqlen_k=max(lens))
