@@ -43,8 +43,10 @@ class FlashProvider:
     head_dim_v, cache_seqlens, cu_seqlens_q, page_size, dtype, causal, window_size, softcap, num_splits,
     pack_gqa. It launches FA3's ``prepare_varlen_num_blocks`` once. A forward given that tensor must be
     scheduled identically: same batch, causal/window, softcap on/off, num_splits, pack_gqa, and the same
-    key length. For paged KV, FA3's forward takes its key length from the page table
-    (``page_table.shape[1] * page_size``), not from ``max_seqlen_k``: pass that as ``max_seqlen_k`` here.
+    key length. ``paged_seqlen_k_from_page_table`` says which key length a paged forward schedules for:
+    False, the ``max_seqlen_k`` it is given (vllm's raw op); True, ``page_table.shape[1] * page_size``,
+    because the package's paged entry point takes no ``max_seqlen_k`` (sgl_kernel, upstream FA3). Make the
+    metadata with that length.
     """
 
     name: str
@@ -53,6 +55,7 @@ class FlashProvider:
     scheduler_metadata: Callable[..., torch.Tensor] | None
     writes_out: bool
     has_seqused_q: bool
+    paged_seqlen_k_from_page_table: bool = False
 
     def describe(self) -> str:
         caps = ["out=" if self.writes_out else "copy into out"]
@@ -140,7 +143,10 @@ def _sgl_kernel() -> FlashProvider:
             max_seqlen_k=max_seqlen_k, seqused_q=seqused_q, seqused_k=seqused_k, **common, **fa3,
         )  # fmt: skip
 
-    return FlashProvider("sgl_kernel", 3, fwd, _fa3_style_metadata(metadata), writes_out=True, has_seqused_q=True)
+    return FlashProvider(
+        "sgl_kernel", 3, fwd, _fa3_style_metadata(metadata), writes_out=True, has_seqused_q=True,
+        paged_seqlen_k_from_page_table=True,  # flash_attn_with_kvcache passes no max_seqlen_k
+    )  # fmt: skip
 
 
 def _upstream_fa3() -> FlashProvider:
@@ -181,7 +187,10 @@ def _upstream_fa3() -> FlashProvider:
         )  # fmt: skip
 
     metadata = _fa3_style_metadata(upstream.get_scheduler_metadata)
-    return FlashProvider("flash_attn_interface", 3, fwd, metadata, writes_out=False, has_seqused_q=True)
+    return FlashProvider(
+        "flash_attn_interface", 3, fwd, metadata, writes_out=False, has_seqused_q=True,
+        paged_seqlen_k_from_page_table=True,  # flash_attn_with_kvcache passes no max_seqlen_k
+    )  # fmt: skip
 
 
 def _fa4() -> FlashProvider:

@@ -50,12 +50,14 @@ class Result:
     times_us: dict[str, float]
     counts_graph: dict[str, dict[str, float]] = field(default_factory=dict)  # path -> kernel kind -> per step
     counts_eager: dict[str, dict[str, float]] = field(default_factory=dict)
+    names_graph: dict[str, dict[str, float]] = field(default_factory=dict)  # path -> GPU activity name -> per step
     equal: bool = True
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median kept)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved decode timing rounds (median kept)")
+    parser.add_argument("--prefill-rounds", type=int, default=11, help="interleaved prefill timing rounds")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--quick", action="store_true", help="B=1 ctx=1024 decode and 2k prefill only")
     args = parser.parse_args(argv)
@@ -75,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     provider = resolve_provider(ops.hardware.arch)
     paths = Paths(dispatched=ops, original=build_ops(provider, original=True), hand=HandWritten(provider))
     print(f"provider: {provider.describe()}; hand-written: {paths.hand.kind}", flush=True)
+    kernel_counts(lambda: torch.zeros(1, device="cuda").add_(1))  # start CUPTI before any graph is captured
 
     results = []
     for batch, ctx in DECODE_CASES[:1] if args.quick else DECODE_CASES:
@@ -82,9 +85,12 @@ def main(argv: list[str] | None = None) -> int:
         print(row(results[-1]), flush=True)
         torch.cuda.empty_cache()
     for tokens in PREFILL_TOKENS[:1] if args.quick else PREFILL_TOKENS:
-        results.append(bench_prefill(paths, tokens, args.rounds))
+        results.append(bench_prefill(paths, tokens, args.prefill_rounds))
         print(row(results[-1]), flush=True)
     print(f"\nattn_dispatch_cuda_fa3.stats after the run: {stats.as_dict()}")
+    first = results[0]
+    for path, names in first.names_graph.items():  # what the counts are made of, once
+        print(f"GPU activity per replayed step, {first.case}, {path}: " + "; ".join(f"{n[:70]} x{c:g}" for n, c in names.items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "provider": provider.describe(), "results": [asdict(r) for r in results]}, f, indent=2)
@@ -107,14 +113,14 @@ class HandWritten:
         self.provider = provider
         self.kind = "torch.ops._vllm_fa3_C" if provider.name == "vllm_fa3" else f"{provider.name} adapter"
 
-    def metadata(self, *, batch, max_seqlen_q, schedule_seqlen_k, cache_seqlens, cu_seqlens_q) -> torch.Tensor:
+    def metadata(self, *, batch, max_seqlen_q, max_seqlen_k, cache_seqlens, cu_seqlens_q) -> torch.Tensor:
         if self.provider.name == "vllm_fa3":
             return torch.ops._vllm_fa3_C.get_scheduler_metadata(
-                batch, max_seqlen_q, schedule_seqlen_k, HEADS, KV_HEADS, HEAD_DIM, HEAD_DIM, DTYPE, cache_seqlens,
+                batch, max_seqlen_q, max_seqlen_k, HEADS, KV_HEADS, HEAD_DIM, HEAD_DIM, DTYPE, cache_seqlens,
                 cu_seqlens_q, None, None, None, None, PAGE, 0, True, -1, -1, False, 0, None, 0,
             )  # fmt: skip
         return self.provider.scheduler_metadata(
-            batch_size=batch, max_seqlen_q=max_seqlen_q, max_seqlen_k=schedule_seqlen_k, num_heads=HEADS,
+            batch_size=batch, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_heads=HEADS,
             num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, head_dim_v=HEAD_DIM, cache_seqlens=cache_seqlens,
             cu_seqlens_q=cu_seqlens_q, page_size=PAGE, dtype=DTYPE, causal=True, window_size=(-1, -1),
             softcap=0.0, num_splits=0, pack_gqa=None,
@@ -164,7 +170,7 @@ class DecodeStep:
     def hand_written(self, hand: HandWritten) -> None:
         a = self.plan_args
         metadata = hand.metadata(
-            batch=self.batch, max_seqlen_q=1, schedule_seqlen_k=a["page_table"].shape[1] * PAGE,
+            batch=self.batch, max_seqlen_q=1, max_seqlen_k=a["max_seqlen_k"],  # the length vllm's fwd schedules for
             cache_seqlens=a["cache_seqlens"], cu_seqlens_q=a["cu_seqlens_q"],
         )  # fmt: skip
         out = self.outs["hand_written"]
@@ -209,11 +215,12 @@ def bench_decode(paths: Paths, batch: int, ctx: int, rounds: int) -> Result:
 
     times = time_interleaved(replays, rounds)
     eager["dispatched_static"] = lambda: (ops.make_attention_plan(**step.plan_args, static_plan=static_plan), step.layers(ops.paged_attention_out, static_plan, "dispatched_static"))
+    graph_names = {path: kernel_names(fn) for path, fn in replays.items()}
     result = Result(
         f"decode B={batch} ctx={ctx}", times,
-        counts_graph={path: kernel_counts(fn) for path, fn in replays.items()},
-        counts_eager={path: kernel_counts(fn) for path, fn in eager.items()},
-        equal=equal,
+        counts_graph={path: classify(names) for path, names in graph_names.items()},
+        counts_eager={path: classify(kernel_names(fn)) for path, fn in eager.items()},
+        names_graph=graph_names, equal=equal,
     )  # fmt: skip
     del graphs, replays, step
     return result
@@ -238,7 +245,7 @@ def bench_prefill(paths: Paths, tokens: int, rounds: int) -> Result:
     torch.cuda.synchronize()
     equal = all(torch.equal(outs[path], outs["original"]) for path in PREFILL_PATHS)
     times = time_interleaved(calls, rounds)
-    counts = {path: kernel_counts(fn) for path, fn in calls.items()}
+    counts = {path: classify(kernel_names(fn)) for path, fn in calls.items()}
     return Result(f"prefill {tokens} tok ({PREFILL_SEQUENCES} seq)", times, counts_eager=counts, equal=equal)
 
 
@@ -255,18 +262,20 @@ def capture(fn: Callable[[], None]) -> torch.cuda.CUDAGraph:
 
 
 def time_interleaved(fns: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
-    """Median over rounds of each path's do_bench median, paths interleaved so drift hits all alike (µs)."""
+    """Median over rounds of each path's do_bench median (µs). Paths are interleaved, and the order rotates
+    every round, so clock and neighbour drift hit every path alike."""
     from triton.testing import do_bench
 
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            samples[name].append(do_bench(fn, warmup=10, rep=60, return_mode="median") * 1e3)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    names = list(fns)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            samples[name].append(do_bench(fns[name], warmup=10, rep=80, return_mode="median") * 1e3)
+    return {name: statistics.median(samples[name]) for name in names}
 
 
-def kernel_counts(fn: Callable[[], None], steps: int = 4) -> dict[str, float]:
-    """Per-step GPU activity by kind, from torch.profiler."""
+def kernel_names(fn: Callable[[], None], steps: int = 4) -> dict[str, float]:
+    """GPU activities (kernels, memcpys, memsets) per step, by name, from torch.profiler."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -276,22 +285,29 @@ def kernel_counts(fn: Callable[[], None], steps: int = 4) -> dict[str, float]:
         for _ in range(steps):
             fn()
         torch.cuda.synchronize()
+    names = Counter(event.name for event in prof.events() if event.device_type == DeviceType.CUDA)
+    return {name: count / steps for name, count in sorted(names.items())}
+
+
+def kernel_counts(fn: Callable[[], None]) -> dict[str, float]:
+    return classify(kernel_names(fn))
+
+
+def classify(names: dict[str, float]) -> dict[str, float]:
     kinds: Counter[str] = Counter()
-    for event in prof.events():
-        if event.device_type != DeviceType.CUDA:
-            continue
-        name = event.name
+    for name, per_step in names.items():
         if "Memcpy DtoD" in name:
-            kinds["memcpy_dtod"] += 1
+            kind = "memcpy_dtod"
         elif "Memset" in name:
-            kinds["memset"] += 1
+            kind = "memset"
         elif "prepare_varlen_num_blocks" in name:
-            kinds["prepare_varlen_num_blocks"] += 1
+            kind = "prepare_varlen_num_blocks"
         elif "Memcpy" in name:
-            kinds["memcpy_other"] += 1
+            kind = "memcpy_other"
         else:
-            kinds["other_kernels"] += 1
-    return {kind: count / steps for kind, count in sorted(kinds.items())}
+            kind = "other_kernels"
+        kinds[kind] += per_step
+    return dict(sorted(kinds.items()))
 
 
 def row(r: Result) -> str:
@@ -341,19 +357,20 @@ def bars(results: list[Result]) -> str:
         speedup = (1 - first.times_us["dispatched"] / first.times_us["original"]) * 100
         lines.append(f"- B=1 ctx=1024 >= 10% faster than original: {'PASS' if speedup >= 10 else 'FAIL'} ({first.times_us['original']:.1f} -> {first.times_us['dispatched']:.1f} us, {speedup:.1f}%)")
     decode = [r for r in results if r.case.startswith("decode")]
-    ok = all(
-        _per_step(r, "dispatched", "memcpy_dtod") == 0 and _per_step(r, "dispatched", "prepare_varlen_num_blocks") == 1
-        and _per_step(r, "original", "memcpy_dtod") == LAYERS and _per_step(r, "original", "prepare_varlen_num_blocks") == LAYERS
-        for r in decode
-    )  # fmt: skip
-    lines.append(f"- decode profile 0 DtoD + 1 prepare per step (dispatched) vs {LAYERS}/{LAYERS} (original): {'PASS' if ok else 'FAIL'}")
+    for source in ("counts_graph", "counts_eager"):
+        ok = all(
+            _per_step(r, source, "dispatched", "memcpy_dtod") == 0 and _per_step(r, source, "dispatched", "prepare_varlen_num_blocks") == 1
+            and _per_step(r, source, "original", "memcpy_dtod") == LAYERS and _per_step(r, source, "original", "prepare_varlen_num_blocks") == LAYERS
+            for r in decode
+        )  # fmt: skip
+        how = "graph replays" if source == "counts_graph" else "same step run eagerly"
+        lines.append(f"- decode profile, {how}: 0 DtoD + 1 prepare per step (dispatched) vs {LAYERS}/{LAYERS} (original): {'PASS' if ok else 'FAIL'}")
     lines.append(f"- outputs torch.equal across paths: {'PASS' if all(r.equal for r in results) else 'FAIL'}")
     return "\n".join(lines)
 
 
-def _per_step(r: Result, path: str, kind: str) -> float:
-    counts = r.counts_graph.get(path) or r.counts_eager.get(path, {})
-    return counts.get(kind, 0.0)
+def _per_step(r: Result, source: str, path: str, kind: str) -> float:
+    return getattr(r, source).get(path, {}).get(kind, 0.0)
 
 
 if __name__ == "__main__":

@@ -132,6 +132,10 @@ class AttentionOutOps:
     ) -> AttentionPlan:
         """Describe one forward batch and make FA3's scheduler metadata once per distinct ``layer_params``.
 
+        ``max_seqlen_k`` must bound every ``cache_seqlens`` entry: FA3 schedules for it and widens windows
+        that reach past it to unbounded. A CUDA graph serves at most the ``max_seqlen_k`` it was captured
+        with, so capture with the largest context it will see (say, ``page_table.shape[1] * page_size``).
+
         ``static_plan`` (CUDA graphs, plan made outside the graph): refresh that plan's persistent metadata
         buffers instead of allocating; see :mod:`attn_dispatch_cuda_fa3.plan`. A plan made inside a graph
         capture needs no ``static_plan``: its metadata kernel is replayed with the layers.

@@ -48,10 +48,12 @@ class FlashPlan(AttentionPlan):
     layer_params: tuple[AttentionParams, ...] = ()
     metadata_buffers: Mapping[AttentionParams, torch.Tensor] = field(default_factory=dict)
 
-    @property
-    def schedule_seqlen_k(self) -> int:
-        """The key length FA3 schedules a paged forward for: the page table's capacity, not max_seqlen_k."""
-        return self.page_table.shape[1] * self.page_size
+
+def schedule_seqlen_k(provider: FlashProvider, plan: AttentionPlan) -> int:
+    """The key length the provider's paged forward schedules for, hence the one its metadata is made for."""
+    if provider.paged_seqlen_k_from_page_table:
+        return plan.page_table.shape[1] * plan.page_size
+    return plan.max_seqlen_k
 
 
 def make_plan(
@@ -133,8 +135,7 @@ def _scheduler_metadata(provider: FlashProvider, plan: FlashPlan, params: Attent
     return provider.scheduler_metadata(
         batch_size=plan.batch_size,
         max_seqlen_q=plan.max_seqlen_q,
-        # FA3's paged forward sizes its schedule from the page table, not from max_seqlen_k.
-        max_seqlen_k=plan.schedule_seqlen_k,
+        max_seqlen_k=schedule_seqlen_k(provider, plan),
         num_heads=plan.num_heads,
         num_kv_heads=plan.num_kv_heads,
         head_dim=plan.head_dim,

@@ -4,7 +4,9 @@ It behaves like FA3 where the plugin's correctness depends on it, and is stricte
 - ``scheduler_metadata`` returns an int32 tensor whose length depends on the batch and on causal/local
   (as FA3's does) and whose contents encode the batch and every scheduling input; ``fwd`` recomputes it
   for its own arguments and raises when the metadata it was handed was made for anything else (FA3 would
-  read it wrongly without a word). Like FA3, a paged forward schedules for the page table's capacity.
+  read it wrongly without a word). A paged forward schedules for the ``max_seqlen_k`` it is given, like
+  vllm's raw op, or with ``paged_seqlen_k_from_page_table=True`` for the page table's capacity, like the
+  sgl_kernel and upstream wrappers.
 - ``writes_out=False`` mimics upstream FA3: passing ``out`` raises.
 - ``calls`` counts metadata builds and forwards, so tests can see what each op launched.
 """
@@ -52,7 +54,9 @@ def _metadata(
     return meta
 
 
-def make_torch_provider(*, writes_out: bool = True, metadata: bool = True, name: str = "torch_fa3") -> tuple[FlashProvider, Calls]:
+def make_torch_provider(
+    *, writes_out: bool = True, metadata: bool = True, name: str = "torch_fa3", paged_seqlen_k_from_page_table: bool = False
+) -> tuple[FlashProvider, Calls]:
     calls = Calls()
 
     def scheduler_metadata(**kwargs) -> torch.Tensor:
@@ -86,7 +90,7 @@ def make_torch_provider(*, writes_out: bool = True, metadata: bool = True, name:
             calls.fwd_with_metadata += 1
             expected = _metadata(
                 batch_size=page_table.shape[0], max_seqlen_q=max_seqlen_q,
-                max_seqlen_k=page_table.shape[1] * page_size,  # FA3: the paged forward's key length
+                max_seqlen_k=page_table.shape[1] * page_size if paged_seqlen_k_from_page_table else max_seqlen_k,
                 num_heads=heads, num_kv_heads=k.shape[2], head_dim=head_dim, head_dim_v=v.shape[-1],
                 cache_seqlens=seqused_k, cu_seqlens_q=cu_seqlens_q, page_size=page_size, dtype=q.dtype,
                 causal=causal, window_size=window_size, softcap=softcap, num_splits=num_splits, pack_gqa=pack_gqa,
@@ -101,5 +105,8 @@ def make_torch_provider(*, writes_out: bool = True, metadata: bool = True, name:
         reference.paged_attention_out(q, k, v, target, plan=plan, params=params, softmax_scale=softmax_scale)
         return target
 
-    provider = FlashProvider(name, 3, fwd, scheduler_metadata if metadata else None, writes_out=writes_out, has_seqused_q=False)
+    provider = FlashProvider(
+        name, 3, fwd, scheduler_metadata if metadata else None, writes_out=writes_out, has_seqused_q=False,
+        paged_seqlen_k_from_page_table=paged_seqlen_k_from_page_table,
+    )  # fmt: skip
     return provider, calls

@@ -100,6 +100,25 @@ def test_metadata_is_keyed_by_every_scheduling_input():
         ops["paged_attention_out"](batch.q, batch.k_cache, batch.v_cache, batch.out(), plan=wrong)
 
 
+@pytest.mark.parametrize("from_page_table", [False, True], ids=["vllm-style", "sgl-style"])
+def test_metadata_is_made_for_the_key_length_the_forward_schedules(from_page_table):
+    """vllm's raw op schedules a paged forward for the max_seqlen_k it is given; the sgl_kernel and upstream
+    wrappers pass none, so FA3 uses the page table's capacity. A page table wider than max_seqlen_k tells
+    the two apart; the strict provider refuses metadata made for the other length."""
+    provider, calls = make_torch_provider(paged_seqlen_k_from_page_table=from_page_table)
+    batch = paged_batch(**MIXED, heads=4, kv_heads=2, head_dim=32, spare_columns=3)
+    out, want = batch.out(), batch.out()
+    run_paged(build_ops(provider), batch, out)
+    reference_paged(batch, want)
+    assert torch.equal(out, want) and calls.fwd_with_metadata == 1
+
+    plans = [
+        build_ops(make_torch_provider(paged_seqlen_k_from_page_table=flag)[0])["make_attention_plan"](**batch.plan_args)
+        for flag in (False, True)
+    ]
+    assert not torch.equal(plans[0].metadata[DEFAULT_PARAMS], plans[1].metadata[DEFAULT_PARAMS])
+
+
 def test_unplanned_params_are_refused_before_any_launch():
     provider, calls = make_torch_provider()
     ops = build_ops(provider)

@@ -73,6 +73,7 @@ def test_sgl_kernel_maps_paged_and_packed_calls(monkeypatch):
     provider, reason = flash_providers.probe()
     assert provider.name == "sgl_kernel" and reason == ""
     assert provider.writes_out and provider.scheduler_metadata is not None
+    assert provider.paged_seqlen_k_from_page_table  # its paged wrapper takes no max_seqlen_k
 
     provider.fwd(Q, K, V, out=OUT, scheduler_metadata="meta", **PAGED)
     name, args = calls[-1]
@@ -106,6 +107,7 @@ def test_upstream_fa3_returns_a_fresh_tensor_and_refuses_out(monkeypatch):
     monkeypatch.setitem(sys.modules, "flash_attn_interface", module)
     provider, _ = flash_providers.probe(("flash_attn_interface",))
     assert provider.name == "flash_attn_interface" and not provider.writes_out
+    assert provider.paged_seqlen_k_from_page_table
     assert "copy into out" in provider.describe()
     assert provider.fwd(Q, K, V, scheduler_metadata="meta", **PAGED) == "result"
     name, args = calls[-1]
