@@ -73,8 +73,15 @@ def make_attention_plan(
     """Describe one forward batch. Call once per step; pass the result to every layer.
 
     ``layer_params`` lists the distinct :class:`AttentionParams` the model's layers use (a model mixing
-    sliding-window and global layers lists both). ``static_plan`` is the plan captured in a CUDA graph:
-    implementations with precomputed metadata refresh its persistent buffers in place and return it.
+    sliding-window and global layers lists both); a layer may only use params listed here.
+
+    ``static_plan`` (CUDA graphs with the plan made outside the graph): a plan made earlier, whose
+    persistent metadata buffers receive this batch's metadata (fresh metadata in the front, zeros in the
+    tail) instead of new allocations. This batch's tensors must be ``static_plan``'s own tensors or views
+    at their front (the engine's static graph inputs). Same batch size: ``static_plan`` is refreshed in
+    place and returned (before each replay). Smaller batch: a new plan sharing its buffers is returned
+    (to capture a smaller graph against the buffers sized for the largest one). A plan made inside the
+    capture needs no ``static_plan``: its metadata is recomputed by every replay.
     The original path has nothing to precompute; it returns a plan with empty ``metadata``.
     """
     validate_plan_inputs(

@@ -3,7 +3,7 @@
 FA3 checks only the metadata's length, dtype, device and contiguity; a forward scheduled differently from
 the metadata it is handed reads it wrongly, without a word. So the plan keys metadata by the layer's whole
 :class:`AttentionParams` (causal, window, softcap, num_splits, pack_gqa; head dims are plan-wide) and a
-layer asking for params that were not planned is refused (see ``attention.check_paged``).
+layer asking for params that were not planned is refused (:func:`planned_metadata`).
 
 CUDA graphs, two ways (the calls are the engine's ``ops.make_attention_plan``):
 
