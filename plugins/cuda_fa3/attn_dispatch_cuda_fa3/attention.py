@@ -68,18 +68,18 @@ def _attention_into(
     that copy is counted).
     """
     flash = _providers[provider]
-    common = dict(
+    writes_in_place = flash.writes_out and not alloc_and_copy
+    result = flash.fwd(
+        q, k, v, out=out_rows if writes_in_place else None,
+        scheduler_metadata=None if alloc_and_copy else scheduler_metadata,
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, page_table=page_table,
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale, causal=causal,
         window_size=(window_left, window_right), softcap=softcap, num_splits=num_splits, pack_gqa=pack_gqa,
     )  # fmt: skip
-    if alloc_and_copy:
-        out_rows.copy_(flash.fwd(q, k, v, out=None, scheduler_metadata=None, **common))
-    elif flash.writes_out:
-        flash.fwd(q, k, v, out=out_rows, scheduler_metadata=scheduler_metadata, **common)
-    else:
-        out_rows.copy_(flash.fwd(q, k, v, out=None, scheduler_metadata=scheduler_metadata, **common))
-        stats.out_copies += 1
+    if not writes_in_place:
+        out_rows.copy_(result)
+        if not alloc_and_copy:
+            stats.out_copies += 1
 
 
 # typing.Optional, not `X | None`: the custom op's schema is inferred from these annotations.
@@ -249,8 +249,37 @@ def build_ops(provider: FlashProvider, *, original: bool = False) -> dict[str, C
     return AttentionOutOps(provider, original=original).as_dict()
 
 
+# Checks run per layer, so each has two halves: one boolean expression covering every condition (the
+# common case: well-formed input, ~half the host time), and the detailed check that names the argument.
+# The fast half may only be stricter than the detailed one: when it says no, the detailed check decides.
+
+
 def check_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor, plan: FlashPlan) -> torch.Tensor:
     """ValueError naming the first bad argument; else ``out``'s rows for ``q`` as ``[tokens, heads, head_dim_v]``."""
+    if _paged_ok(q, k_cache, v_cache, out, plan):
+        return _rows(out, q.shape[0], plan.num_heads, plan.head_dim_v)
+    return _check_paged_in_detail(q, k_cache, v_cache, out, plan)
+
+
+def _paged_ok(q, k_cache, v_cache, out, plan: FlashPlan) -> bool:
+    try:
+        dtype, device = plan.dtype, plan.cache_seqlens.device
+        tokens, heads, head_dim = q.shape
+        pages = k_cache.shape[0]
+        return (
+            q.dtype == dtype and k_cache.dtype == dtype and v_cache.dtype == dtype
+            and q.device == device and k_cache.device == device and v_cache.device == device
+            and q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+            and heads == plan.num_heads and head_dim == plan.head_dim
+            and k_cache.shape == (pages, plan.page_size, plan.num_kv_heads, plan.head_dim)
+            and v_cache.shape == (pages, plan.page_size, plan.num_kv_heads, plan.head_dim_v)
+            and _out_ok(out, tokens, heads, plan.head_dim_v, dtype, device)
+        )  # fmt: skip
+    except (AttributeError, TypeError, ValueError):  # not a tensor, or q not 3-D: the detailed check says which
+        return False
+
+
+def _check_paged_in_detail(q, k_cache, v_cache, out, plan: FlashPlan) -> torch.Tensor:
     device, dtype = plan.cache_seqlens.device, plan.dtype
     _expect("q", q, 3, dtype, device)
     if q.shape[1] != plan.num_heads or q.shape[2] != plan.head_dim:
@@ -276,6 +305,49 @@ def check_varlen(
     max_seqlen_k: int,
 ) -> torch.Tensor:
     """ValueError naming the first bad argument; else ``out``'s rows for ``q`` as ``[tokens, heads, head_dim_v]``."""
+    if _varlen_ok(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+        return _rows(out, q.shape[0], q.shape[1], v.shape[2])
+    return _check_varlen_in_detail(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+
+
+def _varlen_ok(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> bool:
+    try:
+        dtype, device = q.dtype, q.device
+        tokens, heads, head_dim = q.shape
+        kv_heads = k.shape[1]
+        return (
+            dtype in FLASH_DTYPES and k.dim() == 3 and v.dim() == 3
+            and k.dtype == dtype and v.dtype == dtype and k.device == device and v.device == device
+            and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+            and cu_seqlens_q.dim() == 1 and cu_seqlens_q.dtype == INDEX_DTYPE and cu_seqlens_q.device == device
+            and cu_seqlens_k.dtype == INDEX_DTYPE and cu_seqlens_k.device == device
+            and cu_seqlens_q.stride(-1) == 1 and cu_seqlens_k.stride(-1) == 1 and cu_seqlens_k.shape == cu_seqlens_q.shape
+            and kv_heads > 0 and heads % kv_heads == 0 and k.shape[2] == head_dim
+            and v.shape[0] == k.shape[0] and v.shape[1] == kv_heads
+            and max_seqlen_q > 0 and max_seqlen_k > 0
+            and _out_ok(out, tokens, heads, v.shape[2], dtype, device)
+        )  # fmt: skip
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
+def _out_ok(out, tokens: int, heads: int, head_dim_v: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """The conditions of ``attn_dispatch.checks.out_rows_view``."""
+    shape = out.shape
+    if len(shape) == 2:
+        tail_ok = shape[1] == heads * head_dim_v
+    elif len(shape) == 3:
+        tail_ok = shape[1] == heads and shape[2] == head_dim_v
+    else:
+        return False
+    return tail_ok and shape[0] >= tokens and out.dtype == dtype and out.device == device and out.is_contiguous()
+
+
+def _rows(out: torch.Tensor, tokens: int, heads: int, head_dim_v: int) -> torch.Tensor:
+    return (out if out.shape[0] == tokens else out[:tokens]).view(tokens, heads, head_dim_v)
+
+
+def _check_varlen_in_detail(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> torch.Tensor:
     if not isinstance(q, torch.Tensor) or q.dtype not in FLASH_DTYPES:
         check_tensor("q", q, ndim=3, dtype=FLASH_DTYPES)  # raises, naming q
     dtype, device = q.dtype, q.device
