@@ -6,10 +6,11 @@ kernels run; FlashAttention tolerance for masked attention, which changes kernel
 
 from .attention import make_attention_plan, paged_attention_out, varlen_attention_out
 from .masked import build_mask_meta, masked_attention
-from .mla import mla_decode_query, mla_query_for_backend, mla_v_up_proj
+from .mla import concatenated_query_view, mla_decode_query, mla_query_for_backend, mla_v_up_proj
 
 __all__ = [
     "build_mask_meta",
+    "concatenated_query_view",
     "make_attention_plan",
     "masked_attention",
     "mla_decode_query",

@@ -92,19 +92,31 @@ def mla_decode_query(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backend side: ``(q_all, q_nope, q_rope)`` with ``q_all`` ``(tokens, heads, kv_lora_rank + rope_dim)``.
 
-    With ``q_rope`` given, ``q`` holds the nope part and the two are concatenated (the original path).
-    With ``q_rope=None``, ``q`` is already the concatenated query: it is viewed, and nope/rope are slices.
+    With ``q_rope`` given, ``q`` holds the nope part. With ``q_rope=None``, ``q`` is the model's
+    concatenated query, split into views. Either way the original decode path concatenates the two parts
+    into the one query tensor its kernel reads (for a concatenated input: a copy of the same bytes).
     """
     check_tensor("q", q, ndim=(2, 3))
     if q_rope is None:
-        if q.shape[-1] * (q.shape[1] if q.dim() == 3 else 1) % num_heads:
-            fail("q", f"shape {tuple(q.shape)} does not split into {num_heads} heads")
-        q_all = q.contiguous().view(q.shape[0], num_heads, -1)
-        if q_all.shape[-1] <= kv_lora_rank:
-            fail("q", f"concatenated head dim {q_all.shape[-1]} must exceed kv_lora_rank={kv_lora_rank}")
-        return q_all, q_all[..., :kv_lora_rank], q_all[..., kv_lora_rank:]
-    check_tensor("q_rope", q_rope, ndim=(2, 3), dtype=q.dtype, device=q.device)
-    q_nope = q.view(-1, num_heads, kv_lora_rank)
-    q_pe = q_rope.view(q_nope.shape[0], num_heads, -1)
+        q_cat = concatenated_query_view(q, num_heads=num_heads, kv_lora_rank=kv_lora_rank)
+        q_nope, q_pe = q_cat[..., :kv_lora_rank], q_cat[..., kv_lora_rank:]
+    else:
+        check_tensor("q_rope", q_rope, ndim=(2, 3), dtype=q.dtype, device=q.device)
+        q_nope = q.view(-1, num_heads, kv_lora_rank)
+        q_pe = q_rope.view(q_nope.shape[0], num_heads, -1)
     q_all = torch.cat([q_nope, q_pe], dim=-1)
     return q_all, q_all[..., :kv_lora_rank], q_all[..., kv_lora_rank:]
+
+
+def concatenated_query_view(q: torch.Tensor, *, num_heads: int, kv_lora_rank: int) -> torch.Tensor:
+    """``q_cat`` (``(tokens, heads * d)`` or ``(tokens, heads, d)``) as ``(tokens, heads, d)``, checked.
+
+    ``contiguous()`` is a no-op for the model's own ``q_cat``; the result is a view of it.
+    """
+    check_tensor("q", q, ndim=(2, 3))
+    if q.shape[-1] * (q.shape[1] if q.dim() == 3 else 1) % num_heads:
+        fail("q", f"shape {tuple(q.shape)} does not split into {num_heads} heads")
+    q_cat = q.contiguous().view(q.shape[0], num_heads, -1)
+    if not 0 < kv_lora_rank < q_cat.shape[-1]:
+        fail("kv_lora_rank", f"must be in (0, {q_cat.shape[-1]}) for a concatenated head dim of {q_cat.shape[-1]}")
+    return q_cat

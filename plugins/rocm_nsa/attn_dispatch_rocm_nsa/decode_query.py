@@ -53,14 +53,10 @@ def mla_decode_query(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backend side: given ``q_cat`` (``q_rope=None``) in tilelang/aiter decode, view it; else the original.
 
-    Returns ``(q_all, q_nope, q_rope)``; here ``q_all`` is ``q_cat`` itself when it is contiguous.
+    Returns ``(q_all, q_nope, q_rope)``; here ``q_all`` is a view of ``q_cat`` (the original concatenates
+    its split views again: same bytes, one copy).
     """
     if q_rope is not None or decode_impl not in CAT_SKIPPING_DECODE_IMPLS:
         return reference.mla_decode_query(q, q_rope, num_heads=num_heads, kv_lora_rank=kv_lora_rank, decode_impl=decode_impl)
-    check_tensor("q", q, ndim=(2, 3))
-    if q.shape[-1] * (q.shape[1] if q.dim() == 3 else 1) % num_heads:
-        fail("q", f"shape {tuple(q.shape)} does not split into {num_heads} heads")
-    q_all = q.contiguous().view(q.shape[0], num_heads, -1)  # contiguous() is a no-op for the model's q_cat
-    if not 0 < kv_lora_rank < q_all.shape[-1]:
-        fail("kv_lora_rank", f"must be in (0, {q_all.shape[-1]}) for a concatenated head dim of {q_all.shape[-1]}")
+    q_all = reference.concatenated_query_view(q, num_heads=num_heads, kv_lora_rank=kv_lora_rank)
     return q_all, q_all[..., :kv_lora_rank], q_all[..., kv_lora_rank:]
