@@ -5,7 +5,7 @@
 Two measurements, each the best of several timeit repeats (min is the right statistic for overhead:
 noise only ever adds time):
 1. a trivial function put into an ``Ops`` with ``dataclasses.replace``: isolates the lookup cost;
-2. a real op (``mla_decode_query`` on a concatenated query: a view and two slices) on the host's tensors.
+2. a real op with no device work (``mla_query_for_backend`` in prefill: argument checks, returns its inputs).
 For scale it also times a pluggy hook call, which the resolve-once design keeps off the per-layer path.
 """
 
@@ -40,12 +40,12 @@ def main() -> None:
     through = best_ns(lambda: bound.mla_decode_query(1, y=2))
     rows.append(("trivial function", direct, through))
 
-    q_cat = torch.randn(4, 16 * 576)
-    args = dict(num_heads=16, kv_lora_rank=512, decode_impl="aiter")
-    fn = reference.mla_decode_query
-    direct = best_ns(lambda: fn(q_cat, None, **args), number=20_000)
-    through = best_ns(lambda: ops.mla_decode_query(q_cat, None, **args), number=20_000)
-    rows.append(("mla_decode_query (view path)", direct, through))
+    q_nope, q_rope = torch.randn(4, 16, 512), torch.randn(4, 16, 64)
+    args = dict(is_decode=False, decode_impl="aiter")
+    fn = reference.mla_query_for_backend
+    direct = best_ns(lambda: fn(q_nope, q_rope, **args), number=50_000)
+    through = best_ns(lambda: ops.mla_query_for_backend(q_nope, q_rope, **args), number=50_000)
+    rows.append(("mla_query_for_backend (reference, prefill)", direct, through))
 
     pm = pluggy.PluginManager("bench")
     spec, impl = pluggy.HookspecMarker("bench"), pluggy.HookimplMarker("bench")
