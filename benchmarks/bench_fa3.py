@@ -227,7 +227,6 @@ def bench_decode(paths: Paths, batch: int, ctx: int, rounds: int) -> Result:
         counts_eager={path: classify(kernel_names(fn)) for path, fn in eager.items()},
         names_graph=graph_names, equal=equal,
     )  # fmt: skip
-    del graphs, replays, step
     return result
 
 
@@ -267,7 +266,6 @@ def bench_prefill(paths: Paths, tokens: int, rounds: int) -> list[Result]:
     eager = {path: t / LAYERS for path, t in time_interleaved(steps, rounds).items()}
     host = {path: host_us_per_call(fn) for path, fn in steps.items()}
     print(f"{name}: host time per eager call (Python + launch, us): " + ", ".join(f"{p} {t:.1f}" for p, t in host.items()))
-    del graphs, replays
     return [
         Result(f"{name}, CUDA graph", in_graph, counts_eager=counts, equal=equal),
         Result(f"{name}, eager", eager, counts_eager=counts, equal=equal, host_us=host),

@@ -31,15 +31,6 @@ needs_nvidia = pytest.mark.skipif(not has_nvidia_gpu(), reason="needs an NVIDIA 
 needs_gfx950_aiter = pytest.mark.skipif(not has_gfx950_with_aiter(), reason="needs an MI355X (gfx950) with aiter")
 
 
-@pytest.fixture
-def fresh_host(monkeypatch):
-    for var in ("ATTN_DISPATCH_ARCH", "ATTN_DISPATCH_PLUGINS", "ATTN_DISPATCH_DISABLE", "ATTN_DISPATCH_ROCM_MXFP4"):
-        monkeypatch.delenv(var, raising=False)
-    attn_dispatch.reset()
-    yield
-    attn_dispatch.reset()
-
-
 def inputs(batch, heads, weights, *, rank=512, v_dim=128, seed=0, device="cuda"):
     gen = torch.Generator().manual_seed(seed)
     attn_output = torch.randn(batch, heads, rank, generator=gen).to(torch.bfloat16).to(device)
@@ -76,7 +67,6 @@ def profile(fn, *args, **kwargs):
 @needs_nvidia
 @pytest.mark.parametrize("batch", [1, 32, 256, 2048])
 @pytest.mark.parametrize("heads, v_dim", [(16, 128), (64, 256)])
-@pytest.mark.usefixtures("fresh_host")
 def test_cuda_bf16_weights_strided_bmm_is_byte_identical(batch, heads, v_dim):
     kernels = aiter.standin_kernels()
     attn_output, w_vc, _ = inputs(batch, heads, "bf16", v_dim=v_dim, seed=batch)
@@ -89,7 +79,6 @@ def test_cuda_bf16_weights_strided_bmm_is_byte_identical(batch, heads, v_dim):
 @needs_nvidia
 @pytest.mark.parametrize("weights", ["bf16", "mxfp4"])
 @pytest.mark.parametrize("o_proj_dtype", O_PROJ_DTYPES)
-@pytest.mark.usefixtures("fresh_host")
 def test_cuda_profiler_strided_glue_launches_no_copy_kernel(monkeypatch, weights, o_proj_dtype):
     for name, module in aiter.fake_aiter_modules().items():
         monkeypatch.setitem(sys.modules, name, module)
@@ -118,7 +107,6 @@ def test_cuda_profiler_strided_glue_launches_no_copy_kernel(monkeypatch, weights
 
 @pytest.mark.rocm
 @needs_gfx950_aiter
-@pytest.mark.usefixtures("fresh_host")
 def test_rocm_plugin_is_active_on_real_hardware():
     ops = attn_dispatch.load(refresh=True)
     assert ops.hardware.arch == "gfx950"

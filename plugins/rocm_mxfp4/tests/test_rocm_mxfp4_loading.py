@@ -11,15 +11,6 @@ import attn_dispatch
 from attn_dispatch import reference
 
 
-@pytest.fixture(autouse=True)
-def fresh_host(monkeypatch):
-    for var in ("ATTN_DISPATCH_PLUGINS", "ATTN_DISPATCH_DISABLE", "ATTN_DISPATCH_ROCM_MXFP4", "ATTN_DISPATCH_STRICT"):
-        monkeypatch.delenv(var, raising=False)
-    attn_dispatch.reset()
-    yield
-    attn_dispatch.reset()
-
-
 def load_on(monkeypatch, arch: str) -> attn_dispatch.Ops:
     monkeypatch.setenv("ATTN_DISPATCH_ARCH", arch)
     return attn_dispatch.load(refresh=True)

@@ -25,18 +25,12 @@ needs_gfx950 = pytest.mark.skipif(
 
 @pytest.fixture
 def ops(monkeypatch, request):
-    for var in ("ATTN_DISPATCH_PLUGINS", "ATTN_DISPATCH_DISABLE", "ATTN_DISPATCH_ROCM_NSA"):
-        monkeypatch.delenv(var, raising=False)
     if request.param == "simulated":
         monkeypatch.setenv("ATTN_DISPATCH_ARCH", "gfx950")
         fake_aiter = types.ModuleType("aiter")  # the plugin requires aiter; the cat-skip never calls it
         fake_aiter.__spec__ = importlib.machinery.ModuleSpec("aiter", None)
         monkeypatch.setitem(sys.modules, "aiter", fake_aiter)
-    else:
-        monkeypatch.delenv("ATTN_DISPATCH_ARCH", raising=False)
-    attn_dispatch.reset()
-    yield attn_dispatch.load(refresh=True)
-    attn_dispatch.reset()
+    return attn_dispatch.load(refresh=True)
 
 
 def device_kernels(fn) -> list[str]:
