@@ -37,6 +37,8 @@ class FlashProvider:
     When ``writes_out`` is False the provider cannot write into a given ``out``: callers pass ``out=None``
     and copy the result once. ``out`` is ``[total_q, heads, head_dim_v]``, contiguous in its last dim.
     ``has_seqused_q``: ``fwd`` takes ``seqused_q`` (sgl_kernel and upstream FA3: on the non-paged path only).
+    A sequence with no keys (``seqlen_k == 0``) gets zeros, as FA3 writes them (varlen_diffusion relies on
+    it for fully masked rows; FA4's behaviour there is unverified).
 
     ``scheduler_metadata(...)`` (None when unsupported) returns FA3's int32 metadata tensor for a batch;
     keyword arguments: batch_size, max_seqlen_q, max_seqlen_k, num_heads, num_kv_heads, head_dim,
