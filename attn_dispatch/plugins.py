@@ -11,7 +11,8 @@ Environment (precedence from strongest to weakest):
 2. ``ATTN_DISPATCH_DISABLE=a,b`` switches the listed plugins off.
 3. ``ATTN_DISPATCH_PLUGINS=a,b`` keeps only the listed plugins; set but empty keeps none; unset keeps all.
 
-A name in any of them that matches no installed plugin is warned about, with the known names.
+A plugin switched off is not imported at all. A name in any of them that matches no installed plugin is
+warned about, with the known names.
 ``ATTN_DISPATCH_STRICT=1`` raises :class:`PluginLoadError` when a plugin fails to load or a plugin asked
 for by name (in ``ATTN_DISPATCH_PLUGINS`` or by ``ATTN_DISPATCH_<NAME>=1``) is unavailable. Without it,
 the failure is recorded in the plugin's report, logged once, and the original path is used.
@@ -130,16 +131,15 @@ def _build(index: int | None) -> Ops:
     hardware = detect(index)
     strict = _flag(ENV_STRICT)
     pm = make_plugin_manager()
-    found = [_discover(pm, ep) for ep in entry_points()]
-    known = [plugin.name for plugin in found]
-    problems = _unknown_env_names(known)
+    found = entry_points()
+    problems = _unknown_env_names([ep.name for ep in found])
     for problem in problems:
         _log_once(logging.WARNING, "env", problem)
 
     chosen: dict[str, tuple[Callable, Resolution]] = {}
     reports = []
-    for plugin in found:
-        report = _activate(pm, plugin, hardware, chosen)
+    for ep in found:
+        report = _activate(pm, ep, hardware, chosen)
         reports.append(report)
         if report.status == FAILED:
             problems.append(f"plugin {report.name} failed: {report.reason}")
@@ -158,55 +158,43 @@ def _build(index: int | None) -> Ops:
     return ops
 
 
-@dataclass
-class _Discovered:
-    name: str
-    distribution: str
-    version: str
-    module: object | None
-    error: str = ""
-
-
-def _discover(pm: pluggy.PluginManager, ep: importlib.metadata.EntryPoint) -> _Discovered:
-    """Import one entry point; a broken one is recorded, never raised, so the others still load."""
-    dist = getattr(ep, "dist", None)
-    dist_name = dist.metadata["Name"] if dist is not None else "?"
-    version = dist.version if dist is not None else "?"
-    try:
-        module = ep.load()
-        pm.register(module, name=ep.name)
-    except Exception as exc:
-        return _Discovered(ep.name, dist_name, version, None, f"import failed: {type(exc).__name__}: {exc}")
-    return _Discovered(ep.name, dist_name, version, module)
-
-
 def _activate(
-    pm: pluggy.PluginManager, plugin: _Discovered, hardware: Hardware, chosen: dict[str, tuple[Callable, Resolution]]
+    pm: pluggy.PluginManager,
+    ep: importlib.metadata.EntryPoint,
+    hardware: Hardware,
+    chosen: dict[str, tuple[Callable, Resolution]],
 ) -> PluginReport:
-    enabled, env_reason, requested = _env_decision(plugin.name)
+    """Toggle, import, describe and register one plugin; every outcome is a report, never an exception."""
+    name = ep.name
+    dist = getattr(ep, "dist", None)
+    distribution, version = (dist.metadata["Name"], dist.version) if dist is not None else ("?", "?")
+    enabled, env_reason, requested = _env_decision(name)
 
     def report(status: str, reason: str = "", archs: tuple[str, ...] = (), ops: tuple[str, ...] = ()) -> PluginReport:
         if status not in (ACTIVE, DISABLED_BY_ENV):
-            _log_once(logging.WARNING if status == FAILED else logging.INFO, plugin.name, f"plugin {plugin.name} {status}: {reason}")
-        return PluginReport(plugin.name, plugin.distribution, plugin.version, archs, status, reason, ops, requested)
+            _log_once(logging.WARNING if status == FAILED else logging.INFO, name, f"plugin {name} {status}: {reason}")
+        return PluginReport(name, distribution, version, archs, status, reason, ops, requested)
 
-    if plugin.module is None:
-        return report(FAILED, plugin.error)
+    if not enabled:  # not even imported: switching a plugin off must also avoid its import-time side effects
+        return report(DISABLED_BY_ENV, env_reason)
     try:
-        specs = _call_one(pm, "attn_dispatch_plugin_spec", plugin.module, hardware=hardware)
+        module = ep.load()
+        pm.register(module, name=name)
+    except Exception as exc:  # one broken plugin is recorded; the others still load
+        return report(FAILED, f"import failed: {type(exc).__name__}: {exc}")
+    try:
+        specs = _call_one(pm, "attn_dispatch_plugin_spec", module, hardware=hardware)
     except Exception as exc:
         return report(FAILED, f"attn_dispatch_plugin_spec raised {type(exc).__name__}: {exc}")
     spec = specs[0] if specs else None
     if not isinstance(spec, PluginSpec):
         return report(FAILED, f"attn_dispatch_plugin_spec returned {type(spec).__name__}, not a PluginSpec")
     archs = tuple(spec.archs)
-    if spec.name != plugin.name:
-        return report(FAILED, f"entry point {plugin.name!r} describes itself as {spec.name!r}", archs)
-    if not enabled:
-        return report(DISABLED_BY_ENV, env_reason, archs)
+    if spec.name != name:
+        return report(FAILED, f"entry point {name!r} describes itself as {spec.name!r}", archs)
     if hardware.arch not in archs:
         return report(NOT_THIS_ARCH, f"targets {', '.join(archs)}; this device is {hardware.arch}", archs)
-    missing = [module for module in spec.requires if not _importable(module)]
+    missing = [requirement for requirement in spec.requires if not _importable(requirement)]
     if missing:
         return report(MISSING_DEPENDENCY, f"{', '.join(missing)} not installed", archs)
 
@@ -220,7 +208,7 @@ def _activate(
         staged[op] = (implementation, note)
 
     try:
-        _call_one(pm, "attn_dispatch_register_ops", plugin.module, hardware=hardware, register=register)
+        _call_one(pm, "attn_dispatch_register_ops", module, hardware=hardware, register=register)
     except PluginUnavailable as exc:
         return report(exc.status, str(exc), archs)
     except Exception as exc:
@@ -235,11 +223,11 @@ def _activate(
     for group in sorted(groups):
         owner = next((chosen[op][1].plugin for op in OP_GROUPS[group] if op in chosen), None)
         if owner is not None:
-            _log_once(logging.WARNING, plugin.name, f"plugin {plugin.name}: group {group} already provided by {owner}; keeping {owner}")
+            _log_once(logging.WARNING, name, f"plugin {name}: group {group} already provided by {owner}; keeping {owner}")
             continue
         for op in OP_GROUPS[group]:
             fn, note = staged[op]
-            chosen[op] = (fn, Resolution(op, plugin.name, function_name(fn), note))
+            chosen[op] = (fn, Resolution(op, name, function_name(fn), note))
             taken.append(op)
     return report(ACTIVE, "", archs, tuple(taken))
 

@@ -141,6 +141,12 @@ def test_plugin_that_raises_on_import_is_reported_not_raised(monkeypatch, caplog
     assert sum("plugin broken failed" in r.getMessage() for r in caplog.records) == 1
 
 
+def test_a_disabled_plugin_is_not_imported(monkeypatch):
+    add_entry_points(monkeypatch, broken="fake_broken_plugin")
+    report = by_name(load_cpu(monkeypatch, ATTN_DISPATCH_BROKEN="0"))["broken"]
+    assert (report.status, report.reason) == ("disabled-by-env", "ATTN_DISPATCH_BROKEN=0")
+
+
 def test_failure_is_logged_once_across_loads(monkeypatch, caplog):
     add_entry_points(monkeypatch, broken="fake_broken_plugin")
     with caplog.at_level(logging.WARNING, logger="attn_dispatch"):
