@@ -268,6 +268,19 @@ def probe_order(arch: str) -> tuple[str, ...]:
     return FA4_ORDER if arch == "sm100" else FA3_ORDER
 
 
+def require(arch: str, order: tuple[str, ...] | None = None) -> FlashProvider:
+    """The first importable provider for ``arch`` (``order`` defaults to :func:`probe_order`), or
+    :class:`~attn_dispatch.MissingDependency` with what each candidate said: a plugin's decline."""
+    from .hookspecs import MissingDependency
+
+    provider, reason = probe(order or probe_order(arch))
+    if provider is not None:
+        return provider
+    if arch == "sm100" and not order:
+        raise MissingDependency(f"flash-attn-4 not installed (FA3's kernels are Hopper-only): {reason}")
+    raise MissingDependency(f"install sglang-kernel>=0.4.10 or vllm: {reason}")
+
+
 def probe(order: tuple[str, ...] | None = None) -> tuple[FlashProvider | None, str]:
     """The first provider that imports, and a reason listing what failed when none does.
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 import logging
 import os
 
-from attn_dispatch import Hardware, MissingDependency, PluginSpec, hookimpl
-from attn_dispatch.flash_providers import FlashProvider, probe, probe_order
+from attn_dispatch import Hardware, PluginSpec, hookimpl
+from attn_dispatch.flash_providers import FlashProvider, require
 
 from .attention import AttentionOutOps, build_ops
 from .plan import FlashPlan
@@ -58,15 +58,11 @@ def attn_dispatch_register_ops(hardware: Hardware, register) -> None:
 
 
 def resolve_provider(arch: str) -> FlashProvider:
-    """The provider for ``arch``, or :class:`MissingDependency` with what each candidate said."""
+    """The provider for ``arch`` (``ATTN_DISPATCH_CUDA_FA3_PROVIDER`` can set the probe order), or
+    :class:`MissingDependency` with what each candidate said."""
     setting = os.environ.get(ENV_PROVIDER, "")
-    order = tuple(name.strip() for name in setting.split(",") if name.strip()) or probe_order(arch)
-    provider, reason = probe(order)
-    if provider is not None:
-        return provider
-    if arch == "sm100" and not setting:
-        raise MissingDependency(f"flash-attn-4 not installed (FA3's kernels are Hopper-only): {reason}")
-    raise MissingDependency(f"install sglang-kernel>=0.4.10 or vllm: {reason}")
+    order = tuple(name.strip() for name in setting.split(",") if name.strip())
+    return require(arch, order or None)
 
 
 def describe(provider: FlashProvider, original: bool) -> str:

@@ -42,11 +42,9 @@ def attn_dispatch_register_ops(hardware: Hardware, register) -> None:
 
 def probe_provider(arch: str) -> FlashProvider:
     """The shared layer's first importable provider for ``arch`` (FA3 order on sm90, FA4 on sm100)."""
-    from attn_dispatch import flash_providers
+    from attn_dispatch.flash_providers import require
 
-    provider, reason = flash_providers.probe(flash_providers.probe_order(arch))
-    if provider is None:
-        raise MissingDependency(f"{arch}: {reason}")
+    provider = require(arch)
     if provider.fa_version < MIN_FA_VERSION[arch]:  # guard: the probe order is the shared layer's choice
         raise MissingDependency(f"{arch} needs FA{MIN_FA_VERSION[arch]}; found {provider.describe()}")
     return provider
