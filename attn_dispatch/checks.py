@@ -38,14 +38,6 @@ def check_tensor(
     return t
 
 
-def check_same_device(**tensors: torch.Tensor) -> None:
-    items = list(tensors.items())
-    first_name, first = items[0]
-    for name, t in items[1:]:
-        if t.device != first.device:
-            fail(name, f"is on {t.device} but {first_name} is on {first.device}")
-
-
 def out_rows_view(out: torch.Tensor, tokens: int, heads: int, head_dim: int, like: torch.Tensor) -> torch.Tensor:
     """Check the engine's output buffer and return its first ``tokens`` rows as ``[tokens, heads, head_dim]``.
 

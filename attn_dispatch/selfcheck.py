@@ -70,7 +70,8 @@ def _compare(ops: Ops, op: str, case: str, got: torch.Tensor, want: torch.Tensor
     impl = res.plugin if res.plugin != "reference" else "reference (no plugin here)"
     err = (got.float() - want.float()).abs().max().item() if got.numel() else 0.0
     if exact or res.plugin == "reference":
-        passed, detail = torch.equal(got, want), "bytes equal" if torch.equal(got, want) else "bytes differ"
+        passed = torch.equal(got, want)
+        detail = "bytes equal" if passed else "bytes differ"
     else:
         passed, detail = torch.allclose(got.float(), want.float(), atol=ATOL, rtol=RTOL), f"atol {ATOL}"
     return CheckResult(op, impl, case, err, passed and not got.isnan().any().item(), detail)
