@@ -14,10 +14,18 @@ own KV cache, replayed from a CUDA graph, for batch {1, 16, 64} x context {1024,
 * hand-written: raw ``torch.ops._vllm_fa3_C`` calls (metadata once, ``out=`` per layer), as an engine author
   would write them without the plugin.
 
-Prefill: a 32-layer step of varlen calls over 4 causal sequences totalling 2048 and 8192 tokens, each layer
-writing its own output buffer, reported per layer: replayed from a CUDA graph (GPU time, where identical
-kernels must time alike) and run eagerly, as engines run prefill (where a call whose Python + launch
-outlasts its kernel makes the step host-bound; the host time per call is printed for each path).
+The optimized paths (dispatched, static plan, hand-written) write one shared output buffer, so buffer
+placement cannot tell them apart; the original path writes its own, the reference for byte equality.
+
+Prefill, 2048 and 8192 tokens in 4 causal sequences, reported per layer of a 32-layer step:
+
+* paged (how sglang and vLLM run prefill on FA3): the new tokens' KV already in the paged cache, one
+  plan per step, so the metadata is made once per step as in decode;
+* varlen (``varlen_attention_out``, non-paged, FA3 schedules every call): out-aliasing only.
+
+Both are replayed from a CUDA graph (GPU time, where identical kernels must time alike) and run eagerly,
+as engines run prefill (a call whose Python + launch outlasts its kernel makes the step host-bound; the
+host time per call is printed for each path).
 
 Timing: ``triton.testing.do_bench`` medians (L2 flushed between calls), paths interleaved over rounds and
 the median across rounds kept. Kernel counts per step come from ``torch.profiler`` (graph replays and,
@@ -84,14 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     kernel_counts(lambda: torch.zeros(1, device="cuda").add_(1))  # start CUPTI before any graph is captured
 
     results = []
-    for batch, ctx in DECODE_CASES[:1] if args.quick else DECODE_CASES:
-        results.append(bench_decode(paths, batch, ctx, args.rounds))
-        print(row(results[-1]), flush=True)
-        torch.cuda.empty_cache()
-    for tokens in PREFILL_TOKENS[:1] if args.quick else PREFILL_TOKENS:
-        for result in bench_prefill(paths, tokens, args.prefill_rounds):
+    runs = [(bench_paged, (batch, ctx, args.rounds)) for batch, ctx in DECODE_CASES[: 1 if args.quick else None]]
+    for tokens in PREFILL_TOKENS[: 1 if args.quick else None]:
+        seq = tokens // PREFILL_SEQUENCES
+        runs.append((bench_paged, (PREFILL_SEQUENCES, seq, args.prefill_rounds, seq)))
+        runs.append((bench_varlen_prefill, (tokens, args.prefill_rounds)))
+    for bench, bench_args in runs:
+        for result in bench(paths, *bench_args):
             results.append(result)
             print(row(result), flush=True)
+        torch.cuda.empty_cache()
     print(f"\nattn_dispatch_cuda_fa3.stats after the run: {stats.as_dict()}")
     first = results[0]
     for path, names in first.names_graph.items():  # what the counts are made of, once
@@ -146,24 +156,33 @@ class HandWritten:
         )  # fmt: skip
 
 
-class DecodeStep:
-    """One 32-layer decode step's tensors: per-layer KV caches, queries and output buffers per path."""
+class PagedStep:
+    """One 32-layer step of paged attention: ``batch`` sequences with ``ctx`` keys each, ``q_per_seq`` new
+    tokens each (1: decode; ``ctx``: a fresh prefill whose KV the engine has written into the cache).
 
-    def __init__(self, batch: int, ctx: int) -> None:
+    Every layer has its own KV cache and queries. The optimized paths (dispatched, static plan,
+    hand-written) write one shared output buffer, so no placement difference between their buffers can
+    show up as a timing difference; the original path writes its own, the reference for byte equality.
+    """
+
+    def __init__(self, batch: int, ctx: int, q_per_seq: int = 1) -> None:
         dev = "cuda"
         columns = ctx // PAGE
         pages = batch * columns
-        g = torch.Generator(device=dev).manual_seed(batch * 100_003 + ctx)
-        self.batch = batch
+        tokens = batch * q_per_seq
+        g = torch.Generator(device=dev).manual_seed(batch * 100_003 + ctx * 7 + q_per_seq)
+        self.batch, self.tokens, self.q_per_seq = batch, tokens, q_per_seq
         self.k = torch.empty(LAYERS, pages, PAGE, KV_HEADS, HEAD_DIM, dtype=DTYPE, device=dev).normal_(generator=g)
         self.v = torch.empty_like(self.k).normal_(generator=g)
-        self.q = torch.empty(LAYERS, batch, HEADS, HEAD_DIM, dtype=DTYPE, device=dev).normal_(generator=g)
-        self.outs = {path: torch.zeros(LAYERS, batch, HEADS * HEAD_DIM, dtype=DTYPE, device=dev) for path in DECODE_PATHS}
+        self.q = torch.empty(LAYERS, tokens, HEADS, HEAD_DIM, dtype=DTYPE, device=dev).normal_(generator=g)
+        optimized = torch.zeros(LAYERS, tokens, HEADS * HEAD_DIM, dtype=DTYPE, device=dev)
+        self.outs = {path: optimized for path in DECODE_PATHS}
+        self.outs["original"] = torch.zeros_like(optimized)
         self.plan_args = dict(
             cache_seqlens=torch.full((batch,), ctx, dtype=torch.int32, device=dev),
             page_table=torch.randperm(pages, device=dev, generator=g).to(torch.int32).view(batch, columns),
-            cu_seqlens_q=torch.arange(batch + 1, dtype=torch.int32, device=dev),
-            max_seqlen_q=1, max_seqlen_k=ctx, page_size=PAGE, num_heads=HEADS, num_kv_heads=KV_HEADS,
+            cu_seqlens_q=torch.arange(0, tokens + 1, q_per_seq, dtype=torch.int32, device=dev),
+            max_seqlen_q=q_per_seq, max_seqlen_k=ctx, page_size=PAGE, num_heads=HEADS, num_kv_heads=KV_HEADS,
             head_dim=HEAD_DIM, dtype=DTYPE,
         )  # fmt: skip
 
@@ -175,20 +194,35 @@ class DecodeStep:
     def hand_written(self, hand: HandWritten) -> None:
         a = self.plan_args
         metadata = hand.metadata(
-            batch=self.batch, max_seqlen_q=1, max_seqlen_k=a["max_seqlen_k"],  # the length vllm's fwd schedules for
+            batch=self.batch, max_seqlen_q=self.q_per_seq, max_seqlen_k=a["max_seqlen_k"],  # what vllm's fwd schedules for
             cache_seqlens=a["cache_seqlens"], cu_seqlens_q=a["cu_seqlens_q"],
         )  # fmt: skip
         out = self.outs["hand_written"]
         for layer in range(LAYERS):
             hand.fwd(
-                self.q[layer], self.k[layer], self.v[layer], out[layer].view(self.batch, HEADS, HEAD_DIM),
+                self.q[layer], self.k[layer], self.v[layer], out[layer].view(self.tokens, HEADS, HEAD_DIM),
                 cu_seqlens_q=a["cu_seqlens_q"], seqused_k=a["cache_seqlens"], page_table=a["page_table"],
-                max_seqlen_q=1, max_seqlen_k=a["max_seqlen_k"], metadata=metadata,
+                max_seqlen_q=self.q_per_seq, max_seqlen_k=a["max_seqlen_k"], metadata=metadata,
             )  # fmt: skip
 
+    def all_equal(self, runs: dict[str, Callable[[], None]]) -> bool:
+        """Run each path once (original first) and compare its output bytes with the original's."""
+        runs["original"]()
+        torch.cuda.synchronize()
+        reference, shared = self.outs["original"].clone(), self.outs["dispatched"]
+        equal = True
+        for path, run in runs.items():
+            if path != "original":
+                shared.zero_()
+                run()
+                torch.cuda.synchronize()
+                equal = equal and torch.equal(shared, reference)
+        return equal
 
-def bench_decode(paths: Paths, batch: int, ctx: int, rounds: int) -> Result:
-    step = DecodeStep(batch, ctx)
+
+def bench_paged(paths: Paths, batch: int, ctx: int, rounds: int, q_per_seq: int = 1) -> list[Result]:
+    """A paged step, replayed from CUDA graphs; a prefill step (``q_per_seq > 1``) is also timed eagerly."""
+    step = PagedStep(batch, ctx, q_per_seq)
     ops, original = paths.dispatched, paths.original
     original_plan = original["make_attention_plan"](**step.plan_args)
     static_plan = ops.make_attention_plan(**step.plan_args)
@@ -212,26 +246,30 @@ def bench_decode(paths: Paths, batch: int, ctx: int, rounds: int) -> Result:
 
     replays = {path: graph.replay for path, graph in graphs.items()}
     replays["dispatched_static"] = refresh_and_replay
-    for fn in replays.values():
-        fn()
-    torch.cuda.synchronize()
-    reference = step.outs["original"]
-    equal = all(torch.equal(step.outs[path], reference) for path in DECODE_PATHS)
+    eager["dispatched_static"] = lambda: (ops.make_attention_plan(**step.plan_args, static_plan=static_plan), step.layers(ops.paged_attention_out, static_plan, "dispatched_static"))
+    equal = step.all_equal(replays) and step.all_equal(dict(eager))
 
     times = time_interleaved(replays, rounds)
-    eager["dispatched_static"] = lambda: (ops.make_attention_plan(**step.plan_args, static_plan=static_plan), step.layers(ops.paged_attention_out, static_plan, "dispatched_static"))
     graph_names = {path: kernel_names(fn) for path, fn in replays.items()}
-    result = Result(
-        f"decode B={batch} ctx={ctx}", times,
-        counts_graph={path: classify(names) for path, names in graph_names.items()},
-        counts_eager={path: classify(kernel_names(fn)) for path, fn in eager.items()},
-        names_graph=graph_names, equal=equal,
-    )  # fmt: skip
-    return result
+    counts_graph = {path: classify(names) for path, names in graph_names.items()}
+    counts_eager = {path: classify(kernel_names(fn)) for path, fn in eager.items()}
+    if q_per_seq == 1:
+        return [Result(f"decode B={batch} ctx={ctx}", times, counts_graph, counts_eager, graph_names, equal)]
+    name = f"prefill {step.tokens} tok ({batch} seq), paged, per layer"
+    per_layer = {path: t / LAYERS for path, t in times.items()}
+    eager_paths = {path: eager[path] for path in PREFILL_PATHS}
+    eager_times = {path: t / LAYERS for path, t in time_interleaved(eager_paths, rounds).items()}
+    host = {path: host_us_per_call(fn) for path, fn in eager_paths.items()}
+    print(f"{name}: host time per eager call (Python + launch, us): " + ", ".join(f"{p} {t:.1f}" for p, t in host.items()))
+    return [
+        Result(f"{name}, CUDA graph", per_layer, counts_graph, counts_eager, graph_names, equal),
+        Result(f"{name}, eager", eager_times, counts_eager=counts_eager, equal=equal, host_us=host),
+    ]
 
 
-def bench_prefill(paths: Paths, tokens: int, rounds: int) -> list[Result]:
-    """A 32-layer prefill step, each layer its own output: in a CUDA graph (GPU time) and eagerly."""
+def bench_varlen_prefill(paths: Paths, tokens: int, rounds: int) -> list[Result]:
+    """A 32-layer step of varlen (non-paged) prefill calls, FA3 scheduling each (no plan): out-aliasing only.
+    Timed in a CUDA graph (GPU time) and eagerly. Dispatched and hand-written share one output buffer."""
     dev = "cuda"
     g = torch.Generator(device=dev).manual_seed(tokens)
     q = torch.empty(tokens, HEADS, HEAD_DIM, dtype=DTYPE, device=dev).normal_(generator=g)
@@ -239,7 +277,8 @@ def bench_prefill(paths: Paths, tokens: int, rounds: int) -> list[Result]:
     seq = tokens // PREFILL_SEQUENCES
     cu = torch.arange(0, tokens + 1, seq, dtype=torch.int32, device=dev)
     lengths = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=seq, max_seqlen_k=seq)
-    outs = {path: torch.zeros(LAYERS, tokens, HEADS * HEAD_DIM, dtype=DTYPE, device=dev) for path in PREFILL_PATHS}
+    shared = torch.zeros(LAYERS, tokens, HEADS * HEAD_DIM, dtype=DTYPE, device=dev)
+    outs = {"original": torch.zeros_like(shared), "dispatched": shared, "hand_written": shared}
     original, dispatched, hand = paths.original["varlen_attention_out"], paths.dispatched.varlen_attention_out, paths.hand.fwd
 
     def step(call: Callable[[torch.Tensor], object], path: str) -> Callable[[], None]:
@@ -254,14 +293,16 @@ def bench_prefill(paths: Paths, tokens: int, rounds: int) -> list[Result]:
         "dispatched": step(lambda out: dispatched(q, k, v, out, **lengths), "dispatched"),
         "hand_written": step(lambda out: hand(q, k, v, out.view(tokens, HEADS, HEAD_DIM), **lengths), "hand_written"),
     }
-    for fn in steps.values():
-        fn()
-    torch.cuda.synchronize()
-    equal = all(torch.equal(outs[path], outs["original"]) for path in PREFILL_PATHS)
+    steps["original"]()
+    equal = True
+    for path in ("dispatched", "hand_written"):
+        shared.zero_()
+        steps[path]()
+        equal = equal and torch.equal(shared, outs["original"])
     counts = {path: classify(kernel_names(fn)) for path, fn in steps.items()}
     graphs = {path: capture(fn) for path, fn in steps.items()}
     replays = {path: graph.replay for path, graph in graphs.items()}
-    name = f"prefill {tokens} tok ({PREFILL_SEQUENCES} seq), per layer of a {LAYERS}-layer step"
+    name = f"varlen prefill {tokens} tok ({PREFILL_SEQUENCES} seq), no plan, per layer"
     in_graph = {path: t / LAYERS for path, t in time_interleaved(replays, rounds).items()}
     eager = {path: t / LAYERS for path, t in time_interleaved(steps, rounds).items()}
     host = {path: host_us_per_call(fn) for path, fn in steps.items()}
@@ -403,15 +444,15 @@ def bars(results: list[Result]) -> str:
     if first is not None:
         speedup = (1 - first.times_us["dispatched"] / first.times_us["original"]) * 100
         lines.append(f"- B=1 ctx=1024 >= 10% faster than original: {'PASS' if speedup >= 10 else 'FAIL'} ({first.times_us['original']:.1f} -> {first.times_us['dispatched']:.1f} us, {speedup:.1f}%)")
-    decode = [r for r in results if r.case.startswith("decode")]
+    planned = [r for r in results if r.case.startswith("decode") or r.case.endswith("paged, per layer, CUDA graph")]
     for source in ("counts_graph", "counts_eager"):
         ok = all(
             _per_step(r, source, "dispatched", "memcpy_dtod") == 0 and _per_step(r, source, "dispatched", "prepare_varlen_num_blocks") == 1
             and _per_step(r, source, "original", "memcpy_dtod") == LAYERS and _per_step(r, source, "original", "prepare_varlen_num_blocks") == LAYERS
-            for r in decode
+            for r in planned
         )  # fmt: skip
         how = "graph replays" if source == "counts_graph" else "same step run eagerly"
-        lines.append(f"- decode profile, {how}: 0 DtoD + 1 prepare per step (dispatched) vs {LAYERS}/{LAYERS} (original): {'PASS' if ok else 'FAIL'}")
+        lines.append(f"- profile of every planned step (decode, paged prefill), {how}: 0 DtoD + 1 prepare per step (dispatched) vs {LAYERS}/{LAYERS} (original): {'PASS' if ok else 'FAIL'}")
     lines.append(f"- outputs torch.equal across paths: {'PASS' if all(r.equal for r in results) else 'FAIL'}")
     return "\n".join(lines)
 

@@ -1,8 +1,10 @@
-"""The "attention_out" op group over one FlashAttention provider: checks, then one kernel call into ``out``.
+"""The "attention_out" op group over one FlashAttention provider: one kernel call into ``out`` per layer.
 
-Per call: shape/dtype/device checks on host metadata (ValueError naming the argument, before anything
-runs), a dict lookup for the layer's planned metadata, and the provider's forward writing straight into
-the engine's buffer. No pluggy, no device syncs, no data-dependent shapes, so it is CUDA-graph capturable.
+Per call: a dict lookup for the layer's planned metadata, the few checks FA3 cannot make itself (see
+"Checks" below), and the provider's forward writing straight into the engine's buffer. No pluggy, no
+device syncs, no data-dependent shapes, so it is CUDA-graph capturable. Bad input still gets a
+ValueError naming the argument before anything is written: FA3 refuses it in its host checks, and the
+detailed checks here then say which argument it was.
 
 torch.compile: FA3's own op schemas return ``out`` aliased (``Tensor(a!)``), which functionalization cannot
 handle. The kernel call is therefore also exposed as the custom op ``attn_dispatch_cuda_fa3::attention_out``
@@ -123,14 +125,6 @@ def _attention_out_fake(q, k, v, out, *args) -> None:
     return None
 
 
-def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, out_rows: torch.Tensor, *args) -> None:
-    """Compiled: the custom op on the engine's buffer (functionalizable). Eager: straight into the rows."""
-    if torch.compiler.is_compiling():
-        attention_out(q, k, v, out, *args)
-    else:
-        _attention_into(q, k, v, out_rows, *args)
-
-
 class AttentionOutOps:
     """``make_attention_plan``, ``paged_attention_out`` and ``varlen_attention_out`` for one provider.
 
@@ -202,13 +196,23 @@ class AttentionOutOps:
     ) -> torch.Tensor:
         """Paged attention for one layer, written into ``out``; returns ``out``. ``params`` must be planned."""
         metadata = planned_metadata(plan, params, self.provider.name)
-        out_rows = check_paged(q, k_cache, v_cache, out, plan)
+        compiling = torch.compiler.is_compiling()
+        if compiling or not _fits_plan(q, k_cache, v_cache, out, plan):
+            _check_paged_in_detail(q, k_cache, v_cache, out, plan)  # under torch.compile: once, at trace time
         left, right = params.window_size
-        _launch(
-            q, k_cache, v_cache, out, out_rows, plan.cu_seqlens_q, None, plan.cache_seqlens, plan.page_table, metadata,
-            plan.max_seqlen_q, plan.max_seqlen_k, _scale(softmax_scale, plan.head_dim), params.causal, left, right,
-            params.softcap, params.num_splits, params.pack_gqa, self._provider, self.original,
+        args = (
+            plan.cu_seqlens_q, None, plan.cache_seqlens, plan.page_table, metadata, plan.max_seqlen_q,
+            plan.max_seqlen_k, _scale(softmax_scale, plan.head_dim), params.causal, left, right, params.softcap,
+            params.num_splits, params.pack_gqa, self._provider, self.original,
         )  # fmt: skip
+        if compiling:
+            attention_out(q, k_cache, v_cache, out, *args)
+            return out
+        try:
+            _attention_into(q, k_cache, v_cache, _rows(out, q.shape[0], plan.num_heads, plan.head_dim_v), *args)
+        except Exception as exc:
+            _name_the_argument(exc, _check_paged_in_detail, q, k_cache, v_cache, out, plan)
+            raise
         return out
 
     def varlen_attention_out(
@@ -227,13 +231,24 @@ class AttentionOutOps:
     ) -> torch.Tensor:
         """Varlen (packed) prefill written into ``out``; returns ``out``. FA3 schedules it in the kernel
         (a prefill batch is one call per layer with nothing shared to precompute across calls)."""
-        out_rows = check_varlen(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        compiling = torch.compiler.is_compiling()
+        lengths = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        if compiling or not _fits_device(q, k, v, out, *lengths):
+            _check_varlen_in_detail(q, k, v, out, *lengths)
         left, right = params.window_size
-        _launch(
-            q, k, v, out, out_rows, cu_seqlens_q, cu_seqlens_k, None, None, None, max_seqlen_q, max_seqlen_k,
+        args = (
+            cu_seqlens_q, cu_seqlens_k, None, None, None, max_seqlen_q, max_seqlen_k,
             _scale(softmax_scale, q.shape[2]), params.causal, left, right, params.softcap, params.num_splits,
             params.pack_gqa, self._provider, self.original,
         )  # fmt: skip
+        if compiling:
+            attention_out(q, k, v, out, *args)
+            return out
+        try:
+            _attention_into(q, k, v, _rows(out, q.shape[0], q.shape[1], v.shape[2]), *args)
+        except Exception as exc:
+            _name_the_argument(exc, _check_varlen_in_detail, q, k, v, out, *lengths)
+            raise
         return out
 
     def as_dict(self) -> dict[str, Callable]:
@@ -249,34 +264,50 @@ def build_ops(provider: FlashProvider, *, original: bool = False) -> dict[str, C
     return AttentionOutOps(provider, original=original).as_dict()
 
 
-# Checks run per layer, so each has two halves: one boolean expression covering every condition (the
-# common case: well-formed input, ~half the host time), and the detailed check that names the argument.
-# The fast half may only be stricter than the detailed one: when it says no, the detailed check decides.
+# Checks. Per call only what the kernel cannot check itself runs in Python: that the layer matches the
+# plan its metadata was made for (FA3 checks only the metadata's length; a mismatch misschedules silently),
+# that every tensor is on the same GPU (FA3 launches on q's without comparing), and that `out` is contiguous
+# (its rows are viewed as [tokens, heads, head_dim_v]). Dtypes, shapes and strides are FA3's own host checks,
+# which run before it launches anything; when the kernel call raises, the detailed checks below run and
+# name the bad argument (ValueError, chained to the kernel's error). Nothing has been written by then.
 
 
-def check_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor, plan: FlashPlan) -> torch.Tensor:
-    """ValueError naming the first bad argument; else ``out``'s rows for ``q`` as ``[tokens, heads, head_dim_v]``."""
-    if _paged_ok(q, k_cache, v_cache, out, plan):
-        return _rows(out, q.shape[0], plan.num_heads, plan.head_dim_v)
-    return _check_paged_in_detail(q, k_cache, v_cache, out, plan)
-
-
-def _paged_ok(q, k_cache, v_cache, out, plan: FlashPlan) -> bool:
+def _fits_plan(q, k_cache, v_cache, out, plan: FlashPlan) -> bool:
     try:
-        dtype, device = plan.dtype, plan.cache_seqlens.device
-        tokens, heads, head_dim = q.shape
-        pages = k_cache.shape[0]
+        device = plan.device_index
         return (
-            q.dtype == dtype and k_cache.dtype == dtype and v_cache.dtype == dtype
-            and q.device == device and k_cache.device == device and v_cache.device == device
-            and q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
-            and heads == plan.num_heads and head_dim == plan.head_dim
-            and k_cache.shape == (pages, plan.page_size, plan.num_kv_heads, plan.head_dim)
-            and v_cache.shape == (pages, plan.page_size, plan.num_kv_heads, plan.head_dim_v)
-            and _out_ok(out, tokens, heads, plan.head_dim_v, dtype, device)
+            q.dtype == plan.dtype and q.shape[1:] == plan.q_tail
+            and k_cache.shape[1:] == plan.k_cache_tail and v_cache.shape[1:] == plan.v_cache_tail
+            and q.get_device() == device and k_cache.get_device() == device and v_cache.get_device() == device
+            and out.get_device() == device and out.is_contiguous()
         )  # fmt: skip
-    except (AttributeError, TypeError, ValueError):  # not a tensor, or q not 3-D: the detailed check says which
+    except (AttributeError, TypeError):  # not a tensor: the detailed check says which
         return False
+
+
+def _fits_device(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> bool:
+    try:
+        device = q.get_device()
+        return (
+            k.get_device() == device and v.get_device() == device and out.get_device() == device
+            and cu_seqlens_q.get_device() == device and cu_seqlens_k.get_device() == device
+            and out.is_contiguous() and max_seqlen_q > 0 and max_seqlen_k > 0
+        )  # fmt: skip
+    except (AttributeError, TypeError):
+        return False
+
+
+def _name_the_argument(exc: Exception, detailed_check: Callable, *args) -> None:
+    """Raise the detailed check's ValueError (naming the argument) in place of the kernel's ``exc``, if it
+    finds one; otherwise return, and the caller re-raises ``exc`` unchanged."""
+    try:
+        detailed_check(*args)
+    except ValueError as named:
+        raise named from exc
+
+
+def _rows(out: torch.Tensor, tokens: int, heads: int, head_dim_v: int) -> torch.Tensor:
+    return (out if out.shape[0] == tokens else out[:tokens]).view(tokens, heads, head_dim_v)
 
 
 def _check_paged_in_detail(q, k_cache, v_cache, out, plan: FlashPlan) -> torch.Tensor:
@@ -292,59 +323,6 @@ def _check_paged_in_detail(q, k_cache, v_cache, out, plan: FlashPlan) -> torch.T
         if cache.shape != expected:
             fail(name, f"expected shape [pages={pages}, page_size, kv_heads, head_dim] = {list(expected)}, got {list(cache.shape)}")
     return out_rows_view(out, q.shape[0], plan.num_heads, plan.head_dim_v, like=q)
-
-
-def check_varlen(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-) -> torch.Tensor:
-    """ValueError naming the first bad argument; else ``out``'s rows for ``q`` as ``[tokens, heads, head_dim_v]``."""
-    if _varlen_ok(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
-        return _rows(out, q.shape[0], q.shape[1], v.shape[2])
-    return _check_varlen_in_detail(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-
-
-def _varlen_ok(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> bool:
-    try:
-        dtype, device = q.dtype, q.device
-        tokens, heads, head_dim = q.shape
-        kv_heads = k.shape[1]
-        return (
-            dtype in FLASH_DTYPES and k.dim() == 3 and v.dim() == 3
-            and k.dtype == dtype and v.dtype == dtype and k.device == device and v.device == device
-            and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
-            and cu_seqlens_q.dim() == 1 and cu_seqlens_q.dtype == INDEX_DTYPE and cu_seqlens_q.device == device
-            and cu_seqlens_k.dtype == INDEX_DTYPE and cu_seqlens_k.device == device
-            and cu_seqlens_q.stride(-1) == 1 and cu_seqlens_k.stride(-1) == 1 and cu_seqlens_k.shape == cu_seqlens_q.shape
-            and kv_heads > 0 and heads % kv_heads == 0 and k.shape[2] == head_dim
-            and v.shape[0] == k.shape[0] and v.shape[1] == kv_heads
-            and max_seqlen_q > 0 and max_seqlen_k > 0
-            and _out_ok(out, tokens, heads, v.shape[2], dtype, device)
-        )  # fmt: skip
-    except (AttributeError, TypeError, ValueError):
-        return False
-
-
-def _out_ok(out, tokens: int, heads: int, head_dim_v: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """The conditions of ``attn_dispatch.checks.out_rows_view``."""
-    shape = out.shape
-    if len(shape) == 2:
-        tail_ok = shape[1] == heads * head_dim_v
-    elif len(shape) == 3:
-        tail_ok = shape[1] == heads and shape[2] == head_dim_v
-    else:
-        return False
-    return tail_ok and shape[0] >= tokens and out.dtype == dtype and out.device == device and out.is_contiguous()
-
-
-def _rows(out: torch.Tensor, tokens: int, heads: int, head_dim_v: int) -> torch.Tensor:
-    return (out if out.shape[0] == tokens else out[:tokens]).view(tokens, heads, head_dim_v)
 
 
 def _check_varlen_in_detail(q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> torch.Tensor:

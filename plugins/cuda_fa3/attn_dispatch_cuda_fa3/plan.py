@@ -47,6 +47,17 @@ class FlashPlan(AttentionPlan):
 
     layer_params: tuple[AttentionParams, ...] = ()
     metadata_buffers: Mapping[AttentionParams, torch.Tensor] = field(default_factory=dict)
+    # What every layer's tensors must look like, precomputed for the per-call check (attention._fits_plan).
+    q_tail: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    k_cache_tail: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    v_cache_tail: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    device_index: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "q_tail", (self.num_heads, self.head_dim))
+        object.__setattr__(self, "k_cache_tail", (self.page_size, self.num_kv_heads, self.head_dim))
+        object.__setattr__(self, "v_cache_tail", (self.page_size, self.num_kv_heads, self.head_dim_v))
+        object.__setattr__(self, "device_index", self.cache_seqlens.get_device())
 
 
 def schedule_seqlen_k(provider: FlashProvider, plan: AttentionPlan) -> int:

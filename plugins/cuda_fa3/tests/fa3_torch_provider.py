@@ -7,6 +7,9 @@ It behaves like FA3 where the plugin's correctness depends on it, and is stricte
   read it wrongly without a word). A paged forward schedules for the ``max_seqlen_k`` it is given, like
   vllm's raw op, or with ``paged_seqlen_k_from_page_table=True`` for the page table's capacity, like the
   sgl_kernel and upstream wrappers.
+- ``fwd`` first runs the host checks FA3's ``mha_fwd`` makes before it launches anything (dtypes, last-dim
+  strides, ``out``'s shape, int32 ``cu_seqlens``, heads divisible) and raises RuntimeError like its
+  ``TORCH_CHECK``s: the plugin leaves those to the kernel on its per-call path.
 - ``writes_out=False`` mimics upstream FA3: passing ``out`` raises.
 - ``calls`` counts metadata builds and forwards, so tests can see what each op launched.
 """
@@ -54,6 +57,26 @@ def _metadata(
     return meta
 
 
+def _fa3_host_checks(q, k, v, out, cu_seqlens_q, cu_seqlens_k) -> None:
+    """The TORCH_CHECKs of FA3's mha_fwd that the plugin relies on (its messages, abridged)."""
+
+    def torch_check(ok: bool, message: str) -> None:
+        if not ok:
+            raise RuntimeError(message)
+
+    torch_check(q.dtype in (torch.float16, torch.bfloat16), "FlashAttention only supports fp16, bf16 and fp8_e4m3")
+    torch_check(k.dtype == q.dtype and v.dtype == q.dtype, "query and key/value must have the same dtype")
+    for t in (q, k, v):
+        torch_check(t.stride(-1) == 1, "Input tensor must have contiguous last dimension")
+    torch_check(q.shape[-2] % k.shape[-2] == 0, "Number of heads in key/value must divide number of heads in query")
+    for cu in (cu_seqlens_q, cu_seqlens_k):
+        torch_check(cu is None or (cu.dtype == torch.int32 and cu.is_contiguous()), "cu_seqlens must have dtype int32")
+    if out is not None:
+        torch_check(out.dtype == q.dtype, "Output must have the same dtype as inputs")
+        torch_check(out.stride(-1) == 1, "Output tensor must have contiguous last dimension")
+        torch_check(out.shape == (*q.shape[:-1], v.shape[-1]), "out must have shape (total_q, num_heads, head_size_v)")
+
+
 def make_torch_provider(
     *, writes_out: bool = True, metadata: bool = True, name: str = "torch_fa3", paged_seqlen_k_from_page_table: bool = False
 ) -> tuple[FlashProvider, Calls]:
@@ -69,6 +92,7 @@ def make_torch_provider(
         softcap=0.0, scheduler_metadata=None, num_splits=0, pack_gqa=None,
     ):  # fmt: skip
         calls.fwd += 1
+        _fa3_host_checks(q, k, v, out, cu_seqlens_q, cu_seqlens_k)
         if out is not None and not writes_out:
             raise TypeError(f"{name} cannot write into out")
         if seqused_q is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import pytest
@@ -95,7 +96,7 @@ def test_metadata_is_keyed_by_every_scheduling_input():
     contents = {tuple(plan.metadata[p].tolist()) for p in keys}
     assert len(contents) == len(keys)
     # a layer handed another key's metadata would be mis-scheduled: the strict provider proves which it got
-    wrong = FlashPlan(**{**plan.__dict__, "metadata": {DEFAULT_PARAMS: plan.metadata[SLIDING]}})
+    wrong = dataclasses.replace(plan, metadata={DEFAULT_PARAMS: plan.metadata[SLIDING]})
     with pytest.raises(AssertionError, match="another schedule"):
         ops["paged_attention_out"](batch.q, batch.k_cache, batch.v_cache, batch.out(), plan=wrong)
 
@@ -189,7 +190,10 @@ def test_varlen_matches_the_reference(params, heads, kv_heads, writes_out):
     assert (out[15:] == 7.0).all()
 
 
-# ---- bad input: ValueError naming the argument, before any launch, `out` untouched --------------------
+# ---- bad input: ValueError naming the argument, before anything is written, `out` untouched ----------
+# Per call the plugin checks in Python only what FA3 cannot (plan match, same device, contiguous `out`);
+# the rest is FA3's own host checks, which refuse before launching. Either way the detailed checks name the
+# argument. The stand-in provider makes FA3's checks (fa3_torch_provider._fa3_host_checks).
 
 
 def _paged_case(mutate):
@@ -228,7 +232,6 @@ def test_paged_bad_input(case):
     before = out.clone() if out.device.type != "meta" else None
     with pytest.raises(ValueError, match=f"^{arg}: "):
         call()
-    assert calls.fwd == 0
     assert torch.equal(out, before)
 
 
@@ -278,4 +281,44 @@ def test_varlen_bad_input(case):
     before = out.clone()
     with pytest.raises(ValueError, match=f"^{arg}: "):
         build_ops(provider)["varlen_attention_out"](args.pop("q"), args.pop("k"), args.pop("v"), args.pop("out"), **args)
-    assert calls.fwd == 0 and torch.equal(out, before)
+    assert torch.equal(out, before)
+
+
+def test_a_kernel_refusal_is_named_and_chained():
+    call, args, calls = _paged_case(lambda a: a.update(k_cache=a["k_cache"].half()))
+    with pytest.raises(ValueError, match="^k_cache: ") as raised:
+        call()
+    assert calls.fwd == 1 and isinstance(raised.value.__cause__, RuntimeError)  # FA3's check came first
+
+
+def test_a_kernel_error_the_checks_cannot_explain_propagates_unchanged(monkeypatch):
+    provider, _ = make_torch_provider()
+    boom = RuntimeError("CUDA error: out of memory")
+
+    def fwd(*args, **kwargs):
+        raise boom
+
+    ops = build_ops(dataclasses.replace(provider, fwd=fwd))
+    batch = paged_batch(**MIXED, heads=4, kv_heads=2, head_dim=32)
+    plan = ops["make_attention_plan"](**batch.plan_args)
+    with pytest.raises(RuntimeError) as raised:
+        ops["paged_attention_out"](batch.q, batch.k_cache, batch.v_cache, batch.out(), plan=plan)
+    assert raised.value is boom
+
+
+def test_well_formed_calls_skip_the_detailed_checks(monkeypatch):
+    """The per-layer path is the fast check plus the kernel call (the detailed checks explain failures only)."""
+    from attn_dispatch_cuda_fa3 import attention
+
+    def detailed(*args):
+        raise AssertionError("detailed checks ran on a well-formed call")
+
+    monkeypatch.setattr(attention, "_check_paged_in_detail", detailed)
+    monkeypatch.setattr(attention, "_check_varlen_in_detail", detailed)
+    provider, _ = make_torch_provider()
+    ops = build_ops(provider)
+    batch = paged_batch(**MIXED, heads=4, kv_heads=2, head_dim=32)
+    plan = ops["make_attention_plan"](**batch.plan_args)
+    ops["paged_attention_out"](batch.q, batch.k_cache, batch.v_cache, batch.out(), plan=plan)
+    q, k, v, lens = packed_batch(lens=[5, 9], heads=6, kv_heads=2, head_dim=32)
+    ops["varlen_attention_out"](q, k, v, torch.empty(14, 6 * 32, dtype=q.dtype), **lens)

@@ -12,7 +12,9 @@ is asynchronous and CUDA-graph capturable (no host syncs).
 
 Each program moves ``BLOCK_ROWS`` rows of one head (``BLOCK_ROWS x head_dim`` elements). The gather
 moves the same rows of up to three sources (Q, K, V) in one program, so the row indices and offsets are
-loaded and computed once for all of them.
+loaded and computed once for all of them. The grid is 1-D; with ``heads_inner`` (the default) consecutive
+programs take the heads of one block of rows, so together they stream whole rows (``H x D`` contiguous
+elements) instead of ``D``-element pieces a row apart.
 """
 
 from __future__ import annotations
@@ -25,6 +27,15 @@ import triton.language as tl
 
 BLOCK_ROWS = 32
 NUM_WARPS = 4
+HEADS_INNER = True
+
+
+@triton.jit
+def _block_and_head(HEADS: tl.constexpr, HEADS_INNER: tl.constexpr, n_blocks):
+    pid = tl.program_id(0)
+    if HEADS_INNER:
+        return pid // HEADS, pid % HEADS
+    return pid % n_blocks, pid // n_blocks
 
 
 @triton.jit
@@ -33,15 +44,15 @@ def _gather_rows_kernel(
     n_rows, plane, seqlen,
     stride_b, stride_s, stride_h, stride_d,
     NUM_SRC: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_ROWS: tl.constexpr, HEADS_INNER: tl.constexpr,
 ):  # fmt: skip
     """dst[t, i, head, :] = src_t[b, s, head, :] with b * seqlen + s = indices[i], for t < NUM_SRC.
 
     ``plane`` is the element count of one source's packed rows in ``dst`` (computed on the host, so it
     is an int64 argument when it needs to be).
     """
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    head = tl.program_id(1)
+    block, head = _block_and_head(HEADS, HEADS_INNER, tl.cdiv(n_rows, BLOCK_ROWS))
+    rows = block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_ok = rows < n_rows
     flat = tl.load(indices + rows, mask=row_ok, other=0).to(tl.int64)
     b = flat // seqlen
@@ -67,10 +78,11 @@ def _scatter_rows_kernel(
     n_dst_rows,
     stride_row, stride_h, stride_d,
     HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+    HEADS_INNER: tl.constexpr,
 ):  # fmt: skip
     """dst[r, head, :] = src[inverse[r], head, :] where inverse[r] >= 0, else zeros; every dst row written."""
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    head = tl.program_id(1)
+    block, head = _block_and_head(HEADS, HEADS_INNER, tl.cdiv(n_dst_rows, BLOCK_ROWS))
+    rows = block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_ok = rows < n_dst_rows
     packed = tl.load(inverse + rows, mask=row_ok, other=-1)
     valid = packed >= 0
@@ -84,7 +96,12 @@ def _scatter_rows_kernel(
 
 
 def gather_rows(
-    sources: Sequence[torch.Tensor], indices: torch.Tensor, *, block_rows: int = BLOCK_ROWS, num_warps: int = NUM_WARPS
+    sources: Sequence[torch.Tensor],
+    indices: torch.Tensor,
+    *,
+    block_rows: int = BLOCK_ROWS,
+    num_warps: int = NUM_WARPS,
+    heads_inner: bool = HEADS_INNER,
 ) -> torch.Tensor:
     """Gather the rows ``indices`` (flat ``b * S + s``) of 1-3 same-shaped ``[B, S, H, D]`` tensors.
 
@@ -111,13 +128,13 @@ def gather_rows(
         groups = [(list(sources), out)]
     else:
         groups = [([src], out[t : t + 1]) for t, src in enumerate(sources)]
-    grid = (triton.cdiv(n_rows, block_rows), heads)
+    grid = (triton.cdiv(n_rows, block_rows) * heads,)
     for group, dst in groups:
         padded = group + [group[0]] * (3 - len(group))  # unused pointer slots; NUM_SRC keeps them unread
         _gather_rows_kernel[grid](
             *padded, dst, indices, n_rows, n_rows * heads * head_dim, seqlen, *group[0].stride(),
             NUM_SRC=len(group), HEADS=heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-            BLOCK_ROWS=block_rows, num_warps=num_warps,
+            BLOCK_ROWS=block_rows, HEADS_INNER=heads_inner, num_warps=num_warps,
         )  # fmt: skip
     return out
 
@@ -130,6 +147,7 @@ def scatter_rows(
     *,
     block_rows: int = BLOCK_ROWS,
     num_warps: int = NUM_WARPS,
+    heads_inner: bool = HEADS_INNER,
 ) -> torch.Tensor:
     """Write packed rows ``[n, H, D]`` back to a new contiguous ``[batch, seqlen, H, D]``, zeros elsewhere.
 
@@ -145,10 +163,10 @@ def scatter_rows(
     n_dst_rows = batch * seqlen
     if n_dst_rows == 0:
         return out
-    grid = (triton.cdiv(n_dst_rows, block_rows), heads)
+    grid = (triton.cdiv(n_dst_rows, block_rows) * heads,)
     _scatter_rows_kernel[grid](
         packed, out, inverse, n_dst_rows, *packed.stride(),
         HEADS=heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_ROWS=block_rows,
-        num_warps=num_warps,
+        HEADS_INNER=heads_inner, num_warps=num_warps,
     )  # fmt: skip
     return out
