@@ -238,7 +238,7 @@ def bench_paged(paths: Paths, batch: int, ctx: int, rounds: int, q_per_seq: int 
         "dispatched_static": lambda: step.layers(ops.paged_attention_out, static_plan, "dispatched_static"),
         "hand_written": lambda: step.hand_written(paths.hand),
     }
-    graphs = {path: capture(fn) for path, fn in eager.items()}
+    graphs = capture_all(eager)
 
     def refresh_and_replay() -> None:
         ops.make_attention_plan(**step.plan_args, static_plan=static_plan)
@@ -300,7 +300,7 @@ def bench_varlen_prefill(paths: Paths, tokens: int, rounds: int) -> list[Result]
         steps[path]()
         equal = equal and torch.equal(shared, outs["original"])
     counts = {path: classify(kernel_names(fn)) for path, fn in steps.items()}
-    graphs = {path: capture(fn) for path, fn in steps.items()}
+    graphs = capture_all(steps)
     replays = {path: graph.replay for path, graph in graphs.items()}
     name = f"varlen prefill {tokens} tok ({PREFILL_SEQUENCES} seq), no plan, per layer"
     in_graph = {path: t / LAYERS for path, t in time_interleaved(replays, rounds).items()}
@@ -327,14 +327,22 @@ def host_us_per_call(step: Callable[[], None], repeats: int = 21) -> float:
     return statistics.median(samples)
 
 
-def capture(fn: Callable[[], None]) -> torch.cuda.CUDAGraph:
+def capture_all(fns: dict[str, Callable[[], None]]) -> dict[str, torch.cuda.CUDAGraph]:
+    """One graph per path, all in one memory pool: the kernels' own temporaries (softmax_lse, split-KV
+    accumulators, metadata) land at the same addresses in every path's graph, so placement cannot tell
+    identical kernel sequences apart. Safe because the graphs replay one at a time on one stream."""
+    pool = torch.cuda.graph_pool_handle()
+    return {path: capture(fn, pool) for path, fn in fns.items()}
+
+
+def capture(fn: Callable[[], None], pool=None) -> torch.cuda.CUDAGraph:
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm up outside the graph
         fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         fn()
     return graph
 
@@ -348,7 +356,7 @@ def time_interleaved(fns: dict[str, Callable[[], None]], rounds: int) -> dict[st
     samples: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            samples[name].append(do_bench(fns[name], warmup=10, rep=80, return_mode="median") * 1e3)
+            samples[name].append(do_bench(fns[name], warmup=10, rep=200, return_mode="median") * 1e3)
     return {name: statistics.median(samples[name]) for name in names}
 
 
