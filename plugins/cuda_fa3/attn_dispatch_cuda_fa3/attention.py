@@ -233,7 +233,7 @@ class AttentionOutOps:
         (a prefill batch is one call per layer with nothing shared to precompute across calls)."""
         compiling = torch.compiler.is_compiling()
         lengths = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-        if compiling or not _fits_kernel(out, max_seqlen_q, max_seqlen_k):
+        if compiling or not _fits_kernel(q, out, max_seqlen_q, max_seqlen_k):
             _check_varlen_in_detail(q, k, v, out, *lengths)
         left, right = params.window_size
         args = (
@@ -267,7 +267,8 @@ def build_ops(provider: FlashProvider, *, original: bool = False) -> dict[str, C
 # Checks. Per call only what FA3 cannot check runs in Python: that the layer matches the plan its metadata
 # was made for (FA3 checks only the metadata's length, so a mismatch misschedules without a word, and it
 # launches on q's GPU, so q must be on the plan's), that `out` is contiguous (its rows are viewed as
-# [tokens, heads, head_dim_v]) and that the max lengths are positive. Dtypes, shapes, strides and "is on a
+# [tokens, heads, head_dim_v]) with q's dtype (FA3 never sees `out` when it cannot write into it, and a
+# copy_ would convert silently), and that the max lengths are positive. Dtypes, shapes, strides and "is on a
 # GPU" are FA3's own host checks, made before it launches anything; when the kernel call raises, the
 # detailed checks below run and name the bad argument (ValueError, chained to the kernel's error), and
 # nothing has been written. Like FA3, the per-call path does not compare the GPUs of k, v and out with
@@ -279,15 +280,15 @@ def _fits_plan(q, k_cache, v_cache, out, plan: FlashPlan) -> bool:
         return (
             q.dtype == plan.dtype and q.shape[1:] == plan.q_tail and q.get_device() == plan.device_index
             and k_cache.shape[1:] == plan.k_cache_tail and v_cache.shape[1:] == plan.v_cache_tail
-            and out.is_contiguous()
+            and out.dtype == plan.dtype and out.is_contiguous()
         )  # fmt: skip
     except (AttributeError, TypeError):  # not a tensor: the detailed check says which
         return False
 
 
-def _fits_kernel(out, max_seqlen_q, max_seqlen_k) -> bool:
+def _fits_kernel(q, out, max_seqlen_q, max_seqlen_k) -> bool:
     try:
-        return out.is_contiguous() and max_seqlen_q > 0 and max_seqlen_k > 0
+        return out.dtype == q.dtype and out.is_contiguous() and max_seqlen_q > 0 and max_seqlen_k > 0
     except (AttributeError, TypeError):
         return False
 

@@ -322,3 +322,18 @@ def test_well_formed_calls_skip_the_detailed_checks(monkeypatch):
     ops["paged_attention_out"](batch.q, batch.k_cache, batch.v_cache, batch.out(), plan=plan)
     q, k, v, lens = packed_batch(lens=[5, 9], heads=6, kv_heads=2, head_dim=32)
     ops["varlen_attention_out"](q, k, v, torch.empty(14, 6 * 32, dtype=q.dtype), **lens)
+
+
+@pytest.mark.parametrize("original", [False, True])
+def test_out_dtype_is_checked_when_the_kernel_never_sees_out(original):
+    """Upstream FA3 (writes_out=False) and the original path copy into `out`; copy_ would convert dtypes."""
+    provider, _ = make_torch_provider(writes_out=False)
+    ops = build_ops(provider, original=original)
+    batch = paged_batch(**MIXED, heads=4, kv_heads=2, head_dim=32)
+    plan = ops["make_attention_plan"](**batch.plan_args)
+    out = batch.out().float()
+    with pytest.raises(ValueError, match="^out: "):
+        ops["paged_attention_out"](batch.q, batch.k_cache, batch.v_cache, out, plan=plan)
+    q, k, v, lens = packed_batch(lens=[5, 9], heads=6, kv_heads=2, head_dim=32)
+    with pytest.raises(ValueError, match="^out: "):
+        ops["varlen_attention_out"](q, k, v, torch.zeros(14, 6 * 32), **lens)
