@@ -252,3 +252,63 @@ def test_compiled_layers_write_out_in_place_with_the_real_provider(provider):
     eager = [batch.out(), batch.out()]
     two_layers(batch.q, batch.k_cache, batch.v_cache, *eager)
     assert all(torch.equal(a, b) for a, b in zip(compiled, eager))
+
+
+# ---- bad input with the real FA3: its host checks refuse before any launch, the plugin names the argument
+
+
+def _poisoned(t: torch.Tensor) -> torch.Tensor:
+    return torch.full((t.shape[1], t.shape[0]), 7.0, dtype=t.dtype, device=t.device).t()  # transposed: not contiguous
+
+
+GPU_PAGED_ERRORS = {
+    "q float32": (lambda a: a.update(q=a["q"].float()), "q"),
+    "q on the CPU": (lambda a: a.update(q=a["q"].cpu()), "q"),
+    "q strided last dim": (lambda a: a.update(q=a["q"].repeat_interleave(2, dim=2)[..., ::2]), "q"),
+    "k_cache float16": (lambda a: a.update(k_cache=a["k_cache"].half()), "k_cache"),
+    "k_cache page size": (lambda a: a.update(k_cache=a["k_cache"][:, :8]), "k_cache"),
+    "v_cache on the CPU": (lambda a: a.update(v_cache=a["v_cache"].cpu()), "v_cache"),
+    "out float32": (lambda a: a.update(out=a["out"].float()), "out"),
+    "out too short": (lambda a: a.update(out=a["out"][:3]), "out"),
+    "out not contiguous": (lambda a: a.update(out=_poisoned(a["out"])), "out"),
+}
+
+
+@pytest.mark.parametrize("case", list(GPU_PAGED_ERRORS))
+def test_paged_bad_input_is_named_and_nothing_written(provider, case):
+    mutate, arg = GPU_PAGED_ERRORS[case]
+    ops = build_ops(provider)
+    batch = paged_batch(q_lens=[1, 5, 1, 3], k_lens=[37, 20, 6, 3], heads=4, kv_heads=2, head_dim=64, device="cuda")
+    args = dict(q=batch.q, k_cache=batch.k_cache, v_cache=batch.v_cache, out=batch.out())
+    plan = ops["make_attention_plan"](**batch.plan_args)
+    mutate(args)
+    before = args["out"].clone()
+    with pytest.raises(ValueError, match=f"^{arg}: "):
+        ops["paged_attention_out"](args["q"], args["k_cache"], args["v_cache"], args["out"], plan=plan)
+    torch.cuda.synchronize()
+    assert torch.equal(args["out"], before)
+
+
+GPU_VARLEN_ERRORS = {
+    "q float32": (lambda a: a.update(q=a["q"].float()), "q"),
+    "k on the CPU": (lambda a: a.update(k=a["k"].cpu()), "k"),
+    "heads not divisible": (lambda a: a.update(k=torch.cat([a["k"]] * 2, 1)[:, :4], v=torch.cat([a["v"]] * 2, 1)[:, :4]), "q"),
+    "v tokens": (lambda a: a.update(v=a["v"][:-1]), "v"),
+    "cu_seqlens_k length": (lambda a: a.update(cu_seqlens_k=a["cu_seqlens_k"][:-1]), "cu_seqlens_k"),
+    "cu_seqlens_q int64": (lambda a: a.update(cu_seqlens_q=a["cu_seqlens_q"].long()), "cu_seqlens_q"),
+    "out shape": (lambda a: a.update(out=a["out"][:, :2]), "out"),
+}
+
+
+@pytest.mark.parametrize("case", list(GPU_VARLEN_ERRORS))
+def test_varlen_bad_input_is_named_and_nothing_written(provider, case):
+    mutate, arg = GPU_VARLEN_ERRORS[case]
+    q, k, v, lens = packed_batch(lens=[5, 9], heads=6, kv_heads=2, head_dim=64, device="cuda")
+    args = dict(q=q, k=k, v=v, out=torch.full((14, 6, 64), 7.0, dtype=q.dtype, device="cuda"), **lens)
+    mutate(args)
+    out = args.pop("out")
+    before = out.clone()
+    with pytest.raises(ValueError, match=f"^{arg}: "):
+        build_ops(provider)["varlen_attention_out"](args.pop("q"), args.pop("k"), args.pop("v"), out, **args)
+    torch.cuda.synchronize()
+    assert torch.equal(out, before)
