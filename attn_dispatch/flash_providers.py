@@ -58,6 +58,16 @@ class FlashProvider:
     writes_out: bool
     has_seqused_q: bool
     paged_seqlen_k_from_page_table: bool = False
+    bind_fwd: Callable[..., Callable[..., torch.Tensor]] | None = None
+
+    def bind(self, **static) -> Callable[..., torch.Tensor]:
+        """``fwd`` with every argument but the tensors fixed now: ``bind(**static)(q, k, v, out)`` is
+        ``fwd(q, k, v, out=out, **static)``. For a call repeated with the same batch (every layer of a step);
+        an adapter with a cheaper way to repeat a call (``bind_fwd``) lays its arguments out once."""
+        if self.bind_fwd is not None:
+            return self.bind_fwd(**static)
+        fwd = self.fwd
+        return lambda q, k, v, out: fwd(q, k, v, out=out, **static)
 
     def describe(self) -> str:
         caps = ["out=" if self.writes_out else "copy into out"]
@@ -69,27 +79,42 @@ class FlashProvider:
 
 
 def _vllm_fa3() -> FlashProvider:
-    """vllm's bundled FA3. Calls the raw op, which (unlike the Python wrapper) takes seqused_q and pack_gqa."""
+    """vllm's bundled FA3. Calls the raw op, which (unlike the Python wrapper) takes seqused_q and pack_gqa,
+    and costs less host time per call (the wrapper adds an allocation and three stride checks). ``bind_fwd``
+    lays the op's 37 positional arguments out once per batch; a layer's call then passes only its tensors."""
     from vllm.vllm_flash_attn import get_scheduler_metadata as vllm_metadata  # noqa: F401  (proves FA3 is there)
 
-    fa3_fwd = torch.ops._vllm_fa3_C.fwd
-    fa3_metadata = torch.ops._vllm_fa3_C.get_scheduler_metadata
+    return raw_fa3_ops_provider("vllm_fa3", torch.ops._vllm_fa3_C)
 
-    def fwd(
-        q, k, v, *, out=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None, seqused_k=None,
-        max_seqlen_q, max_seqlen_k, page_table=None, softmax_scale, causal, window_size=(-1, -1),
-        softcap=0.0, scheduler_metadata=None, num_splits=0, pack_gqa=None,
+
+def raw_fa3_ops_provider(name: str, ops) -> FlashProvider:
+    """A provider over FA3's raw ops ``ops.fwd`` and ``ops.get_scheduler_metadata`` (vllm's schema: 37 and 23
+    positional arguments). Separate from the import so the argument layout can be tested without a GPU."""
+    fa3_fwd = ops.fwd
+    fa3_metadata = ops.get_scheduler_metadata
+
+    def bind_fwd(
+        *, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None, seqused_k=None, max_seqlen_q, max_seqlen_k,
+        page_table=None, softmax_scale, causal, window_size=(-1, -1), softcap=0.0, scheduler_metadata=None,
+        num_splits=0, pack_gqa=None,
     ):  # fmt: skip
-        result = fa3_fwd(
-            q, k, v, None, None, None, out,  # k_new, v_new, q_v
-            cu_seqlens_q, cu_seqlens_k, None, seqused_q, seqused_k,  # cu_seqlens_k_new
-            max_seqlen_q, max_seqlen_k, page_table,
-            None, None, None, None, None, None, None, None,  # kv_batch_idx, leftpad_k, rotary x3, descales x3
-            softmax_scale, causal, window_size[0], window_size[1], softcap,
-            True, scheduler_metadata, num_splits, pack_gqa, 0,  # rotary_interleaved, ..., sm_margin
-            None, 1, 0, None,  # s_aux, cp_world_size, cp_rank, cp_tot_seqused_k
-        )  # fmt: skip
-        return result[0]
+        left, right = window_size
+
+        def call(q, k, v, out):
+            return fa3_fwd(
+                q, k, v, None, None, None, out,  # k_new, v_new, q_v
+                cu_seqlens_q, cu_seqlens_k, None, seqused_q, seqused_k,  # cu_seqlens_k_new
+                max_seqlen_q, max_seqlen_k, page_table,
+                None, None, None, None, None, None, None, None,  # kv_batch_idx, leftpad_k, rotary x3, descales x3
+                softmax_scale, causal, left, right, softcap,
+                True, scheduler_metadata, num_splits, pack_gqa, 0,  # rotary_interleaved, ..., sm_margin
+                None, 1, 0, None,  # s_aux, cp_world_size, cp_rank, cp_tot_seqused_k
+            )[0]  # fmt: skip
+
+        return call
+
+    def fwd(q, k, v, *, out=None, **static):
+        return bind_fwd(**static)(q, k, v, out)
 
     def scheduler_metadata(
         *, batch_size, max_seqlen_q, max_seqlen_k, num_heads, num_kv_heads, head_dim, head_dim_v,
@@ -101,7 +126,7 @@ def _vllm_fa3() -> FlashProvider:
             page_size, 0, causal, window_size[0], window_size[1], softcap > 0, num_splits, pack_gqa, 0,
         )  # fmt: skip
 
-    return FlashProvider("vllm_fa3", 3, fwd, scheduler_metadata, writes_out=True, has_seqused_q=True)
+    return FlashProvider(name, 3, fwd, scheduler_metadata, writes_out=True, has_seqused_q=True, bind_fwd=bind_fwd)
 
 
 def _sgl_kernel() -> FlashProvider:

@@ -41,6 +41,32 @@ def provider_index(provider: FlashProvider) -> int:
     return len(_providers) - 1
 
 
+def bind_layer_call(flash: FlashProvider, *, alloc_and_copy: bool, **static) -> Callable[..., object]:
+    """The kernel call for one layer, everything but ``(q, k, v, out_rows)`` fixed now (``static``: the
+    keywords of ``FlashProvider.fwd``). ``out_rows`` is ``[tokens, heads, head_dim_v]``; inputs are checked.
+
+    ``alloc_and_copy`` is the original path: the kernel allocates, schedules itself, and the result is
+    copied into ``out_rows``. Otherwise the provider writes into ``out_rows`` (or, when it cannot, copies
+    once and that copy is counted).
+    """
+    if alloc_and_copy:
+        allocating = flash.bind(**{**static, "scheduler_metadata": None})
+
+        def alloc_then_copy(q, k, v, out_rows) -> None:
+            out_rows.copy_(allocating(q, k, v, None))
+
+        return alloc_then_copy
+    run = flash.bind(**static)
+    if flash.writes_out:
+        return run
+
+    def copy_once(q, k, v, out_rows) -> None:
+        out_rows.copy_(run(q, k, v, None))
+        stats.out_copies += 1
+
+    return copy_once
+
+
 def _attention_into(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -63,25 +89,14 @@ def _attention_into(
     provider: int,
     alloc_and_copy: bool,
 ) -> None:
-    """Attention for ``q``'s rows into ``out_rows`` (``[tokens, heads, head_dim_v]``). Inputs are checked.
-
-    ``alloc_and_copy`` is the original path: the kernel allocates, schedules itself, and the result is
-    copied into ``out``. Otherwise the provider writes into ``out`` (or, when it cannot, copies once and
-    that copy is counted).
-    """
-    flash = _providers[provider]
-    writes_in_place = flash.writes_out and not alloc_and_copy
-    result = flash.fwd(
-        q, k, v, out=out_rows if writes_in_place else None,
-        scheduler_metadata=None if alloc_and_copy else scheduler_metadata,
-        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k, page_table=page_table,
+    """Attention for ``q``'s rows into ``out_rows``, all arguments plain values: the custom op's body."""
+    call = bind_layer_call(
+        _providers[provider], alloc_and_copy=alloc_and_copy, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        seqused_k=seqused_k, page_table=page_table, scheduler_metadata=scheduler_metadata,
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale, causal=causal,
         window_size=(window_left, window_right), softcap=softcap, num_splits=num_splits, pack_gqa=pack_gqa,
     )  # fmt: skip
-    if not writes_in_place:
-        out_rows.copy_(result)
-        if not alloc_and_copy:
-            stats.out_copies += 1
+    call(q, k, v, out_rows)
 
 
 # typing.Optional, not `X | None`: the custom op's schema is inferred from these annotations.
@@ -195,24 +210,47 @@ class AttentionOutOps:
         softmax_scale: float | None = None,
     ) -> torch.Tensor:
         """Paged attention for one layer, written into ``out``; returns ``out``. ``params`` must be planned."""
-        metadata = planned_metadata(plan, params, self.provider.name)
-        compiling = torch.compiler.is_compiling()
-        if compiling or not _fits_plan(q, k_cache, v_cache, out, plan):
-            _check_paged_in_detail(q, k_cache, v_cache, out, plan)  # under torch.compile: once, at trace time
-        left, right = params.window_size
-        args = (
-            plan.cu_seqlens_q, None, plan.cache_seqlens, plan.page_table, metadata, plan.max_seqlen_q,
-            plan.max_seqlen_k, _scale(softmax_scale, plan.head_dim), params.causal, left, right, params.softcap,
-            params.num_splits, params.pack_gqa, self._provider, self.original,
-        )  # fmt: skip
-        if compiling:
-            attention_out(q, k_cache, v_cache, out, *args)
-            return out
+        if torch.compiler.is_compiling():
+            return self._traced_paged_attention_out(q, k_cache, v_cache, out, plan, params, softmax_scale)
+        call = self._planned_call(plan, params, softmax_scale)
+        if not _fits_plan(q, k_cache, v_cache, out, plan):
+            _check_paged_in_detail(q, k_cache, v_cache, out, plan)
         try:
-            _attention_into(q, k_cache, v_cache, _rows(out, q.shape[0], plan.num_heads, plan.head_dim_v), *args)
+            call(q, k_cache, v_cache, _rows(out, q.shape[0], plan.num_heads, plan.head_dim_v))
         except Exception as exc:
             _name_the_argument(exc, _check_paged_in_detail, q, k_cache, v_cache, out, plan)
             raise
+        return out
+
+    def _planned_call(self, plan: AttentionPlan, params: AttentionParams, softmax_scale: float | None) -> Callable:
+        """The layer's kernel call with the plan's tensors, metadata and ints bound: made by the first layer
+        that asks for ``params`` and kept in the plan, so every later layer of the step only looks it up."""
+        key = (self, params, softmax_scale)
+        try:
+            return plan.layer_calls[key]
+        except (AttributeError, KeyError):  # not this plugin's plan (refused below), or a first call
+            pass
+        metadata = planned_metadata(plan, params, self.provider.name)
+        left, right = params.window_size
+        call = bind_layer_call(
+            self.provider, alloc_and_copy=self.original, cu_seqlens_q=plan.cu_seqlens_q, seqused_k=plan.cache_seqlens,
+            page_table=plan.page_table, scheduler_metadata=metadata, max_seqlen_q=plan.max_seqlen_q,
+            max_seqlen_k=plan.max_seqlen_k, softmax_scale=_scale(softmax_scale, plan.head_dim), causal=params.causal,
+            window_size=(left, right), softcap=params.softcap, num_splits=params.num_splits, pack_gqa=params.pack_gqa,
+        )  # fmt: skip
+        plan.layer_calls[key] = call
+        return call
+
+    def _traced_paged_attention_out(self, q, k_cache, v_cache, out, plan, params, softmax_scale) -> torch.Tensor:
+        """Under torch.compile: the checks run once, at trace time; the kernel runs as the custom op."""
+        metadata = planned_metadata(plan, params, self.provider.name)
+        _check_paged_in_detail(q, k_cache, v_cache, out, plan)
+        left, right = params.window_size
+        attention_out(
+            q, k_cache, v_cache, out, plan.cu_seqlens_q, None, plan.cache_seqlens, plan.page_table, metadata,
+            plan.max_seqlen_q, plan.max_seqlen_k, _scale(softmax_scale, plan.head_dim), params.causal, left, right,
+            params.softcap, params.num_splits, params.pack_gqa, self._provider, self.original,
+        )  # fmt: skip
         return out
 
     def varlen_attention_out(
@@ -231,21 +269,26 @@ class AttentionOutOps:
     ) -> torch.Tensor:
         """Varlen (packed) prefill written into ``out``; returns ``out``. FA3 schedules it in the kernel
         (a prefill batch is one call per layer with nothing shared to precompute across calls)."""
-        compiling = torch.compiler.is_compiling()
         lengths = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        compiling = torch.compiler.is_compiling()
         if compiling or not _fits_kernel(q, out, max_seqlen_q, max_seqlen_k):
-            _check_varlen_in_detail(q, k, v, out, *lengths)
+            _check_varlen_in_detail(q, k, v, out, *lengths)  # under torch.compile: once, at trace time
+        scale = _scale(softmax_scale, q.shape[2])
         left, right = params.window_size
-        args = (
-            cu_seqlens_q, cu_seqlens_k, None, None, None, max_seqlen_q, max_seqlen_k,
-            _scale(softmax_scale, q.shape[2]), params.causal, left, right, params.softcap, params.num_splits,
-            params.pack_gqa, self._provider, self.original,
-        )  # fmt: skip
         if compiling:
-            attention_out(q, k, v, out, *args)
+            attention_out(
+                q, k, v, out, cu_seqlens_q, cu_seqlens_k, None, None, None, max_seqlen_q, max_seqlen_k, scale,
+                params.causal, left, right, params.softcap, params.num_splits, params.pack_gqa, self._provider,
+                self.original,
+            )  # fmt: skip
             return out
+        call = bind_layer_call(
+            self.provider, alloc_and_copy=self.original, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, softmax_scale=scale, causal=params.causal,
+            window_size=(left, right), softcap=params.softcap, num_splits=params.num_splits, pack_gqa=params.pack_gqa,
+        )  # fmt: skip
         try:
-            _attention_into(q, k, v, _rows(out, q.shape[0], q.shape[1], v.shape[2]), *args)
+            call(q, k, v, _rows(out, q.shape[0], q.shape[1], v.shape[2]))
         except Exception as exc:
             _name_the_argument(exc, _check_varlen_in_detail, q, k, v, out, *lengths)
             raise

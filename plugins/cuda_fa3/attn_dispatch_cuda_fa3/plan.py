@@ -52,6 +52,8 @@ class FlashPlan(AttentionPlan):
     k_cache_tail: tuple[int, ...] = field(init=False, repr=False, compare=False)
     v_cache_tail: tuple[int, ...] = field(init=False, repr=False, compare=False)
     device_index: int = field(init=False, repr=False, compare=False)
+    # Each layer's kernel call with this plan bound, made by the first layer asking (AttentionOutOps).
+    layer_calls: dict = field(init=False, repr=False, compare=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "q_tail", (self.num_heads, self.head_dim))

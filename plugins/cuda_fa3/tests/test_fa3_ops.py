@@ -337,3 +337,49 @@ def test_out_dtype_is_checked_when_the_kernel_never_sees_out(original):
     q, k, v, lens = packed_batch(lens=[5, 9], heads=6, kv_heads=2, head_dim=32)
     with pytest.raises(ValueError, match="^out: "):
         ops["varlen_attention_out"](q, k, v, torch.zeros(14, 6 * 32), **lens)
+
+
+def test_a_plan_binds_each_layer_call_once():
+    """The first layer with given params binds the kernel call into the plan; later layers look it up."""
+    provider, calls = make_torch_provider()
+    binds = []
+
+    def bind_fwd(**static):
+        binds.append(static)
+        return lambda q, k, v, out: provider.fwd(q, k, v, out=out, **static)
+
+    ops = build_ops(dataclasses.replace(provider, bind_fwd=bind_fwd))
+    batch = paged_batch(**MIXED, heads=4, kv_heads=2, head_dim=32)
+    plan = ops["make_attention_plan"](**batch.plan_args, layer_params=(DEFAULT_PARAMS, SLIDING))
+    layers = [(DEFAULT_PARAMS, None), (SLIDING, None), (DEFAULT_PARAMS, None), (SLIDING, None), (DEFAULT_PARAMS, 0.5)]
+    for params, scale in layers:
+        out, want = batch.out(), batch.out()
+        ops["paged_attention_out"](batch.q, batch.k_cache, batch.v_cache, out, plan=plan, params=params, softmax_scale=scale)
+        plan_ref = reference.make_attention_plan(**batch.plan_args)
+        reference.paged_attention_out(batch.q, batch.k_cache, batch.v_cache, want, plan=plan_ref, params=params, softmax_scale=scale)
+        assert torch.equal(out, want)
+    assert len(binds) == 3 and calls.fwd_with_metadata == len(layers)
+    assert binds[0]["scheduler_metadata"] is plan.metadata[DEFAULT_PARAMS]
+    assert binds[1]["window_size"] == (8, 0) and binds[2]["softmax_scale"] == 0.5
+    # the next step's plan binds afresh (its tensors and metadata are new)
+    next_plan = ops["make_attention_plan"](**batch.plan_args, layer_params=(DEFAULT_PARAMS, SLIDING))
+    ops["paged_attention_out"](batch.q, batch.k_cache, batch.v_cache, batch.out(), plan=next_plan)
+    assert len(binds) == 4 and binds[3]["scheduler_metadata"] is next_plan.metadata[DEFAULT_PARAMS]
+
+
+def test_a_used_plan_is_still_refused_by_other_ops():
+    """Bound calls are kept per ops: another provider's ops (or the original path) never pick them up."""
+    provider, _ = make_torch_provider()
+    other = build_ops(make_torch_provider(name="other_fa3")[0])
+    ops, original = build_ops(provider), build_ops(provider, original=True)
+    batch = paged_batch(**MIXED, heads=4, kv_heads=2, head_dim=32)
+    plan = ops["make_attention_plan"](**batch.plan_args)
+    ops["paged_attention_out"](batch.q, batch.k_cache, batch.v_cache, batch.out(), plan=plan)
+    with pytest.raises(ValueError, match="^plan: .*torch_fa3"):
+        other["paged_attention_out"](batch.q, batch.k_cache, batch.v_cache, batch.out(), plan=plan)
+    before = stats.out_copies
+    a, b = batch.out(), batch.out()
+    original["paged_attention_out"](batch.q, batch.k_cache, batch.v_cache, a, plan=plan)
+    ops["paged_attention_out"](batch.q, batch.k_cache, batch.v_cache, b, plan=plan)
+    assert torch.equal(a, b) and stats.out_copies == before
+    assert len(plan.layer_calls) == 2  # one per ops

@@ -141,3 +141,68 @@ def test_fa4_passes_out_and_translates_windows(monkeypatch):
     assert (seen["window_size_left"], seen["window_size_right"]) == (16, 0)
     with pytest.raises(NotImplementedError):
         provider.fwd(Q, K, V, out=OUT, scheduler_metadata="meta", **PAGED)
+
+
+# vllm's FA3 raw op schemas (torch.ops._vllm_fa3_C, vllm 0.33.0), argument names in order.
+VLLM_FWD_ARGS = (
+    "q k v k_new v_new q_v out cu_seqlens_q cu_seqlens_k cu_seqlens_k_new seqused_q seqused_k max_seqlen_q "
+    "max_seqlen_k page_table kv_batch_idx leftpad_k rotary_cos rotary_sin seqlens_rotary q_descale k_descale "
+    "v_descale softmax_scale is_causal window_size_left window_size_right softcap is_rotary_interleaved "
+    "scheduler_metadata num_splits pack_gqa sm_margin s_aux cp_world_size cp_rank cp_tot_seqused_k"
+).split()
+VLLM_METADATA_ARGS = (
+    "batch_size max_seqlen_q max_seqlen_k num_heads num_heads_k headdim headdim_v qkv_dtype seqused_k "
+    "cu_seqlens_q cu_seqlens_k cu_seqlens_k_new seqused_q leftpad_k page_size max_seqlen_k_new is_causal "
+    "window_size_left window_size_right has_softcap num_splits pack_gqa sm_margin"
+).split()
+
+
+def raw_ops() -> tuple[types.SimpleNamespace, list]:
+    calls: list[tuple[str, dict]] = []
+
+    def fwd(*args):
+        assert len(args) == len(VLLM_FWD_ARGS)
+        calls.append(("fwd", dict(zip(VLLM_FWD_ARGS, args))))
+        return (args[6] if args[6] is not None else "fresh", "lse", None, None)
+
+    def get_scheduler_metadata(*args):
+        assert len(args) == len(VLLM_METADATA_ARGS)
+        calls.append(("metadata", dict(zip(VLLM_METADATA_ARGS, args))))
+        return "metadata"
+
+    return types.SimpleNamespace(fwd=fwd, get_scheduler_metadata=get_scheduler_metadata), calls
+
+
+def test_vllm_raw_ops_get_every_argument_in_its_place():
+    ops, calls = raw_ops()
+    provider = flash_providers.raw_fa3_ops_provider("vllm_fa3", ops)
+    assert provider.writes_out and provider.has_seqused_q and not provider.paged_seqlen_k_from_page_table
+
+    call = provider.bind(scheduler_metadata="meta", **PAGED)
+    assert call(Q, K, V, OUT) is OUT and provider.fwd(Q, K, V, out=OUT, scheduler_metadata="meta", **PAGED) is OUT
+    bound, direct = calls[0][1], calls[1][1]
+    assert bound.keys() == direct.keys() and all(bound[n] is direct[n] or bound[n] == direct[n] for n in bound)
+    expected = dict(q=Q, k=K, v=V, out=OUT, cu_seqlens_q=CU, cu_seqlens_k=None, seqused_k=SEQLENS, seqused_q=None,
+                    max_seqlen_q=2, max_seqlen_k=64, page_table=TABLE, softmax_scale=0.5, is_causal=True,
+                    window_size_left=16, window_size_right=0, softcap=0.0, scheduler_metadata="meta", num_splits=0,
+                    pack_gqa=None, is_rotary_interleaved=True, sm_margin=0, cp_world_size=1, cp_rank=0)  # fmt: skip
+    for name, value in expected.items():
+        assert bound[name] is value or bound[name] == value, name
+    unset = set(VLLM_FWD_ARGS) - set(expected)
+    assert all(bound[name] is None for name in unset), {n: bound[n] for n in unset if bound[n] is not None}
+
+    assert provider.fwd(Q, K, V, **PACKED) == "fresh"
+    assert calls[-1][1]["cu_seqlens_k"] is CU and calls[-1][1]["page_table"] is None
+
+    assert provider.scheduler_metadata(**METADATA) == "metadata"
+    meta = calls[-1][1]
+    assert (meta["batch_size"], meta["num_heads"], meta["num_heads_k"], meta["headdim"], meta["headdim_v"]) == (2, 4, 2, 8, 8)
+    assert meta["seqused_k"] is SEQLENS and meta["cu_seqlens_q"] is CU and meta["qkv_dtype"] == torch.bfloat16
+    assert (meta["page_size"], meta["is_causal"], meta["window_size_left"], meta["window_size_right"]) == (16, True, 16, 0)
+    assert meta["has_softcap"] is True and meta["max_seqlen_k"] == 64 and meta["cu_seqlens_k"] is None
+
+
+def test_generic_bind_is_fwd_with_the_arguments_fixed():
+    provider = flash_providers.FlashProvider("stub", 3, lambda q, k, v, **kw: (q, kw), None, writes_out=True, has_seqused_q=False)
+    q, kw = provider.bind(**PACKED)(Q, K, V, OUT)
+    assert q is Q and kw == {"out": OUT, **PACKED}
