@@ -83,10 +83,13 @@ def run_config(provider, device: str, batch: int, image: int, text: int, heads: 
     valid_text = [text - (b + 1) * text // 4 for b in range(batch)]
     seqlen = image + text
     q, k, v = (torch.randn(batch, seqlen, heads, head_dim, device=device, dtype=torch.bfloat16) for _ in range(3))
+    variants = [(general, zero_copy, None) for general in ("kv_pack", "qkv_pack") for zero_copy in (True, False)]
+    variants.append(("qkv_pack", False, True))  # the seed's form: Q packed whatever the cost model says
     ops = {
-        (general, zero_copy): build_ops(provider, general_strategy=general, zero_copy=zero_copy, device_type=device)
-        for general in ("kv_pack", "qkv_pack")
-        for zero_copy in (True, False)
+        (general, zero_copy, pack_queries): build_ops(
+            provider, general_strategy=general, zero_copy=zero_copy, device_type=device, pack_queries=pack_queries
+        )
+        for general, zero_copy, pack_queries in variants
     }
     shape = f"{batch}, {image} + {text} ({'/'.join(map(str, valid_text))} valid)"
     strategy_rows, kernel_rows = [], []
@@ -96,20 +99,24 @@ def run_config(provider, device: str, batch: int, image: int, text: int, heads: 
         ref = original.masked_attention(q, k, v, ref_meta)
         sdpa_us = bench(lambda: original.masked_attention(q, k, v, ref_meta))
         outputs, layout_rows = {}, []
-        for (general, zero_copy), op in ops.items():
+        for (general, zero_copy, pack_queries), op in ops.items():
             if layout == "general" and zero_copy:
                 continue  # a general mask never runs zero-copy: same rows as zero_copy=False
             meta = op.build_mask_meta(mask)
             out = op.masked_attention(q, k, v, meta)
             us = bench(lambda: op.masked_attention(q, k, v, meta))
             label = meta.strategy.value + ("+seqused_q" if meta.strategy is Strategy.ZERO_COPY and meta.zero_masked_queries else "")
-            if meta.strategy is Strategy.KV_PACK:
-                moved = bench(lambda: gather_rows((k, v), meta.indices))
-            elif meta.strategy is Strategy.QKV_PACK:
+            if meta.strategy is Strategy.QKV_PACK:
+                label += " (Q packed)" if meta.pack_queries else " (Q in place)"
+            if meta.pack_queries:
                 packed = gather_rows((q, k, v), meta.indices)
                 moved = bench(lambda: gather_rows((q, k, v), meta.indices)) + bench(
                     lambda: scatter_rows(packed[0], meta.inverse, batch, seqlen)
                 )
+            elif meta.strategy is not Strategy.ZERO_COPY:
+                moved = bench(lambda: gather_rows((k, v), meta.indices))
+                if meta.masked is not None:  # qkv_pack, Q in place: the masked rows zeroed
+                    moved += bench(lambda: out.view(batch * seqlen, heads, head_dim).index_fill_(0, meta.masked, 0))
             else:
                 moved = 0.0
             outputs[label] = out
@@ -126,7 +133,7 @@ def run_config(provider, device: str, batch: int, image: int, text: int, heads: 
                 row["zero_copy_eq_kv_pack"] = equal
         strategy_rows += layout_rows
         if layout == "general":
-            kernel_rows += kernel_measurements(q, k, v, ops["kv_pack", False].build_mask_meta(mask), ops["qkv_pack", False].build_mask_meta(mask))
+            kernel_rows += kernel_measurements(q, k, v, ops["kv_pack", False, None].build_mask_meta(mask), ops["qkv_pack", False, True].build_mask_meta(mask))
     return strategy_rows, kernel_rows
 
 

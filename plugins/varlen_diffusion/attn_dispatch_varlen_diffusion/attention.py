@@ -13,8 +13,11 @@ Same operations and signatures as the original path (``attn_dispatch.reference.m
 - ``kv_pack`` (general layouts, the default): one fused Triton kernel gathers the valid K and V rows;
   Q and the output stay padded (``cu_seqlens_q = b * S``, packed ``cu_seqlens_k``).
 - ``qkv_pack`` (opt-in: ``ATTN_DISPATCH_VARLEN_DIFFUSION_STRATEGY=qkv_pack``, the seed PR's contract):
-  one kernel gathers valid Q, K and V rows, FlashAttention runs on the packed tokens, and one kernel
-  scatters them back, writing zeros in masked rows. It also sets the zeroing contract for prefix and
+  masked query rows are dropped and come out as zeros. When dropping them saves more attention time than
+  moving Q and the output costs (``meta.packing_queries_pays``: masked share x mean valid keys > 280), one
+  kernel gathers valid Q, K and V rows, FlashAttention runs on the packed tokens, and one kernel scatters
+  them back, writing zeros in masked rows. Otherwise (few masked rows: Q packing would cost more than it
+  saves) it runs as ``kv_pack`` and zeroes the masked rows of the output in place. It also sets the zeroing contract for prefix and
   window layouts, which then stay zero-copy and pass ``seqused_q`` into a zeroed output (or use
   ``qkv_pack`` where the provider has no ``seqused_q`` or cannot write into ``out``).
 
@@ -84,7 +87,13 @@ class VarlenDiffusionAttention:
     """The ``masked_attention`` op group over one :class:`FlashProvider`; build with :func:`build_ops`."""
 
     def __init__(
-        self, provider: FlashProvider, *, general_strategy: Strategy, zero_copy: bool = True, device_type: str = "cuda"
+        self,
+        provider: FlashProvider,
+        *,
+        general_strategy: Strategy,
+        zero_copy: bool = True,
+        device_type: str = "cuda",
+        pack_queries: bool | None = None,
     ) -> None:
         if general_strategy not in GENERAL_STRATEGIES:
             raise ValueError(f"general_strategy: expected kv_pack or qkv_pack, got {general_strategy!r}")
@@ -92,6 +101,7 @@ class VarlenDiffusionAttention:
         self.general_strategy = Strategy(general_strategy)
         self.zero_copy = zero_copy
         self.device_type = device_type
+        self.pack_queries = pack_queries
         # Zero-copy under the zeroing contract leaves masked query rows to a zeroed `out`.
         self._zero_copy_skips_queries = provider.has_seqused_q and provider.writes_out
 
@@ -108,7 +118,7 @@ class VarlenDiffusionAttention:
             return base
         return make_mask_meta(
             mask, general_strategy=self.general_strategy, zero_copy=self.zero_copy,
-            zero_copy_skips_queries=self._zero_copy_skips_queries,
+            zero_copy_skips_queries=self._zero_copy_skips_queries, pack_queries=self.pack_queries,
         )  # fmt: skip
 
     def masked_attention(
@@ -134,15 +144,17 @@ class VarlenDiffusionAttention:
         scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
         rows = batch * seqlen
 
-        if meta.strategy is Strategy.QKV_PACK:
+        if meta.pack_queries:
             q_p, k_p, v_p = gather_rows((q, k, v), meta.indices)
             out_p = self._flash(q_p, k_p, v_p, meta.cu_seqlens_k, meta.cu_seqlens_k, meta, scale)
             return scatter_rows(out_p, meta.inverse, batch, seqlen)
 
         q_rows = _token_rows(q)
-        if meta.strategy is Strategy.KV_PACK:
+        if meta.strategy is not Strategy.ZERO_COPY:  # kv_pack, or qkv_pack with Q left in place
             k_p, v_p = gather_rows((k, v), meta.indices)
             out = self._flash(q_rows, k_p, v_p, meta.cu_seqlens_padded, meta.cu_seqlens_k, meta, scale)
+            if meta.masked is not None and meta.masked.numel():
+                out.index_fill_(0, meta.masked, 0)
         elif meta.zero_masked_queries:  # zero-copy, masked query rows skipped into a zeroed output
             out = self._flash(
                 q_rows, _token_rows(k), _token_rows(v), meta.cu_seqlens_k, meta.cu_seqlens_k, meta, scale,
@@ -205,12 +217,16 @@ def build_ops(
     general_strategy: Strategy | str | None = None,
     zero_copy: bool = True,
     device_type: str = "cuda",
+    pack_queries: bool | None = None,
 ) -> VarlenDiffusionAttention:
     """The op group over ``provider`` (the injection seam for tests and benchmarks).
 
     ``general_strategy`` None reads ``ATTN_DISPATCH_VARLEN_DIFFUSION_STRATEGY``. ``zero_copy`` False
     packs even prefix/window masks (to compare strategies). ``device_type``: where q must live for the
-    fast path ("cpu" only with a CPU stand-in provider and ``TRITON_INTERPRET=1``).
+    fast path ("cpu" only with a CPU stand-in provider and ``TRITON_INTERPRET=1``). ``pack_queries``
+    (``qkv_pack``): None lets the cost model decide per mask; True or False forces (tests, benchmarks).
     """
     strategy = strategy_from_env() if general_strategy is None else Strategy(general_strategy)
-    return VarlenDiffusionAttention(provider, general_strategy=strategy, zero_copy=zero_copy, device_type=device_type)
+    return VarlenDiffusionAttention(
+        provider, general_strategy=strategy, zero_copy=zero_copy, device_type=device_type, pack_queries=pack_queries
+    )

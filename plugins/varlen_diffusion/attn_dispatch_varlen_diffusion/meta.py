@@ -43,7 +43,9 @@ class VarlenMaskMeta(MaskMeta):
     ``cu_seqlens_k``: zero-copy: ``b * S + run start`` (the padded tensor's own rows, read with
     ``seqlens`` as seqused); packed strategies: the prefix sum of ``seqlens`` over the packed rows.
     ``indices``: flat ``b * S + s`` of each valid token, in order (packed strategies only).
-    ``inverse``: each padded token's packed position, -1 where masked (``qkv_pack`` only).
+    ``pack_queries`` (``qkv_pack`` only): Q is packed too and ``inverse`` holds each padded token's packed
+    position, -1 where masked (the scatter's map); otherwise Q stays in place, as in ``kv_pack``, and
+    ``masked`` (int64) lists the flat positions of masked tokens, whose output rows are zeroed.
     """
 
     layout: Layout
@@ -56,7 +58,23 @@ class VarlenMaskMeta(MaskMeta):
     cu_seqlens_padded: torch.Tensor  # [B + 1]: b * S
     cu_seqlens_k: torch.Tensor  # [B + 1]
     indices: torch.Tensor | None = None  # [total]
+    pack_queries: bool = False
     inverse: torch.Tensor | None = None  # [B * S]
+    masked: torch.Tensor | None = None  # [B * S - total]
+
+
+# Under qkv_pack, packing Q (and scattering the output back) pays when the attention time saved by dropping
+# masked query rows exceeds the bytes it moves. Per dropped row attention saves 4 * keys * H * D FLOPs;
+# packing Q and scattering moves 8 * H * D bytes per row of the batch. So pack when
+#     masked rows / all rows * mean valid keys > 2 * attention FLOP/s / copy B/s,
+# about 2 * 500e12 / 3.6e12 = 280 for FA3 on the H200 (bf16 forward; copy at 85% of 4.25 TB/s).
+QUERY_PACK_BREAK_EVEN = 280.0
+
+
+def packing_queries_pays(batch: int, seqlen: int, total: int) -> bool:
+    """Whether ``qkv_pack`` should pack Q for a mask with ``total`` valid tokens of ``batch * seqlen``."""
+    rows = batch * seqlen
+    return (rows - total) / rows * (total / batch) > QUERY_PACK_BREAK_EVEN
 
 
 def classify(key_mask: torch.Tensor) -> tuple[Layout, int, torch.Tensor, torch.Tensor]:
@@ -79,7 +97,12 @@ def classify(key_mask: torch.Tensor) -> tuple[Layout, int, torch.Tensor, torch.T
 
 
 def make_mask_meta(
-    key_mask: torch.Tensor, *, general_strategy: Strategy, zero_copy: bool = True, zero_copy_skips_queries: bool = True
+    key_mask: torch.Tensor,
+    *,
+    general_strategy: Strategy,
+    zero_copy: bool = True,
+    zero_copy_skips_queries: bool = True,
+    pack_queries: bool | None = None,
 ) -> VarlenMaskMeta:
     """Build the metadata for a bool ``[B, S]`` mask (B, S >= 1) and pick its strategy.
 
@@ -87,6 +110,7 @@ def make_mask_meta(
     masked-query contract: ``qkv_pack`` zeros masked query rows in every layout. ``zero_copy`` False
     forces the packed strategy (benchmarks). ``zero_copy_skips_queries``: the provider can leave masked
     query rows out (``seqused_q`` and ``out=``), which zero-copy needs under the zeroing contract.
+    ``pack_queries`` (``qkv_pack``): None decides with :func:`packing_queries_pays`; True or False forces.
     """
     assert key_mask.dtype == torch.bool and key_mask.dim() == 2, f"expected a bool [B, S] mask, got {key_mask.dtype}"
     assert general_strategy in (Strategy.KV_PACK, Strategy.QKV_PACK), f"not a general-mask strategy: {general_strategy}"
@@ -100,7 +124,10 @@ def make_mask_meta(
         strategy = general_strategy
 
     cu_seqlens_padded = torch.arange(batch + 1, dtype=torch.int32, device=device) * seqlen
-    indices = inverse = None
+    indices = inverse = masked = None
+    pack_queries = strategy is Strategy.QKV_PACK and (
+        packing_queries_pays(batch, seqlen, total) if pack_queries is None else pack_queries
+    )
     if strategy is Strategy.ZERO_COPY:
         cu_seqlens_k = cu_seqlens_padded.clone()
         cu_seqlens_k[:-1] += first
@@ -113,10 +140,15 @@ def make_mask_meta(
         slots = torch.where(flat_mask, packed_pos, total).long()
         flat = torch.arange(batch * seqlen, dtype=torch.int32, device=device)
         indices = torch.empty(total + 1, dtype=torch.int32, device=device).scatter_(0, slots, flat)[:total]
-        if strategy is Strategy.QKV_PACK:
+        if pack_queries:
             inverse = torch.where(flat_mask, packed_pos, -1)
+        elif strategy is Strategy.QKV_PACK:
+            n_masked = batch * seqlen - total
+            masked_pos = (~flat_mask).cumsum(0) - 1
+            slots = torch.where(flat_mask, n_masked, masked_pos)
+            masked = torch.empty(n_masked + 1, dtype=torch.int64, device=device).scatter_(0, slots, flat.long())[:n_masked]
     return VarlenMaskMeta(
         key_mask=key_mask, layout=layout, strategy=strategy, zero_masked_queries=zero_masked_queries,
         batch=batch, seqlen=seqlen, total=total, seqlens=seqlens, cu_seqlens_padded=cu_seqlens_padded,
-        cu_seqlens_k=cu_seqlens_k, indices=indices, inverse=inverse,
+        cu_seqlens_k=cu_seqlens_k, indices=indices, pack_queries=pack_queries, inverse=inverse, masked=masked,
     )  # fmt: skip

@@ -30,10 +30,10 @@ def provider():
     return found
 
 
-def ops_for(provider, general: str, zero_copy: bool = True):
+def ops_for(provider, general: str, zero_copy: bool = True, pack_queries: bool | None = None):
     from attn_dispatch_varlen_diffusion.attention import build_ops
 
-    return build_ops(provider, general_strategy=general, zero_copy=zero_copy)
+    return build_ops(provider, general_strategy=general, zero_copy=zero_copy, pack_queries=pack_queries)
 
 
 def qkv(batch: int, seqlen: int, *, fused: bool = False, seed: int = 0):
@@ -51,13 +51,13 @@ MASKS = {
 }
 
 
-@pytest.mark.parametrize("general", ["kv_pack", "qkv_pack"])
+@pytest.mark.parametrize(("general", "pack_queries"), [("kv_pack", None), ("qkv_pack", True), ("qkv_pack", False)])
 @pytest.mark.parametrize("zero_copy", [True, False])
 @pytest.mark.parametrize("name", list(MASKS))
-def test_rows_follow_the_contract(provider, name, general, zero_copy):
+def test_rows_follow_the_contract(provider, name, general, zero_copy, pack_queries):
     mask = MASKS[name].cuda()
     q, k, v = qkv(*mask.shape)
-    ops = ops_for(provider, general, zero_copy)
+    ops = ops_for(provider, general, zero_copy, pack_queries)
     out = ops.masked_attention(q, k, v, ops.build_mask_meta(mask)).float()
     ref = original.masked_attention(q, k, v, original.build_mask_meta(mask)).float()
     for b in range(mask.shape[0]):
@@ -156,3 +156,16 @@ def test_load_registers_the_plugin():
     report = next(p for p in ops.plugins if p.name == NAME)
     assert report.status == "active", report.reason
     assert ops.resolutions["masked_attention"].plugin == NAME
+
+
+@pytest.mark.parametrize("name", ["general", "left_padding"])
+def test_qkv_pack_with_queries_in_place_is_kv_pack_with_masked_rows_zeroed(provider, name):
+    mask = MASKS[name].cuda()
+    q, k, v = qkv(*mask.shape)
+    kv = ops_for(provider, "kv_pack", zero_copy=False)
+    in_place = ops_for(provider, "qkv_pack", zero_copy=False, pack_queries=False)
+    a = kv.masked_attention(q, k, v, kv.build_mask_meta(mask))
+    meta = in_place.build_mask_meta(mask)
+    assert meta.strategy is Strategy.QKV_PACK and not meta.pack_queries
+    b = in_place.masked_attention(q, k, v, meta)
+    assert torch.equal(a[mask], b[mask]) and not b[~mask].any()

@@ -10,7 +10,14 @@ from varlen_torch_provider import make_torch_provider
 
 from attn_dispatch import MaskMeta
 from attn_dispatch_varlen_diffusion.attention import build_ops
-from attn_dispatch_varlen_diffusion.meta import Layout, Strategy, VarlenMaskMeta, classify, make_mask_meta
+from attn_dispatch_varlen_diffusion.meta import (
+    Layout,
+    Strategy,
+    VarlenMaskMeta,
+    classify,
+    make_mask_meta,
+    packing_queries_pays,
+)
 
 S = 8
 
@@ -54,8 +61,8 @@ def test_metadata_tensors_match_their_definitions(mask):
     batch, seqlen = mask.shape
     lengths = mask.sum(1).to(torch.int32)
     flat = mask.reshape(-1).nonzero().squeeze(1).to(torch.int32)
-    for strategy in (Strategy.KV_PACK, Strategy.QKV_PACK):
-        meta = make_mask_meta(mask, general_strategy=strategy)
+    for strategy, pack_queries in ((Strategy.KV_PACK, None), (Strategy.QKV_PACK, True), (Strategy.QKV_PACK, False)):
+        meta = make_mask_meta(mask, general_strategy=strategy, pack_queries=pack_queries)
         assert meta.layout is python_layout(mask)
         assert (meta.batch, meta.seqlen, meta.total) == (batch, seqlen, int(mask.sum()))
         assert torch.equal(meta.seqlens, lengths)
@@ -69,12 +76,16 @@ def test_metadata_tensors_match_their_definitions(mask):
         else:
             assert torch.equal(meta.cu_seqlens_k, torch.cat([torch.zeros(1, dtype=torch.int32), lengths.cumsum(0).int()]))
             assert torch.equal(meta.indices, flat)
-            if meta.strategy is Strategy.QKV_PACK:
+            assert meta.pack_queries is (meta.strategy is Strategy.QKV_PACK and pack_queries)
+            if meta.pack_queries:
                 expected = torch.full((batch * seqlen,), -1, dtype=torch.int32)
                 expected[flat.long()] = torch.arange(flat.numel(), dtype=torch.int32)
-                assert torch.equal(meta.inverse, expected)
-            else:
+                assert torch.equal(meta.inverse, expected) and meta.masked is None
+            elif meta.strategy is Strategy.QKV_PACK:
                 assert meta.inverse is None
+                assert torch.equal(meta.masked, (~mask).reshape(-1).nonzero().squeeze(1))
+            else:
+                assert meta.inverse is None and meta.masked is None
 
 
 PREFIX = mask_of(row("prefix", S, 5), row("full", S))
@@ -131,3 +142,21 @@ def test_env_picks_the_general_strategy(monkeypatch, caplog):
     monkeypatch.setenv(env, "zero_copy")  # not a general-mask strategy: warned, default kept
     assert build_ops(FULL_CAPS).general_strategy is Strategy.KV_PACK
     assert env in caplog.text
+
+
+def test_qkv_pack_packs_queries_only_when_dropping_them_pays():
+    """Packing Q and scattering back moves 8 * H * D bytes per row; dropping a masked query row saves its
+    attention over the valid keys. Qwen-Image text padding (64 of 4352 rows masked) keeps Q in place."""
+    assert not packing_queries_pays(1, 4352, 4288)  # 64 masked rows x 4288 keys: 63 < 280
+    assert not packing_queries_pays(2, 1024, 1024)  # half masked, 512 keys per row: 256 < 280
+    assert packing_queries_pays(2, 2048, 2048)  # half masked, 1024 keys per row: 512 > 280
+    assert not packing_queries_pays(1, 8, 8)  # nothing masked
+    heavy = torch.zeros(2, 2048, dtype=torch.bool)
+    heavy[:, :1024] = True
+    heavy[:, 1500] = True  # a gap: general layout
+    meta = make_mask_meta(heavy, general_strategy=Strategy.QKV_PACK)
+    assert meta.strategy is Strategy.QKV_PACK and meta.pack_queries and meta.inverse is not None
+    light = torch.ones(2, 64, dtype=torch.bool)
+    light[:, 10:14] = False
+    meta = make_mask_meta(light, general_strategy=Strategy.QKV_PACK)
+    assert meta.strategy is Strategy.QKV_PACK and not meta.pack_queries and meta.masked.numel() == 8

@@ -36,8 +36,11 @@ def sdpa(q, k, v, mask):
     return original.masked_attention(q, k, v, original.build_mask_meta(mask)).float()
 
 
-def ops_for(general: str, *, zero_copy: bool = True, **caps):
-    return build_ops(make_torch_provider(**caps), general_strategy=general, zero_copy=zero_copy, device_type="cpu")
+def ops_for(general: str, *, zero_copy: bool = True, pack_queries: bool | None = None, **caps):
+    return build_ops(
+        make_torch_provider(**caps), general_strategy=general, zero_copy=zero_copy, device_type="cpu",
+        pack_queries=pack_queries,
+    )  # fmt: skip
 
 
 def check_contract(out, q, k, v, mask, *, zero_masked_queries: bool):
@@ -59,10 +62,13 @@ def check_contract(out, q, k, v, mask, *, zero_masked_queries: bool):
 
 
 @settings(max_examples=60, deadline=None)
-@given(mask=key_masks(), general=st.sampled_from(["kv_pack", "qkv_pack"]), fused=st.booleans())
-def test_random_masks_follow_the_row_contract(mask, general, fused):
+@given(
+    mask=key_masks(), general=st.sampled_from(["kv_pack", "qkv_pack"]), fused=st.booleans(),
+    pack_queries=st.sampled_from([None, True, False]),
+)  # fmt: skip
+def test_random_masks_follow_the_row_contract(mask, general, fused, pack_queries):
     q, k, v = qkv(*mask.shape, fused=fused)
-    ops = ops_for(general)
+    ops = ops_for(general, pack_queries=pack_queries)
     meta = ops.build_mask_meta(mask)
     out = ops.masked_attention(q, k, v, meta)
     assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
@@ -72,17 +78,21 @@ def test_random_masks_follow_the_row_contract(mask, general, fused):
 @settings(max_examples=15, deadline=None)
 @given(mask=key_masks())
 def test_zero_copy_and_packed_strategies_agree_exactly(mask):
-    """Same kernel, same keys: zero-copy equals kv_pack (all rows), and its zeroing form equals qkv_pack."""
+    """Same kernel, same keys: zero-copy equals kv_pack (all rows), its zeroing form equals qkv_pack, and
+    qkv_pack with Q in place is kv_pack with the masked rows zeroed."""
     q, k, v = qkv(*mask.shape, fused=True)
     results = {}
-    for general in ("kv_pack", "qkv_pack"):
+    for general, pack_queries in (("kv_pack", None), ("qkv_pack", True), ("qkv_pack", False)):
         for zero_copy in (True, False):
-            ops = ops_for(general, zero_copy=zero_copy)
+            ops = ops_for(general, zero_copy=zero_copy, pack_queries=pack_queries)
             meta = ops.build_mask_meta(mask)
-            results[meta.strategy, general] = ops.masked_attention(q, k, v, meta)
-    if (Strategy.ZERO_COPY, "kv_pack") in results:  # prefix / window layouts
-        assert torch.equal(results[Strategy.ZERO_COPY, "kv_pack"], results[Strategy.KV_PACK, "kv_pack"])
-        assert torch.equal(results[Strategy.ZERO_COPY, "qkv_pack"], results[Strategy.QKV_PACK, "qkv_pack"])
+            results[meta.strategy, general, pack_queries] = ops.masked_attention(q, k, v, meta)
+    in_place, kv_pack = results[Strategy.QKV_PACK, "qkv_pack", False], results[Strategy.KV_PACK, "kv_pack", None]
+    assert torch.equal(in_place[mask], kv_pack[mask]) and not in_place[~mask].any()
+    if (Strategy.ZERO_COPY, "kv_pack", None) in results:  # prefix / window layouts
+        assert torch.equal(results[Strategy.ZERO_COPY, "kv_pack", None], kv_pack)
+        for pack_queries in (True, False):
+            assert torch.equal(results[Strategy.ZERO_COPY, "qkv_pack", pack_queries], results[Strategy.QKV_PACK, "qkv_pack", pack_queries])
 
 
 def test_all_masked_row_is_zeros():
@@ -113,13 +123,13 @@ def test_left_padding_runs_zero_copy(general):
     assert ops.provider.fwd.calls == [{"seqused_q": general == "qkv_pack", "seqused_k": True, "out": True}]
 
 
-@pytest.mark.parametrize("general", ["kv_pack", "qkv_pack"])
-def test_text_padding_gap_before_image_tokens_packs(general):
+@pytest.mark.parametrize(("general", "pack_queries"), [("kv_pack", None), ("qkv_pack", True), ("qkv_pack", False)])
+def test_text_padding_gap_before_image_tokens_packs(general, pack_queries):
     mask = text_image_mask([3, 5], text=6, image=7, text_first=True)
     q, k, v = qkv(*mask.shape, fused=True)
-    ops = ops_for(general)
+    ops = ops_for(general, pack_queries=pack_queries)
     meta = ops.build_mask_meta(mask)
-    assert meta.strategy is Strategy(general)
+    assert meta.strategy is Strategy(general) and meta.pack_queries is bool(pack_queries)
     check_contract(ops.masked_attention(q, k, v, meta), q, k, v, mask, zero_masked_queries=general == "qkv_pack")
 
 
