@@ -212,7 +212,8 @@ def kernel_measurements(q, k, v, kv_meta, qkv_meta, input_sets: int = 4) -> list
     ]  # fmt: skip
     results = []
     for name, nbytes, kernels, torch_version in cases:
-        sources = [torch.empty(nbytes // 32 * 16, dtype=torch.uint8, device=q.device) for _ in sets]  # 16-byte multiple
+        payload = nbytes - 4 * (rows if name == "scatter" else n)  # the rows moved, without the int32 map
+        sources = [torch.empty(payload // 2, dtype=torch.uint8, device=q.device) for _ in sets]
         copies = [lambda src=src, dst=torch.empty_like(src): dst.copy_(src) for src in sources]
         kernel_us, copy_us = steady_us(kernels), steady_us(copies)
         cold_us, cold_copy_us, torch_us = bench(kernels[0]), bench(copies[0]), bench(torch_version)
