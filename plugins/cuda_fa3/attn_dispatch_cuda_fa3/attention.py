@@ -1,7 +1,9 @@
 """The "attention_out" op group over one FlashAttention provider: one kernel call into ``out`` per layer.
 
-Per call: a dict lookup for the layer's planned metadata, the few checks FA3 cannot make itself (see
-"Checks" below), and the provider's forward writing straight into the engine's buffer. No pluggy, no
+Per paged call: a dict lookup for the layer's kernel call, bound into the plan by the step's first layer
+with those params (metadata, plan tensors and ints laid out once: :meth:`FlashProvider.bind`), the few
+checks FA3 cannot make itself (see "Checks" below), and the call, writing straight into the engine's
+buffer. No pluggy, no
 device syncs, no data-dependent shapes, so it is CUDA-graph capturable. Bad input still gets a
 ValueError naming the argument before anything is written: FA3 refuses it in its host checks, and the
 detailed checks here then say which argument it was.
