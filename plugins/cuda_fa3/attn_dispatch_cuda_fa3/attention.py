@@ -3,10 +3,9 @@
 Per paged call: a dict lookup for the layer's kernel call, bound into the plan by the step's first layer
 with those params (metadata, plan tensors and ints laid out once: :meth:`FlashProvider.bind`), the few
 checks FA3 cannot make itself (see "Checks" below), and the call, writing straight into the engine's
-buffer. No pluggy, no
-device syncs, no data-dependent shapes, so it is CUDA-graph capturable. Bad input still gets a
-ValueError naming the argument before anything is written: FA3 refuses it in its host checks, and the
-detailed checks here then say which argument it was.
+buffer. No pluggy, no device syncs, no data-dependent shapes, so it is CUDA-graph capturable. Bad input
+still gets a ValueError naming the argument before anything is written: FA3 refuses it in its host
+checks, and the detailed checks here then say which argument it was.
 
 torch.compile: FA3's own op schemas return ``out`` aliased (``Tensor(a!)``), which functionalization cannot
 handle. The kernel call is therefore also exposed as the custom op ``attn_dispatch_cuda_fa3::attention_out``

@@ -17,9 +17,10 @@ Same operations and signatures as the original path (``attn_dispatch.reference.m
   moving Q and the output costs (``meta.packing_queries_pays``: masked share x mean valid keys > 280), one
   kernel gathers valid Q, K and V rows, FlashAttention runs on the packed tokens, and one kernel scatters
   them back, writing zeros in masked rows. Otherwise (few masked rows: Q packing would cost more than it
-  saves) it runs as ``kv_pack`` and zeroes the masked rows of the output in place. It also sets the zeroing contract for prefix and
-  window layouts, which then stay zero-copy and pass ``seqused_q`` into a zeroed output (or use
-  ``qkv_pack`` where the provider has no ``seqused_q`` or cannot write into ``out``).
+  saves) it runs as ``kv_pack`` and zeroes the masked rows of the output in place. It also sets the
+  zeroing contract for prefix and window layouts, which then stay zero-copy and pass ``seqused_q`` into
+  a zeroed output (or use ``qkv_pack`` where the provider has no ``seqused_q`` or cannot write into
+  ``out``).
 
 What comes back, row by row ("valid" = the token's own key-mask bit is True):
 
