@@ -274,22 +274,17 @@ class AttentionOutOps:
         compiling = torch.compiler.is_compiling()
         if compiling or not _fits_kernel(q, out, max_seqlen_q, max_seqlen_k):
             _check_varlen_in_detail(q, k, v, out, *lengths)  # under torch.compile: once, at trace time
-        scale = _scale(softmax_scale, q.shape[2])
         left, right = params.window_size
-        if compiling:
-            attention_out(
-                q, k, v, out, cu_seqlens_q, cu_seqlens_k, None, None, None, max_seqlen_q, max_seqlen_k, scale,
-                params.causal, left, right, params.softcap, params.num_splits, params.pack_gqa, self._provider,
-                self.original,
-            )  # fmt: skip
-            return out
-        call = bind_layer_call(
-            self.provider, alloc_and_copy=self.original, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, softmax_scale=scale, causal=params.causal,
-            window_size=(left, right), softcap=params.softcap, num_splits=params.num_splits, pack_gqa=params.pack_gqa,
+        args = (
+            cu_seqlens_q, cu_seqlens_k, None, None, None, max_seqlen_q, max_seqlen_k,
+            _scale(softmax_scale, q.shape[2]), params.causal, left, right, params.softcap, params.num_splits,
+            params.pack_gqa, self._provider, self.original,
         )  # fmt: skip
+        if compiling:
+            attention_out(q, k, v, out, *args)
+            return out
         try:
-            call(q, k, v, _rows(out, q.shape[0], q.shape[1], v.shape[2]))
+            _attention_into(q, k, v, _rows(out, q.shape[0], q.shape[1], v.shape[2]), *args)
         except Exception as exc:
             _name_the_argument(exc, _check_varlen_in_detail, q, k, v, out, *lengths)
             raise
