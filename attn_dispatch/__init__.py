@@ -12,6 +12,7 @@ from .hookspecs import MissingDependency, NotThisArch, PluginSpec, PluginUnavail
 from .ops import OP_GROUPS, OP_NAMES, Ops, Resolution
 from .plans import DEFAULT_PARAMS, AttentionParams, AttentionPlan, MaskMeta
 from .plugins import PluginLoadError, PluginReport, list_plugins, load, reset
+from .settings import Setting, SettingValue
 
 __version__ = "0.1.0"
 
@@ -33,6 +34,8 @@ __all__ = [
     "PluginSpec",
     "PluginUnavailable",
     "Resolution",
+    "Setting",
+    "SettingValue",
     "detect",
     "hookimpl",
     "list_plugins",

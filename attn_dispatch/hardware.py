@@ -1,7 +1,7 @@
 """Which accelerator is this? One small immutable record, found without creating a CUDA context.
 
 Order of evidence:
-1. ``ATTN_DISPATCH_ARCH`` (tests and simulation) wins over everything.
+1. ``ATTN_DISPATCH_ARCH`` (tests and simulation) wins over everything, for GPU devices; the CPU stays the CPU.
 2. NVML (``pynvml``) or ``amdsmi`` when importable: they read the driver, so no CUDA/HIP context is made
    at engine start-up. NVML indices are global, so ``CUDA_VISIBLE_DEVICES`` is mapped first.
 3. torch: ``get_device_capability`` on CUDA, ``gcnArchName`` (feature suffixes stripped) on ROCm.
@@ -36,8 +36,10 @@ class Hardware:
     index: int | None  # None for the CPU
 
     def __str__(self) -> str:
-        where = "cpu" if self.index is None else f"{self.vendor} device {self.index}"
-        return f"{self.arch} ({self.name}, {where})"
+        if self == CPU:
+            return "cpu"
+        where = "" if self.index is None else f", {self.vendor} device {self.index}"
+        return f"{self.arch} ({self.name}{where})"
 
 
 CPU = Hardware(vendor="cpu", arch="cpu", name="cpu", index=None)
@@ -57,12 +59,17 @@ def normalize_gcn_arch(gcn_arch_name: str) -> str:
 
 
 def detect(index: int | None = 0) -> Hardware:
-    """Describe device ``index`` (an index among the *visible* devices); ``None`` asks for the CPU."""
+    """Describe device ``index`` (an index among the *visible* devices); ``None`` asks for the CPU.
+
+    ``ATTN_DISPATCH_ARCH`` simulates an arch for GPU indices only: ``detect(None)`` is always the CPU
+    (the override is still checked, so a typo is a ``ValueError`` whatever the device).
+    """
     override = os.environ.get(ARCH_ENV, "").strip()
-    if override:
-        return _from_override(override, index)
+    simulated = _from_override(override, index) if override else None
     if index is None:
         return CPU
+    if simulated is not None:
+        return simulated
     for probe in (_probe_nvml, _probe_amdsmi, _probe_torch):
         try:
             found = probe(index)
@@ -74,10 +81,12 @@ def detect(index: int | None = 0) -> Hardware:
     return CPU
 
 
-def _from_override(arch: str, index: int | None) -> Hardware:
-    arch = normalize_gcn_arch(arch.lower())
+def _from_override(value: str, index: int | None) -> Hardware:
+    arch = value.lower()
+    if arch.startswith("gfx"):  # only gfx names carry feature suffixes (gfx950:sramecc+:xnack-)
+        arch = normalize_gcn_arch(arch)
     if arch not in KNOWN_ARCHS:
-        raise ValueError(f"{ARCH_ENV}={arch!r} is not a known arch; known: {', '.join(KNOWN_ARCHS)}")
+        raise ValueError(f"{ARCH_ENV}={value!r} is not a known arch; known: {', '.join(KNOWN_ARCHS)} (gfx archs may add :feature suffixes)")
     vendor = vendor_of(arch)
     return Hardware(
         vendor=vendor,

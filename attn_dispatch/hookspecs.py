@@ -6,11 +6,12 @@ A plugin is a module (found through the ``attn_dispatch`` entry-point group) wit
 
     @hookimpl
     def attn_dispatch_plugin_spec(hardware):
-        return PluginSpec(name="cuda_fa3", archs=("sm90",), requires=("torch",))
+        return PluginSpec(name="cuda_fa3", archs=("sm90",), requires=("torch",),
+                          settings=(Setting("provider", default=(), kind="list", help="probe order"),))
 
     @hookimpl
-    def attn_dispatch_register_ops(hardware, register):
-        provider = probe_fa3()                     # import-heavy work belongs here, not at module import
+    def attn_dispatch_register_ops(hardware, register, settings):   # any of the three may be left out
+        provider = probe_fa3(settings["provider"])                     # import-heavy work belongs here, not at module import
         if provider is None:
             raise MissingDependency("no FA3 provider: install sglang-kernel or vllm")
         register("varlen_attention_out", make_varlen(provider), note=provider.name)
@@ -18,12 +19,13 @@ A plugin is a module (found through the ``attn_dispatch`` entry-point group) wit
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import pluggy
 
 from .hardware import Hardware
+from .settings import Setting
 
 PROJECT = "attn_dispatch"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -36,17 +38,23 @@ Register = Callable[..., None]
 
 @dataclass(frozen=True)
 class PluginSpec:
-    """What a plugin says about itself before it is asked for anything.
+    """What a plugin says about itself before it is asked for anything. The host checks every field;
+    a malformed spec marks the plugin ``failed`` with the reason.
 
-    ``name`` is the entry-point name, lower case; it also names its switch ``ATTN_DISPATCH_<NAME>``.
-    ``archs`` lists the :attr:`Hardware.arch` values it targets; on any other arch it is never asked to
-    register. ``requires`` lists modules that must be importable (checked with ``find_spec``, no import).
+    ``name``: the entry-point name, ``[a-z][a-z0-9_]*``; it also names the switch ``ATTN_DISPATCH_<NAME>``.
+    ``archs``: a tuple (or list) of :data:`attn_dispatch.KNOWN_ARCHS` values it targets, never a bare
+    str; on any other arch it is never asked to register.
+    ``requires``: module names (``"pkg"`` or ``"pkg.sub"``) that must be findable; checked through the
+    import system's finders without importing anything, not even ``pkg`` for ``"pkg.sub"``.
+    ``settings``: its :class:`~attn_dispatch.settings.Setting` declarations; each is read from
+    ``ATTN_DISPATCH_<NAME>_<SETTING>`` by the host and handed to ``attn_dispatch_register_ops``.
     """
 
     name: str
     archs: tuple[str, ...]
     requires: tuple[str, ...] = ()
     description: str = ""
+    settings: tuple[Setting, ...] = ()
 
 
 class PluginUnavailable(Exception):
@@ -78,12 +86,17 @@ def attn_dispatch_plugin_spec(hardware: Hardware) -> PluginSpec:
 
 
 @hookspec
-def attn_dispatch_register_ops(hardware: Hardware, register: Register) -> None:
+def attn_dispatch_register_ops(hardware: Hardware, register: Register, settings: Mapping[str, object]) -> None:
     """Offer implementations of named operations (see :data:`attn_dispatch.ops.OP_GROUPS`).
 
     Called: once per load, only for plugins that are enabled, target ``hardware.arch`` and whose
-    ``requires`` are importable.
-    Gets: the detected :class:`Hardware` and the ``register`` callback.
+    ``requires`` are importable; in a worker thread bounded by ``ATTN_DISPATCH_LOAD_TIMEOUT``.
+    Gets: the detected :class:`Hardware`, the ``register`` callback, and ``settings``: the plugin's
+    declared settings as parsed by the host (a read-only mapping, setting name -> value; an unreadable
+    variable has already been warned about and replaced by the default). Any argument may be omitted.
+    ``register`` refuses an implementation whose signature differs from the op's spec: the plugin is
+    then ``failed`` with the reason. Calling :func:`attn_dispatch.load` for the device being loaded
+    raises :class:`attn_dispatch.PluginLoadError` (the plugin is marked ``failed``).
     Returns: nothing. To decline, raise :class:`MissingDependency` or :class:`NotThisArch` with a
     one-line reason; nothing it registered is kept. Any other exception marks the plugin ``failed``.
     A plugin registers every operation of a group or none of it: a plan made by one plugin is never

@@ -16,6 +16,7 @@ from .hardware import Hardware
 
 if TYPE_CHECKING:
     from .plugins import PluginReport
+    from .settings import SettingValue
 
 # A plugin provides a whole group or none of it: the plan/meta made by one op is consumed by the others.
 OP_GROUPS: Mapping[str, tuple[str, ...]] = {
@@ -59,6 +60,7 @@ class Ops:
     hardware: Hardware
     resolutions: Mapping[str, Resolution] = field(default_factory=dict)
     plugins: tuple[PluginReport, ...] = ()
+    settings: tuple[SettingValue, ...] = ()  # the host's settings as this load read them
 
     def summary(self) -> str:
         """One line: the hardware, the active plugins and how many ops each took."""

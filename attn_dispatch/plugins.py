@@ -1,75 +1,76 @@
-"""The plugin host: entry-point discovery, environment toggles, registration once, and the listing.
+"""The plugin host: entry-point discovery, switches, registration once per device, and the report.
 
 ``load()`` is the only entry an engine needs::
 
     ops = attn_dispatch.load()          # once, at start-up (cached per device, thread-safe)
     ops.paged_attention_out(q, k_cache, v_cache, out, plan=plan)   # per layer: a plain call
 
-Environment (precedence from strongest to weakest):
+Which plugins run (strongest first):
 
 1. ``ATTN_DISPATCH_<NAME>=1|0`` switches one plugin on or off, whatever the two lists say.
 2. ``ATTN_DISPATCH_DISABLE=a,b`` switches the listed plugins off.
 3. ``ATTN_DISPATCH_PLUGINS=a,b`` keeps only the listed plugins; set but empty keeps none; unset keeps all.
 
-A plugin switched off is not imported at all. A name in any of them that matches no installed plugin is
-warned about, with the known names.
-``ATTN_DISPATCH_STRICT=1`` raises :class:`PluginLoadError` when a plugin fails to load or a plugin asked
-for by name (in ``ATTN_DISPATCH_PLUGINS`` or by ``ATTN_DISPATCH_<NAME>=1``) is unavailable. Without it,
-the failure is recorded in the plugin's report, logged once, and the original path is used.
+A plugin switched off is not imported at all. Every variable is read by :mod:`attn_dispatch.settings`.
+
+Nothing a plugin does makes ``load()`` raise or hang: each plugin is imported and asked to register in
+a worker thread bounded by ``ATTN_DISPATCH_LOAD_TIMEOUT``, and whatever goes wrong becomes its report's
+status and reason (:mod:`attn_dispatch.loader`), logged once. ``ATTN_DISPATCH_STRICT=1`` turns every
+problem (a failed, shadowed or misnamed plugin, a plugin asked for by name that is unavailable, an
+unreadable or unknown variable) into one :class:`PluginLoadError` listing them all.
+
+Two distributions exposing one entry-point name: the one that owns the name (its distribution is named
+``<name>`` or ``attn-dispatch-<name>``, any of ``-_.``) loads and the others are ``shadowed``; when no
+single one owns it, none loads and all are ``shadowed``. Two plugins offering one op group: the first by
+name keeps it; the other is ``conflict`` (or ``active`` for the groups it kept), naming the winner.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import logging
 import os
+import re
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import pluggy
 
-from . import hookspecs
-from .hardware import ARCH_ENV, Hardware, detect
-from .hookspecs import PROJECT, PluginSpec, PluginUnavailable
-from .ops import GROUP_OF, OP_GROUPS, OP_NAMES, REFERENCE, Ops, Resolution, function_name, reference_resolutions
+from . import hookspecs, loader, settings
+from .hardware import detect
+from .hookspecs import PROJECT
+from .loader import ACTIVE, CONFLICT, DISABLED_BY_ENV, FAILED, INVALID_NAME, MISSING_DEPENDENCY, NOT_THIS_ARCH, SHADOWED
+from .ops import GROUP_OF, OP_GROUPS, REFERENCE, Ops, Resolution, function_name, reference_resolutions
+from .settings import SettingValue
+
+__all__ = ["ACTIVE", "CONFLICT", "DISABLED_BY_ENV", "FAILED", "INVALID_NAME", "MISSING_DEPENDENCY", "NOT_THIS_ARCH", "SHADOWED"]
 
 log = logging.getLogger("attn_dispatch")
 
 ENTRY_POINT_GROUP = "attn_dispatch"
-ENV_PREFIX = "ATTN_DISPATCH_"
-ENV_PLUGINS = "ATTN_DISPATCH_PLUGINS"
-ENV_DISABLE = "ATTN_DISPATCH_DISABLE"
-ENV_STRICT = "ATTN_DISPATCH_STRICT"
-HOST_ENV = (ARCH_ENV, ENV_PLUGINS, ENV_DISABLE, ENV_STRICT, "ATTN_DISPATCH_LOG_LEVEL")
-
-ACTIVE = "active"
-NOT_THIS_ARCH = "not-this-arch"
-DISABLED_BY_ENV = "disabled-by-env"
-MISSING_DEPENDENCY = "missing-dependency"
-FAILED = "failed"
-
-_TRUE = ("1", "true", "on", "yes")
-_FALSE = ("0", "false", "off", "no")
+ENV_PREFIX = settings.PREFIX
+ENV_PLUGINS, ENV_DISABLE, ENV_STRICT = (settings.host_variable(n) for n in ("plugins", "disable", "strict"))
+PROBLEMS = (FAILED, SHADOWED, INVALID_NAME)  # statuses that are errors under strict mode
 
 
 class PluginLoadError(RuntimeError):
-    """Strict mode only: a plugin failed, or a plugin asked for by name is unavailable."""
+    """Strict mode: every problem of one load, in one message. Also: ``load()`` re-entered from a hook."""
 
 
 @dataclass(frozen=True)
 class PluginReport:
-    """What happened to one discovered plugin in one load, and why."""
+    """What happened to one discovered plugin in one load, and why (``status``: see ``loader.STATUSES``)."""
 
     name: str
     distribution: str
     version: str
-    archs: tuple[str, ...]
+    archs: tuple[str, ...]  # empty when its spec was not read (switched off, failed before)
     status: str
     reason: str = ""
     ops: tuple[str, ...] = ()
     requested: bool = False  # named in ATTN_DISPATCH_PLUGINS or switched on by ATTN_DISPATCH_<NAME>=1
+    settings: tuple[SettingValue, ...] = ()  # its switch, then its declared settings as read
 
 
 def make_plugin_manager() -> pluggy.PluginManager:
@@ -79,32 +80,58 @@ def make_plugin_manager() -> pluggy.PluginManager:
 
 
 def entry_points() -> list[importlib.metadata.EntryPoint]:
-    """Installed plugins, sorted by name so resolution does not depend on install order."""
-    return sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
+    """Installed plugins, sorted by name then distribution, so nothing depends on install order."""
+    return sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: (ep.name, _dist(ep)))
 
 
-_lock = threading.Lock()
+# Locks: one re-entrant lock per device, so a cached load never waits behind another device's build;
+# _guard only protects the lock table. Both are made anew in a forked child (a lock held by a parent's
+# thread would never be released there).
+_guard = threading.Lock()
+_device_locks: dict[int | None, threading.RLock] = {}
 _loaded: dict[int | None, Ops] = {}
-_logged: set[tuple[str, str]] = set()
+_logged: set[str] = set()
+
+
+def _after_fork_in_child() -> None:
+    global _guard, _device_locks
+    _guard, _device_locks = threading.Lock(), {}
+    loader.forget_builds()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def load(device: object = None, *, refresh: bool = False) -> Ops:
     """Detect the hardware, load the plugins and return the resolved :class:`Ops` for ``device``.
 
-    ``device``: None (device 0, or the CPU when there is no GPU), an index, ``"cuda:1"``, ``"cpu"`` or a
-    ``torch.device``. Cached per device: later calls return the same object; ``refresh=True`` reloads
-    (after changing the environment, say).
+    ``device``: None (device 0, or the CPU when there is no GPU), an index >= 0, ``"cpu"``, ``"cuda"``,
+    ``"cuda:N"`` or a ``torch.device``; anything else is a ``ValueError``. Cached per device: later calls
+    return the same object, without waiting for another device's load. ``refresh=True`` reads the
+    environment again and rebuilds this device's :class:`Ops` (and logs its problems again); objects
+    already handed out keep working unchanged.
+
+    Raises only :class:`PluginLoadError` (strict mode; or called from a plugin's hook for the device being
+    loaded) and ``ValueError`` (``device``, or an unknown ``ATTN_DISPATCH_ARCH``), never because of what a
+    plugin does.
     """
     index = device_index(device)
-    with _lock:
-        if refresh or index not in _loaded:
-            _loaded[index] = _build(index)
-        return _loaded[index]
+    if index in loader.building():
+        raise PluginLoadError(f"load({device!r}) called from a plugin hook while that device's plugins load; call it after start-up")
+    if not refresh and (ops := _loaded.get(index)) is not None:
+        return ops
+    with _device_lock(index):
+        if refresh or (ops := _loaded.get(index)) is None:
+            if refresh:
+                _logged.clear()
+            ops = _loaded[index] = _build(index)
+        return ops
 
 
 def reset() -> None:
-    """Forget every loaded :class:`Ops` (tests, or an engine that changes the environment)."""
-    with _lock:
+    """Forget every loaded :class:`Ops` and what was logged, so the next ``load()`` rebuilds and logs
+    again (tests; objects already handed out keep working)."""
+    with _guard:
         _loaded.clear()
         _logged.clear()
 
@@ -114,190 +141,180 @@ def list_plugins(device: object = None) -> tuple[PluginReport, ...]:
 
 
 def device_index(device: object) -> int | None:
+    """The cache key of ``device``: a visible-GPU index, or None for the CPU."""
     if device is None:
         return 0
-    if isinstance(device, int):
+    if isinstance(device, int) and not isinstance(device, bool) and device >= 0:
         return device
-    text = str(device)
-    if text == "cpu":
-        return None
-    kind, _, number = text.partition(":")
-    if kind not in ("cuda", "hip") or (number and not number.isdigit()):
-        raise ValueError(f"device: expected None, an index, 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    return int(number) if number else 0
+    kind, _, number = str(device).partition(":")
+    if isinstance(device, (str, _torch_device_type())) and (not number or number.isdigit()):
+        if kind == "cpu" and number in ("", "0"):
+            return None
+        if kind in ("cuda", "hip"):
+            return int(number) if number else 0
+    raise ValueError(f"device: expected None, an index >= 0, 'cpu', 'cuda', 'cuda:N' or a torch.device, got {device!r}")
+
+
+def _torch_device_type() -> type:
+    torch = __import__("sys").modules.get("torch")  # never import torch just to check an argument
+    return torch.device if torch is not None else str
+
+
+def _device_lock(index: int | None) -> threading.RLock:
+    with _guard:
+        return _device_locks.setdefault(index, threading.RLock())
 
 
 def _build(index: int | None) -> Ops:
+    environ = dict(os.environ)  # one snapshot: every setting of this load is read from it
     hardware = detect(index)
-    strict = _flag(ENV_STRICT)
-    pm = make_plugin_manager()
-    found = entry_points()
-    problems = _unknown_env_names([ep.name for ep in found])
-    for problem in problems:
-        _log_once(logging.WARNING, "env", problem)
+    host = settings.read_host(environ)
+    if host["strict"].problem:  # cannot tell whether strict mode is wanted: refuse rather than guess
+        raise PluginLoadError(f"{host['strict'].problem.split(';')[0]}; set it to 1 or 0")
+    strict = bool(host["strict"].value)
+    problems = [value.problem for value in host.values() if value.problem]
 
+    by_name: dict[str, list[importlib.metadata.EntryPoint]] = {}
+    for ep in entry_points():
+        by_name.setdefault(ep.name, []).append(ep)
+    valid = [name for name in by_name if _name_problem(name) is None]
+    problems += _list_problems(host, valid)
+
+    attempts: dict[str, loader.Attempt] = {}
+    reports: list[PluginReport] = []
     chosen: dict[str, tuple[Callable, Resolution]] = {}
-    reports = []
-    for ep in found:
-        report = _activate(pm, ep, hardware, chosen)
-        reports.append(report)
-        if report.status == FAILED:
-            problems.append(f"plugin {report.name} failed: {report.reason}")
+    for name, eps in by_name.items():
+        switch = settings.read(settings.SWITCH, settings.plugin_variable(name), environ)
+        if switch.problem:
+            problems.append(switch.problem)
+        enabled, why, requested = _decision(name, switch, host)
+        for ep, status, reason in _pick(name, eps):
+            if status is None and not enabled:
+                status, reason = DISABLED_BY_ENV, why
+            if status is not None:  # not imported
+                reports.append(_report(ep, status, reason, requested=requested, settings=(switch,)))
+                continue
+            pm = make_plugin_manager()
+            attempt = attempts[name] = loader.activate(ep, hardware, environ, pm, host["load_timeout"].value, loader.building() | {index})
+            status, reason, taken = _settle(name, attempt, chosen)
+            note = "; ".join(filter(None, [reason, *(f"also exposed by {_dist(o)} {_version(o)} (shadowed)" for o in eps if o is not ep)]))
+            problems += [value.problem for value in attempt.settings if value.problem]
+            reports.append(_report(ep, status, note, attempt.archs, taken, requested, (switch, *attempt.settings)))
+
+    declared = {name: (attempts[name].declared if name in attempts else None) for name in valid}
+    problems += settings.unknown_variables(environ, declared)
+    for report in reports:
+        if report.status in PROBLEMS:
+            problems.append(f"plugin {report.name} {report.status}: {report.reason}")
         elif report.requested and report.status != ACTIVE:
             problems.append(f"plugin {report.name} was asked for but is {report.status}: {report.reason}")
+        elif report.status in (NOT_THIS_ARCH, MISSING_DEPENDENCY):
+            _log_once(logging.INFO, f"plugin {report.name} {report.status}: {report.reason}")
+        elif report.status == CONFLICT or (report.status == ACTIVE and report.reason):
+            _log_once(logging.WARNING, f"plugin {report.name} {report.status}: {report.reason}")
     if strict and problems:
-        raise PluginLoadError(f"{ENV_STRICT}=1 and: " + "; ".join(problems))
+        raise PluginLoadError(f"{ENV_STRICT}=1 and {len(problems)} problem(s): " + "; ".join(problems))
+    for problem in problems:
+        _log_once(logging.WARNING, problem)
 
-    impls = dict(REFERENCE)
-    resolutions = reference_resolutions()
+    impls, resolutions = dict(REFERENCE), reference_resolutions()
     for op, (fn, resolution) in chosen.items():
-        impls[op] = fn
-        resolutions[op] = resolution
-    ops = Ops(**impls, hardware=hardware, resolutions=resolutions, plugins=tuple(reports))
+        impls[op], resolutions[op] = fn, resolution
+    ops = Ops(**impls, hardware=hardware, resolutions=resolutions, plugins=tuple(reports), settings=tuple(host.values()))
     log.info(ops.summary())
     return ops
 
 
-def _activate(
-    pm: pluggy.PluginManager,
-    ep: importlib.metadata.EntryPoint,
-    hardware: Hardware,
-    chosen: dict[str, tuple[Callable, Resolution]],
-) -> PluginReport:
-    """Toggle, import, describe and register one plugin; every outcome is a report, never an exception."""
-    name = ep.name
-    dist = getattr(ep, "dist", None)
-    distribution, version = (dist.metadata["Name"], dist.version) if dist is not None else ("?", "?")
-    enabled, env_reason, requested = _env_decision(name)
-
-    def report(status: str, reason: str = "", archs: tuple[str, ...] = (), ops: tuple[str, ...] = ()) -> PluginReport:
-        if status not in (ACTIVE, DISABLED_BY_ENV):
-            _log_once(logging.WARNING if status == FAILED else logging.INFO, name, f"plugin {name} {status}: {reason}")
-        return PluginReport(name, distribution, version, archs, status, reason, ops, requested)
-
-    if not enabled:  # not even imported: switching a plugin off must also avoid its import-time side effects
-        return report(DISABLED_BY_ENV, env_reason)
-    try:
-        module = ep.load()
-        pm.register(module, name=name)
-    except Exception as exc:  # one broken plugin is recorded; the others still load
-        return report(FAILED, f"import failed: {type(exc).__name__}: {exc}")
-    try:
-        specs = _call_one(pm, "attn_dispatch_plugin_spec", module, hardware=hardware)
-    except Exception as exc:
-        return report(FAILED, f"attn_dispatch_plugin_spec raised {type(exc).__name__}: {exc}")
-    spec = specs[0] if specs else None
-    if not isinstance(spec, PluginSpec):
-        return report(FAILED, f"attn_dispatch_plugin_spec returned {type(spec).__name__}, not a PluginSpec")
-    archs = tuple(spec.archs)
-    if spec.name != name:
-        return report(FAILED, f"entry point {name!r} describes itself as {spec.name!r}", archs)
-    if hardware.arch not in archs:
-        return report(NOT_THIS_ARCH, f"targets {', '.join(archs)}; this device is {hardware.arch}", archs)
-    missing = [requirement for requirement in spec.requires if not _importable(requirement)]
-    if missing:
-        return report(MISSING_DEPENDENCY, f"{', '.join(missing)} not installed", archs)
-
-    staged: dict[str, tuple[Callable, str]] = {}
-
-    def register(op: str, implementation: Callable, *, note: str = "") -> None:
-        if op not in OP_NAMES:
-            raise ValueError(f"register: unknown op {op!r}; known ops: {', '.join(OP_NAMES)}")
-        if not callable(implementation):
-            raise TypeError(f"register: implementation of {op!r} is not callable")
-        staged[op] = (implementation, note)
-
-    try:
-        _call_one(pm, "attn_dispatch_register_ops", module, hardware=hardware, register=register)
-    except PluginUnavailable as exc:
-        return report(exc.status, str(exc), archs)
-    except Exception as exc:
-        return report(FAILED, f"attn_dispatch_register_ops raised {type(exc).__name__}: {exc}", archs)
-
-    groups = {GROUP_OF[op] for op in staged}
-    for group in sorted(groups):
-        missing_ops = [op for op in OP_GROUPS[group] if op not in staged]
-        if missing_ops:
-            return report(FAILED, f"registered part of group {group}; missing {', '.join(missing_ops)}", archs)
-    taken = []
-    for group in sorted(groups):
+def _settle(name: str, attempt: loader.Attempt, chosen: dict[str, tuple[Callable, Resolution]]) -> tuple[str, str, tuple[str, ...]]:
+    """Give an active plugin the op groups nobody took before it: (status, reason, ops taken)."""
+    if attempt.status != ACTIVE:
+        return attempt.status, attempt.reason, ()
+    taken: list[str] = []
+    lost: list[str] = []
+    for group in sorted({GROUP_OF[op] for op in attempt.staged}):
         owner = next((chosen[op][1].plugin for op in OP_GROUPS[group] if op in chosen), None)
         if owner is not None:
-            _log_once(logging.WARNING, name, f"plugin {name}: group {group} already provided by {owner}; keeping {owner}")
+            lost.append(f"group {group} already provided by {owner}")
             continue
         for op in OP_GROUPS[group]:
-            fn, note = staged[op]
+            fn, note = attempt.staged[op]
             chosen[op] = (fn, Resolution(op, name, function_name(fn), note))
             taken.append(op)
-    return report(ACTIVE, "", archs, tuple(taken))
+    if lost:
+        reason = "; ".join(lost) + " (the first plugin by name keeps a group)"
+        return (ACTIVE if taken else CONFLICT), reason, tuple(taken)
+    return ACTIVE, "", tuple(taken)
 
 
-def _call_one(pm: pluggy.PluginManager, hook_name: str, plugin: object, **kwargs) -> list:
-    """Call one plugin's implementation of a hook (through pluggy, so tracing sees it); load time only."""
-    others = [p for p in pm.get_plugins() if p is not plugin]
-    return pm.subset_hook_caller(hook_name, remove_plugins=others)(**kwargs)
+def _pick(name: str, eps: list[importlib.metadata.EntryPoint]) -> list[tuple[importlib.metadata.EntryPoint, str | None, str]]:
+    """(entry point, status or None to go on and load it, reason) for each distribution exposing ``name``."""
+    if (problem := _name_problem(name)) is not None:
+        return [(ep, INVALID_NAME, f"{problem}; rename it in {_dist(ep)}") for ep in eps]
+    if len(eps) == 1:
+        return [(eps[0], None, "")]
+    listing = ", ".join(f"{_dist(ep)} {_version(ep)}" for ep in eps)
+    owners = [ep for ep in eps if _owns(_dist(ep), name)]
+    if len(owners) != 1:
+        reason = f"entry point {name!r} is exposed by {listing}, and not exactly one owns the name; none is loaded: uninstall the others"
+        return [(ep, SHADOWED, reason) for ep in eps]
+    owner = owners[0]
+    reason = f"entry point {name!r} is also exposed by {_dist(owner)} {_version(owner)}, which owns the name and is loaded instead"
+    return [(ep, None, "") if ep is owner else (ep, SHADOWED, reason) for ep in eps]
 
 
-def _importable(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
+def _owns(distribution: str, name: str) -> bool:
+    normal = re.sub(r"[-_.]+", "-", distribution).lower()
+    return normal in (name.replace("_", "-"), "attn-dispatch-" + name.replace("_", "-"))
 
 
-def _flag(var: str) -> bool:
-    return os.environ.get(var, "").strip().lower() in _TRUE
+def _name_problem(name: str) -> str | None:
+    if not loader.valid_name(name):
+        return f"entry point name {name!r} is not lower case [a-z][a-z0-9_]* (it names ATTN_DISPATCH_<NAME>)"
+    if settings.host_variable(name) in settings.HOST_VARIABLES:
+        return f"entry point name {name!r} is taken by the host setting {settings.host_variable(name)}"
+    return None
 
 
-def _names(var: str) -> list[str] | None:
-    value = os.environ.get(var)
-    if value is None:
-        return None
-    return [name.strip().lower() for name in value.split(",") if name.strip()]
-
-
-def _switch_var(name: str) -> str:
-    return ENV_PREFIX + name.upper()
-
-
-def _env_decision(name: str) -> tuple[bool, str, bool]:
+def _decision(name: str, switch: SettingValue, host: Mapping[str, SettingValue]) -> tuple[bool, str, bool]:
     """(enabled, why, requested by name) for one plugin, by the precedence in this module's docstring."""
-    var = _switch_var(name)
-    value = os.environ.get(var)
-    if value is not None and value.strip().lower() in _TRUE + _FALSE:
-        on = value.strip().lower() in _TRUE
-        return on, f"{var}={value}", on
-    if value is not None:
-        _log_once(logging.WARNING, var, f"{var}={value!r} is neither 0 nor 1; ignored")
-    if name in (_names(ENV_DISABLE) or ()):
+    if switch.source == "env":
+        return bool(switch.value), f"{switch.variable}={'1' if switch.value else '0'}", bool(switch.value)
+    if name in [n.lower() for n in host["disable"].value]:
         return False, f"listed in {ENV_DISABLE}", False
-    allow = _names(ENV_PLUGINS)
-    if allow is not None and name not in allow:
-        return False, f"not in {ENV_PLUGINS}={os.environ[ENV_PLUGINS]!r}", False
+    allow = host["plugins"].value
+    if allow is not None and name not in [n.lower() for n in allow]:
+        return False, f"not in {ENV_PLUGINS}={','.join(allow)!r}", False
     return True, "", allow is not None
 
 
-def _unknown_env_names(known: Iterable[str]) -> list[str]:
-    """Names in the toggles that match no installed plugin (a typo must not be silently ignored)."""
-    known = list(known)
+def _list_problems(host: Mapping[str, SettingValue], known: list[str]) -> list[str]:
+    """Names in the two lists that match no installed plugin (a typo must not be silently ignored)."""
     listing = ", ".join(known) or "none installed"
     problems = []
-    for var in (ENV_PLUGINS, ENV_DISABLE):
-        for name in _names(var) or ():
-            if name not in known:
-                problems.append(f"{var} names {name!r}, which matches no installed plugin (known: {listing})")
-    for var in sorted(os.environ):
-        if not var.startswith(ENV_PREFIX) or var in HOST_ENV:
-            continue
-        suffix = var[len(ENV_PREFIX) :].lower()
-        # ATTN_DISPATCH_<PLUGIN>_<SETTING> belongs to that plugin (e.g. ..._VARLEN_DIFFUSION_STRATEGY).
-        if any(suffix == name or suffix.startswith(name + "_") for name in known):
-            continue
-        problems.append(f"{var} matches no installed plugin (known: {listing})")
+    for key in ("plugins", "disable"):
+        for name in host[key].value or ():
+            if name.lower() not in known:
+                problems.append(f"{host[key].variable} names {name!r}, which matches no installed plugin (known: {listing})")
     return problems
 
 
-def _log_once(level: int, key: str, message: str) -> None:
-    if (key, message) not in _logged:
-        _logged.add((key, message))
-        log.log(level, message)
+def _report(ep, status, reason, archs=(), ops=(), requested=False, settings=()) -> PluginReport:
+    return PluginReport(ep.name, _dist(ep), _version(ep), tuple(archs), status, reason, tuple(ops), requested, tuple(settings))
+
+
+def _dist(ep: importlib.metadata.EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    return (dist.metadata["Name"] or "?") if dist is not None else "?"
+
+
+def _version(ep: importlib.metadata.EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    return dist.version if dist is not None else "?"
+
+
+def _log_once(level: int, message: str) -> None:
+    with _guard:
+        if message in _logged:
+            return
+        _logged.add(message)
+    log.log(level, message)

@@ -7,8 +7,10 @@ def scaled_decode_query(q, q_rope, *, num_heads, kv_lora_rank, decode_impl):
     return reference.mla_decode_query(q, q_rope, num_heads=num_heads, kv_lora_rank=kv_lora_rank, decode_impl=decode_impl)
 
 
-def model_side_query(q_nope, q_rope, *, is_decode, decode_impl, llama_4_scaling=None):
-    return reference.mla_query_for_backend(q_nope, q_rope, is_decode=is_decode, decode_impl=decode_impl, llama_4_scaling=llama_4_scaling)
+def model_side_query(q, q_rope, *, is_decode, decode_impl, kv_lora_rank=None, llama_4_scaling=None):
+    return reference.mla_query_for_backend(
+        q, q_rope, is_decode=is_decode, decode_impl=decode_impl, kv_lora_rank=kv_lora_rank, llama_4_scaling=llama_4_scaling
+    )
 
 
 class _Plugin:

@@ -147,12 +147,15 @@ def test_a_disabled_plugin_is_not_imported(monkeypatch):
     assert (report.status, report.reason) == ("disabled-by-env", "ATTN_DISPATCH_BROKEN=0")
 
 
-def test_failure_is_logged_once_across_loads(monkeypatch, caplog):
+def test_failure_is_logged_once_across_devices_and_again_after_refresh(monkeypatch, caplog):
     add_entry_points(monkeypatch, broken="fake_broken_plugin")
     with caplog.at_level(logging.WARNING, logger="attn_dispatch"):
         load_cpu(monkeypatch)
-        attn_dispatch.load(refresh=True)
+        attn_dispatch.load("cpu")  # another device, same failure: not logged again
     assert sum("plugin broken failed" in r.getMessage() for r in caplog.records) == 1
+    with caplog.at_level(logging.WARNING, logger="attn_dispatch"):
+        attn_dispatch.load(refresh=True)  # refresh resets the log-once set
+    assert sum("plugin broken failed" in r.getMessage() for r in caplog.records) == 2
 
 
 def test_plugin_that_raises_on_import_raises_in_strict_mode(monkeypatch):
