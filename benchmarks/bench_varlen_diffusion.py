@@ -33,7 +33,8 @@ CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the plugin's kernels import triton
 
-from attn_dispatch import detect, flash_providers  # noqa: E402
+import attn_dispatch_flash as flash_providers  # noqa: E402
+from attn_dispatch import detect  # noqa: E402
 from attn_dispatch.reference import masked as original  # noqa: E402
 from attn_dispatch_varlen_diffusion.attention import build_ops  # noqa: E402
 from attn_dispatch_varlen_diffusion.kernels import gather_rows, scatter_rows  # noqa: E402

@@ -4,9 +4,9 @@ Seed PRs: sglang #21985 (out-aliasing) and #21104 (metadata precompute).
 
 The plugin registers the whole "attention_out" group (``make_attention_plan``, ``paged_attention_out``,
 ``varlen_attention_out``) over the first FlashAttention provider that imports
-(:mod:`attn_dispatch.flash_providers`: sgl_kernel, vllm, upstream FA3; FA4 on sm100).
+(:mod:`attn_dispatch_flash`, a shared internal distribution: sgl_kernel, vllm, upstream FA3; FA4 on sm100).
 
-Settings (read once, at load):
+Settings (declared in the spec, read and reported by the host, handed to ``attn_dispatch_register_ops``):
 
 * ``ATTN_DISPATCH_CUDA_FA3_PROVIDER=vllm_fa3[,…]``: the providers to try, in order, instead of the arch's
   default order.
@@ -19,10 +19,10 @@ Settings (read once, at load):
 from __future__ import annotations
 
 import logging
-import os
+from collections.abc import Mapping
 
-from attn_dispatch import Hardware, PluginSpec, hookimpl
-from attn_dispatch.flash_providers import FlashProvider, require
+from attn_dispatch import Hardware, PluginSpec, Setting, hookimpl
+from attn_dispatch_flash import FlashProvider, require
 
 from .attention import AttentionOutOps, build_ops
 from .plan import FlashPlan
@@ -32,37 +32,34 @@ log = logging.getLogger("attn_dispatch")
 
 NAME = "cuda_fa3"
 ARCHS = ("sm90", "sm100")
-ENV_PROVIDER = "ATTN_DISPATCH_CUDA_FA3_PROVIDER"
-ENV_PATH = "ATTN_DISPATCH_CUDA_FA3_PATH"
 PATHS = ("optimized", "original")
+SETTINGS = (
+    Setting("provider", default=(), kind="list", help="providers to try, in order (default: the arch's order)"),
+    Setting("path", default="optimized", choices=PATHS, help="original: the pre-optimization path (A/B runs)"),
+)
 
 __all__ = ["AttentionOutOps", "FlashPlan", "Stats", "build_ops", "resolve_provider", "stats"]
 
 
 @hookimpl
 def attn_dispatch_plugin_spec(hardware: Hardware) -> PluginSpec:
-    return PluginSpec(name=NAME, archs=ARCHS, requires=("torch",), description=__doc__.splitlines()[0])
+    return PluginSpec(name=NAME, archs=ARCHS, requires=("torch",), description=__doc__.splitlines()[0], settings=SETTINGS)
 
 
 @hookimpl
-def attn_dispatch_register_ops(hardware: Hardware, register) -> None:
+def attn_dispatch_register_ops(hardware: Hardware, register, settings: Mapping[str, object]) -> None:
     """Resolve the provider once, then offer the three ops of the "attention_out" group over it."""
-    path = os.environ.get(ENV_PATH, "optimized").strip().lower()
-    if path not in PATHS:
-        raise ValueError(f"{ENV_PATH}={path!r}: expected one of {', '.join(PATHS)}")
-    provider = resolve_provider(hardware.arch)
-    original = path == "original"
+    provider = resolve_provider(hardware.arch, settings["provider"])
+    original = settings["path"] == "original"
     note = describe(provider, original)
     for op, implementation in build_ops(provider, original=original).items():
         register(op, implementation, note=note)
 
 
-def resolve_provider(arch: str) -> FlashProvider:
-    """The provider for ``arch`` (``ATTN_DISPATCH_CUDA_FA3_PROVIDER`` can set the probe order), or
-    :class:`MissingDependency` with what each candidate said."""
-    setting = os.environ.get(ENV_PROVIDER, "")
-    order = tuple(name.strip() for name in setting.split(",") if name.strip())
-    return require(arch, order or None)
+def resolve_provider(arch: str, order: tuple[str, ...] = ()) -> FlashProvider:
+    """The provider for ``arch``, probing ``order`` (the ``provider`` setting) or else the arch's default
+    order; :class:`MissingDependency` with what each candidate said."""
+    return require(arch, tuple(order) or None)
 
 
 def describe(provider: FlashProvider, original: bool) -> str:

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 from attn_dispatch.checks import check_tensor, fail, out_rows_view
-from attn_dispatch.flash_providers import FlashProvider
+from attn_dispatch_flash import FlashProvider
 from attn_dispatch.plans import DEFAULT_PARAMS, AttentionParams, AttentionPlan
 
 from .plan import FLASH_DTYPES, FlashPlan, make_plan, planned_metadata

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from attn_dispatch.checks import fail
-from attn_dispatch.flash_providers import FlashProvider
+from attn_dispatch_flash import FlashProvider
 from attn_dispatch.plans import DEFAULT_PARAMS, AttentionParams, AttentionPlan
 from attn_dispatch.reference.attention import validate_plan_inputs
 

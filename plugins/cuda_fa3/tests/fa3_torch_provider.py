@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 from attn_dispatch import reference
-from attn_dispatch.flash_providers import FlashProvider
+from attn_dispatch_flash import FlashProvider
 from attn_dispatch.plans import AttentionParams
 
 

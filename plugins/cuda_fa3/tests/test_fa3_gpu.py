@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from attn_dispatch import load, reference
-from attn_dispatch.flash_providers import probe
+from attn_dispatch_flash import probe
 from attn_dispatch.plans import DEFAULT_PARAMS, AttentionParams
 from attn_dispatch_cuda_fa3 import build_ops, stats
 from fa3_batches import cumulative, packed_batch, paged_batch

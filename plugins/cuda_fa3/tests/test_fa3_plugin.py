@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from attn_dispatch import flash_providers, load, reference
+import attn_dispatch_flash as flash_providers
+from attn_dispatch import load, reference
 from attn_dispatch.cli import format_info
 from attn_dispatch_cuda_fa3 import AttentionOutOps, stats
 from fa3_batches import paged_batch
@@ -65,14 +66,18 @@ def test_original_path_setting(monkeypatch):
     assert ops.make_attention_plan(**batch.plan_args).metadata == {}
 
 
-def test_unknown_path_setting_fails_the_plugin(monkeypatch):
+def test_unreadable_path_setting_is_warned_and_the_default_kept(monkeypatch, caplog):
+    """The host's settings model: one warning and the default; under strict mode, an error."""
     install_provider(monkeypatch)
     monkeypatch.setenv("ATTN_DISPATCH_ARCH", "sm90")
     monkeypatch.setenv("ATTN_DISPATCH_CUDA_FA3_PATH", "fast")
     ops = load(refresh=True)
-    assert report(ops).status == "failed"
-    assert "ATTN_DISPATCH_CUDA_FA3_PATH" in report(ops).reason
-    assert ops.paged_attention_out is reference.paged_attention_out
+    assert report(ops).status == "active"
+    assert "original path" not in ops.resolutions["paged_attention_out"].note
+    assert "ATTN_DISPATCH_CUDA_FA3_PATH='fast' is unreadable" in caplog.text
+    monkeypatch.setenv("ATTN_DISPATCH_STRICT", "1")
+    with pytest.raises(PluginLoadError, match="ATTN_DISPATCH_CUDA_FA3_PATH"):
+        load(refresh=True)
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""CPU: the sgl_kernel, upstream FA3 and FA4 adapters of attn_dispatch.flash_providers, against stand-in
+"""CPU: the sgl_kernel, upstream FA3 and FA4 adapters of attn_dispatch_flash, against stand-in
 modules with those packages' Python signatures (the H200 run exercises vllm's FA3 for real)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import types
 
 import pytest
 import torch
-from attn_dispatch import flash_providers
+import attn_dispatch_flash as flash_providers
 
 Q, K, V = (torch.zeros(3, 4, 8) for _ in range(3))
 OUT = torch.empty(3, 4, 8)

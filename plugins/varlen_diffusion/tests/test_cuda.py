@@ -8,7 +8,7 @@ import torch
 from varlen_masks import row, text_image_mask
 
 import attn_dispatch
-from attn_dispatch import flash_providers
+import attn_dispatch_flash as flash_providers
 from attn_dispatch.reference import masked as original
 from attn_dispatch_varlen_diffusion import ARCHS, NAME
 from attn_dispatch_varlen_diffusion.meta import Strategy

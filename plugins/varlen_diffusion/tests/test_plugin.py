@@ -8,7 +8,7 @@ from varlen_masks import text_image_mask
 from varlen_torch_provider import make_torch_provider
 
 import attn_dispatch
-from attn_dispatch import flash_providers
+import attn_dispatch_flash as flash_providers
 from attn_dispatch.reference import masked as original
 
 NAME = "varlen_diffusion"

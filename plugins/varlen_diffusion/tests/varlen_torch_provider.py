@@ -1,6 +1,6 @@
 """A CPU stand-in for a FlashAttention provider: ``FlashProvider.fwd``'s varlen contract in plain torch.
 
-Semantics copied from FA3 varlen (non-causal, no window): sequence ``b`` reads query rows
+Semantics copied from FA3 varlen (non-causal, no window, GQA when K/V have fewer heads): sequence ``b`` reads query rows
 ``cu_seqlens_q[b] : + seqused_q[b]`` (or up to ``cu_seqlens_q[b + 1]`` without seqused) and the key rows
 likewise; only those output rows are written; a sequence with no keys gets zeros. Rows no sequence
 covers keep what ``out`` held, and NaN when the provider allocates ``out`` itself (FA3 leaves them
@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from attn_dispatch.flash_providers import FlashProvider
+from attn_dispatch_flash import FlashProvider
 
 # CPU tests run the plugin's Triton kernels on CPU tensors, which only the interpreter can do. It is
 # switched on by the conftest when no GPU is present; on a GPU machine those tests skip (TRITON_INTERPRET
@@ -39,6 +39,7 @@ def make_torch_provider(*, has_seqused_q: bool = True, writes_out: bool = True, 
         calls.append({"seqused_q": seqused_q is not None, "seqused_k": seqused_k is not None, "out": out is not None})
         if out is None:
             out = torch.full_like(q, float("nan"), memory_format=torch.contiguous_format)
+        assert q.shape[1] % k.shape[1] == 0 and k.shape == v.shape, "GQA: K/V heads must divide Q heads"
         assert out.shape == q.shape
         cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
         used_q = seqused_q.tolist() if seqused_q is not None else [b - a for a, b in zip(cu_q, cu_q[1:])]
@@ -52,6 +53,8 @@ def make_torch_provider(*, has_seqused_q: bool = True, writes_out: bool = True, 
                 out[q0 : q0 + lq] = 0
                 continue
             qs, ks, vs = (x.float() for x in (q[q0 : q0 + lq], k[k0 : k0 + lk], v[k0 : k0 + lk]))
+            group = q.shape[1] // k.shape[1]  # GQA: K/V head h serves query heads h * group ... + group - 1
+            ks, vs = ks.repeat_interleave(group, dim=1), vs.repeat_interleave(group, dim=1)
             probs = torch.softmax(torch.einsum("qhd,khd->hqk", qs, ks) * softmax_scale, dim=-1)
             out[q0 : q0 + lq] = torch.einsum("hqk,khd->qhd", probs, vs).to(out.dtype)
         return out
