@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from attn_dispatch import Hardware, MissingDependency, PluginSpec, hookimpl
 
 if TYPE_CHECKING:
-    from attn_dispatch.flash_providers import FlashProvider
+    from attn_dispatch_flash import FlashProvider
 
 NAME = "varlen_diffusion"
 ARCHS = ("sm90", "sm100")
@@ -42,7 +42,7 @@ def attn_dispatch_register_ops(hardware: Hardware, register) -> None:
 
 def probe_provider(arch: str) -> FlashProvider:
     """The shared layer's first importable provider for ``arch`` (FA3 order on sm90, FA4 on sm100)."""
-    from attn_dispatch.flash_providers import require
+    from attn_dispatch_flash import require
 
     provider = require(arch)
     if provider.fa_version < MIN_FA_VERSION[arch]:  # guard: the probe order is the shared layer's choice

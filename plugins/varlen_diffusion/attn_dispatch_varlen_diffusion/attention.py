@@ -53,7 +53,7 @@ import os
 import torch
 
 from attn_dispatch.checks import fail
-from attn_dispatch.flash_providers import FlashProvider
+from attn_dispatch_flash import FlashProvider
 from attn_dispatch.plans import MaskMeta
 from attn_dispatch.reference import masked as original
 
