@@ -213,7 +213,7 @@ def _build(index: int | None) -> Ops:
         elif report.status == CONFLICT or (report.status == ACTIVE and report.reason):
             _log_once(logging.WARNING, f"plugin {report.name} {report.status}: {report.reason}")
     if strict and problems:
-        raise PluginLoadError(f"{ENV_STRICT}=1 and {len(problems)} problem(s): " + "; ".join(problems))
+        raise PluginLoadError(f"{ENV_STRICT}=1: {len(problems)} problem(s): " + "; ".join(problems))
     for problem in problems:
         _log_once(logging.WARNING, problem)
 

@@ -42,6 +42,17 @@ def run(ops: Ops, seed: int = 0) -> list[CheckResult]:
     return results
 
 
+def note(ops: Ops) -> str:
+    """What the check proved, when that is less than it seems: with every op on the reference (a CPU),
+    each check compared the reference with itself."""
+    if all(res.plugin == "reference" for res in ops.resolutions.values()):
+        return (
+            f"note: no plugin is active on {ops.hardware}, so every check compared the reference with itself: "
+            "this shows the original path runs here, not that any plugin is correct (run it on the target GPU)"
+        )
+    return ""
+
+
 def format_table(results: list[CheckResult]) -> str:
     rows = [("op", "implementation", "case", "max |err|", "result")]
     for r in results:
