@@ -1,17 +1,21 @@
-"""Input checks shared by the references and the plugins.
+"""Argument-check primitives shared by the validators (``attn_dispatch.validate``) and the plugins.
 
-Every check runs on shapes, dtypes and devices only (host metadata, no device sync) and raises a
-``ValueError`` that names the argument, before any kernel writes anything.
+Every check runs on shapes, dtypes, devices and host values only (no device sync) and raises a
+``ValueError`` whose message starts with the argument's name, before any kernel writes anything.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import NoReturn
 
 import torch
 
+INDEX_DTYPE = torch.int32  # cu_seqlens, cache_seqlens, page tables
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what op contracts allow; kernels may take fewer
 
-def fail(arg: str, message: str) -> None:
+
+def fail(arg: str, message: str) -> NoReturn:
     raise ValueError(f"{arg}: {message}")
 
 
@@ -36,6 +40,44 @@ def check_tensor(
     if device is not None and t.device != device:
         fail(arg, f"expected device {device}, got {t.device}")
     return t
+
+
+def check_last_dim_contiguous(arg: str, t: torch.Tensor) -> None:
+    """Kernels (FlashAttention) read rows with unit stride in the last dim."""
+    if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
+        fail(arg, f"must be contiguous in its last dim (strides {t.stride()})")
+
+
+def check_int(arg: str, value: object, *, minimum: int = 1) -> int:
+    """A host int (not a bool, not a tensor) that is at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
+        fail(arg, f"expected an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        fail(arg, f"must be {'positive' if minimum == 1 else f'>= {minimum}'}, got {value}")
+    return value
+
+
+def check_dtype_arg(arg: str, value: object, allowed: Iterable[torch.dtype]) -> torch.dtype:
+    """A ``torch.dtype`` argument (``"bf16"`` as a string is refused, not guessed)."""
+    allowed = tuple(allowed)
+    if not isinstance(value, torch.dtype):
+        fail(arg, f"expected a torch.dtype such as torch.bfloat16, got {type(value).__name__} {value!r}")
+    if value not in allowed:
+        fail(arg, f"expected {' or '.join(map(str, allowed))}, got {value}")
+    return value
+
+
+def check_instance(arg: str, value: object, cls: type, hint: str = "") -> None:
+    if not isinstance(value, cls):
+        fail(arg, f"expected {cls.__name__}{hint}, got {type(value).__name__}")
+
+
+def check_scale(value: object) -> None:
+    """``softmax_scale``: None (1/sqrt(head_dim)) or a real number."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        fail("softmax_scale", f"expected None or a float, got {type(value).__name__}")
 
 
 def out_rows_view(out: torch.Tensor, tokens: int, heads: int, head_dim: int, like: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,9 @@ class AttentionPlan:
     """One forward batch of paged attention (decode, or mixed extend + decode), made once per step.
 
     Tensors are the engine's own (int32, on the device); ints are host values the engine already has, so
-    making or using a plan never syncs with the device. ``metadata`` maps each planned
+    making or using a plan never syncs with the device. ``layer_params`` are the distinct
+    :class:`AttentionParams` the batch was planned for: a layer may only use those (every implementation
+    refuses others, the reference included, so engine code that runs on CPU runs on the GPU). ``metadata`` maps each planned
     :class:`AttentionParams` to the provider's precomputed scheduler metadata; it is empty when scheduling
     is left to the kernel at every call (the original path).
     """
@@ -51,6 +53,7 @@ class AttentionPlan:
     head_dim: int
     head_dim_v: int
     dtype: torch.dtype
+    layer_params: tuple[AttentionParams, ...] = (DEFAULT_PARAMS,)
     metadata: Mapping[AttentionParams, torch.Tensor] = field(default_factory=dict)
     provider: str = "reference"
 

@@ -51,7 +51,7 @@ def test_varlen_matches_per_sequence_attention(params, heads, kv_heads):
     assert (out[q.shape[0]:] == 9.0).all()  # rows past q untouched
 
 
-def paged_inputs(cache_lens, q_lens, page_size=4, heads=4, kv_heads=2, d=8):
+def paged_inputs(cache_lens, q_lens, page_size=4, heads=4, kv_heads=2, d=8, layer_params=(AttentionParams(),)):
     max_pages = max((n + page_size - 1) // page_size for n in cache_lens)
     pages = len(cache_lens) * max_pages
     k_cache, v_cache = torch.randn(pages, page_size, kv_heads, d), torch.randn(pages, page_size, kv_heads, d)
@@ -59,7 +59,7 @@ def paged_inputs(cache_lens, q_lens, page_size=4, heads=4, kv_heads=2, d=8):
     plan = reference.make_attention_plan(
         cache_seqlens=torch.tensor(cache_lens, dtype=torch.int32), page_table=page_table, cu_seqlens_q=cu(q_lens),
         max_seqlen_q=max(q_lens), max_seqlen_k=max(cache_lens), page_size=page_size, num_heads=heads,
-        num_kv_heads=kv_heads, head_dim=d, dtype=torch.float32,
+        num_kv_heads=kv_heads, head_dim=d, dtype=torch.float32, layer_params=layer_params,
     )  # fmt: skip
     q = torch.randn(sum(q_lens), heads, d)
     return q, k_cache, v_cache, plan
@@ -68,7 +68,7 @@ def paged_inputs(cache_lens, q_lens, page_size=4, heads=4, kv_heads=2, d=8):
 @pytest.mark.parametrize("params", [AttentionParams(), AttentionParams(window_size=(2, 0)), AttentionParams(softcap=3.0)])
 def test_paged_matches_gathered_contiguous_attention(params):
     cache_lens, q_lens = [9, 4, 13], [1, 3, 1]  # decode, extend, decode
-    q, k_cache, v_cache, plan = paged_inputs(cache_lens, q_lens)
+    q, k_cache, v_cache, plan = paged_inputs(cache_lens, q_lens, layer_params=(params,))
     out = torch.full((sum(q_lens) + 3, 4, 8), 9.0)  # padded past q, 3-D
     assert reference.paged_attention_out(q, k_cache, v_cache, out, plan=plan, params=params) is out
     cq = cu(q_lens)
@@ -83,6 +83,14 @@ def test_paged_matches_gathered_contiguous_attention(params):
 def test_plan_is_plain_data_with_no_metadata():
     _, _, _, plan = paged_inputs([9, 4], [1, 1])
     assert plan.metadata == {} and plan.provider == "reference" and plan.batch_size == 2
+
+
+def test_plan_records_distinct_layer_params_in_order():
+    sliding = AttentionParams(window_size=(2, 0))
+    _, _, _, plan = paged_inputs([9, 4], [1, 1], layer_params=(sliding, AttentionParams(), sliding))
+    assert plan.layer_params == (sliding, AttentionParams())
+    _, _, _, plan = paged_inputs([9, 4], [1, 1], layer_params=sliding)  # a bare AttentionParams is one
+    assert plan.layer_params == (sliding,)
 
 
 @pytest.mark.parametrize(
@@ -193,3 +201,28 @@ def test_masked_attention_mask_shape_must_match_keys():
     q = torch.randn(2, 10, 3, 8)
     with pytest.raises(ValueError, match="^mask_meta:"):
         reference.masked_attention(q, q, q, reference.build_mask_meta(torch.ones(2, 9, dtype=torch.bool)))
+
+
+def sdpa_per_head(q, k, v, key_mask):
+    """[B, S, H, D] SDPA with k/v heads repeated for GQA: what masked_attention means, spelled out."""
+    group = q.shape[2] // k.shape[2]
+    k, v = (t.repeat_interleave(group, dim=2).transpose(1, 2) for t in (k, v))
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=key_mask[:, None, None, :]).transpose(1, 2)
+
+
+@pytest.mark.parametrize("s_q, s_k, heads, kv_heads", [(10, 10, 4, 4), (7, 12, 4, 4), (10, 10, 4, 2), (5, 9, 6, 1)])
+def test_masked_attention_takes_cross_attention_and_gqa(s_q, s_k, heads, kv_heads):
+    q = torch.randn(2, s_q, heads, 8)
+    k, v = torch.randn(2, s_k, kv_heads, 8), torch.randn(2, s_k, kv_heads, 8)
+    key_mask = torch.arange(s_k)[None, :] < torch.tensor([[s_k], [s_k - 3]])
+    got = reference.masked_attention(q, k, v, reference.build_mask_meta(key_mask))
+    assert got.shape == (2, s_q, heads, 8)
+    torch.testing.assert_close(got, sdpa_per_head(q, k, v, key_mask), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_mla_decode_query_takes_flattened_heads(flat):
+    q_nope, q_rope = torch.randn(3, 4, 16), torch.randn(3, 4, 8)
+    args = (q_nope.flatten(1), q_rope.flatten(1)) if flat else (q_nope, q_rope)
+    q_all, _, _ = reference.mla_decode_query(*args, num_heads=4, kv_lora_rank=16, decode_impl="flashmla")
+    assert torch.equal(q_all, torch.cat([q_nope, q_rope], dim=-1))

@@ -14,6 +14,9 @@ Semantics every implementation matches (FA3's):
 - ``q`` rows past ``cu_seqlens_q[-1]`` (CUDA-graph padding) give unspecified ``out`` rows (zeros here);
   ``out`` rows past ``q``'s rows are never written.
 
+Arguments are checked by the op's one rule set (``attn_dispatch.validate``), which the plugins call too, so
+bad input raises the same ``ValueError`` here as on the GPU, before ``out`` is written.
+
 It is a reference, not a fast path: it materialises ``[tokens, keys, heads]`` scores. It never syncs
 with the device (segment ids come from ``searchsorted``, not ``.tolist()``).
 """
@@ -24,34 +27,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..checks import check_tensor, fail, out_rows_view
 from ..plans import DEFAULT_PARAMS, AttentionParams, AttentionPlan
-
-INDEX_DTYPE = torch.int32
-
-
-def validate_plan_inputs(
-    *,
-    cache_seqlens: torch.Tensor,
-    page_table: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    page_size: int,
-    num_heads: int,
-    num_kv_heads: int,
-) -> None:
-    """Checks shared by every ``make_attention_plan`` implementation."""
-    check_tensor("cache_seqlens", cache_seqlens, ndim=1, dtype=INDEX_DTYPE)
-    check_tensor("page_table", page_table, ndim=2, dtype=INDEX_DTYPE, device=cache_seqlens.device)
-    check_tensor("cu_seqlens_q", cu_seqlens_q, ndim=1, dtype=INDEX_DTYPE, device=cache_seqlens.device)
-    batch = cache_seqlens.shape[0]
-    if page_table.shape[0] != batch:
-        fail("page_table", f"has {page_table.shape[0]} rows but cache_seqlens has batch {batch}")
-    if cu_seqlens_q.shape[0] != batch + 1:
-        fail("cu_seqlens_q", f"expected {batch + 1} entries (batch + 1), got {cu_seqlens_q.shape[0]}")
-    if page_size <= 0:
-        fail("page_size", f"must be positive, got {page_size}")
-    if num_kv_heads <= 0 or num_heads % num_kv_heads:
-        fail("num_heads", f"{num_heads} is not divisible by num_kv_heads={num_kv_heads}")
+from ..validate import validate_make_attention_plan, validate_paged_attention_out, validate_varlen_attention_out
 
 
 def make_attention_plan(
@@ -84,14 +61,11 @@ def make_attention_plan(
     capture needs no ``static_plan``: its metadata is recomputed by every replay.
     The original path has nothing to precompute; it returns a plan with empty ``metadata``.
     """
-    validate_plan_inputs(
-        cache_seqlens=cache_seqlens,
-        page_table=page_table,
-        cu_seqlens_q=cu_seqlens_q,
-        page_size=page_size,
-        num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-    )
+    checked = validate_make_attention_plan(
+        cache_seqlens=cache_seqlens, page_table=page_table, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k, page_size=page_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
+        head_dim=head_dim, head_dim_v=head_dim_v, dtype=dtype, layer_params=layer_params, static_plan=static_plan,
+    )  # fmt: skip
     return AttentionPlan(
         cache_seqlens=cache_seqlens,
         page_table=page_table,
@@ -102,8 +76,9 @@ def make_attention_plan(
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
-        head_dim_v=head_dim if head_dim_v is None else head_dim_v,
+        head_dim_v=checked.head_dim_v,
         dtype=dtype,
+        layer_params=checked.layer_params,
     )
 
 
@@ -123,12 +98,8 @@ def paged_attention_out(
     ``k_cache`` ``[pages, page_size, kv_heads, head_dim]``, ``v_cache`` ``[pages, page_size, kv_heads, head_dim_v]``;
     ``out`` ``[>=tokens, heads * head_dim_v]`` or ``[>=tokens, heads, head_dim_v]``.
     """
+    out_view = validate_paged_attention_out(q, k_cache, v_cache, out, plan, params, softmax_scale)
     tokens, heads, head_dim = q.shape
-    out_view = out_rows_view(out, tokens, plan.num_heads, plan.head_dim_v, like=q)
-    check_tensor("k_cache", k_cache, ndim=4, dtype=q.dtype, device=q.device)
-    check_tensor("v_cache", v_cache, ndim=4, dtype=q.dtype, device=q.device)
-    if heads != plan.num_heads or head_dim != plan.head_dim:
-        fail("q", f"shape {tuple(q.shape)} does not match the plan ({plan.num_heads} heads, head_dim {plan.head_dim})")
 
     batch, max_pages = plan.page_table.shape
     keys = max_pages * plan.page_size
@@ -168,17 +139,11 @@ def varlen_attention_out(
     ``q`` ``[tokens_q, heads, head_dim]``, ``k`` ``[tokens_k, kv_heads, head_dim]``,
     ``v`` ``[tokens_k, kv_heads, head_dim_v]``; ``cu_seqlens_*`` int32 ``[batch + 1]``.
     """
+    out_view = validate_varlen_attention_out(
+        q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, params, softmax_scale
+    )
     tokens_q, heads, head_dim = q.shape
-    check_tensor("k", k, ndim=3, dtype=q.dtype, device=q.device)
-    check_tensor("v", v, ndim=3, dtype=q.dtype, device=q.device)
-    check_tensor("cu_seqlens_q", cu_seqlens_q, ndim=1, dtype=INDEX_DTYPE, device=q.device)
-    check_tensor("cu_seqlens_k", cu_seqlens_k, ndim=1, dtype=INDEX_DTYPE, device=q.device)
-    if cu_seqlens_k.shape != cu_seqlens_q.shape:
-        fail("cu_seqlens_k", f"has {cu_seqlens_k.shape[0]} entries but cu_seqlens_q has {cu_seqlens_q.shape[0]}")
-    kv_heads, head_dim_v = k.shape[1], v.shape[2]
-    if kv_heads <= 0 or heads % kv_heads:
-        fail("q", f"{heads} heads is not divisible by the {kv_heads} heads of k")
-    out_view = out_rows_view(out, tokens_q, heads, head_dim_v, like=q)
+    kv_heads = k.shape[1]
 
     seq_q, pos_q, len_q, valid_q = _segments(cu_seqlens_q, tokens_q)
     seq_k, pos_k, len_k, valid_k = _segments(cu_seqlens_k, k.shape[0])
@@ -227,3 +192,23 @@ def _softmax(scores: torch.Tensor, allowed: torch.Tensor, scale: float, softcap:
     scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return probs.nan_to_num(0.0)  # a row with no visible key gives zeros, as FlashAttention does
+
+
+def validate_plan_inputs(*, cache_seqlens, page_table, cu_seqlens_q, page_size, num_heads, num_kv_heads) -> None:
+    """Transitional, for plugins not yet on :func:`attn_dispatch.validate.validate_make_attention_plan`:
+    the subset of its rules these arguments allow (remove once no plugin imports it)."""
+    from ..checks import INDEX_DTYPE, check_int, check_tensor, fail
+
+    check_tensor("cache_seqlens", cache_seqlens, ndim=1, dtype=INDEX_DTYPE)
+    check_tensor("page_table", page_table, ndim=2, dtype=INDEX_DTYPE, device=cache_seqlens.device)
+    check_tensor("cu_seqlens_q", cu_seqlens_q, ndim=1, dtype=INDEX_DTYPE, device=cache_seqlens.device)
+    batch = cache_seqlens.shape[0]
+    if page_table.shape[0] != batch:
+        fail("page_table", f"has {page_table.shape[0]} rows but cache_seqlens has batch {batch}")
+    if cu_seqlens_q.shape[0] != batch + 1:
+        fail("cu_seqlens_q", f"expected {batch + 1} entries (batch + 1), got {cu_seqlens_q.shape[0]}")
+    check_int("page_size", page_size)
+    check_int("num_heads", num_heads)
+    check_int("num_kv_heads", num_kv_heads)
+    if num_heads % num_kv_heads:
+        fail("num_heads", f"{num_heads} is not divisible by num_kv_heads={num_kv_heads}")

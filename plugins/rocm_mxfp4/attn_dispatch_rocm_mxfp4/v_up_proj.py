@@ -15,11 +15,11 @@ from collections.abc import Callable
 import torch
 
 from attn_dispatch.checks import check_tensor, fail
+from attn_dispatch.validate import validate_mla_v_up_proj
 
 from .kernels import Kernels
 
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)  # what aiter's a16wfp4 GEMM takes
-FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MXFP4_BLOCK = 32  # elements per E8M0 scale
 FP8_GROUP = 128  # o_proj's fp8 input is quantized in groups of 128, as its block-scaled GEMM expects
 
@@ -86,33 +86,11 @@ def check_v_up_proj_args(
     w_vc_scale: torch.Tensor | None,
     o_proj_weight_dtype: torch.dtype,
 ) -> tuple[int, int, int]:
-    """Validate shapes, dtypes and devices (metadata only) and return ``(batch, heads, v_dim)``."""
-    check_tensor("attn_output", attn_output, ndim=3, dtype=FLOAT_DTYPES)
-    batch, heads, rank = attn_output.shape
-    device = attn_output.device
-    check_tensor("w_vc", w_vc, ndim=3, device=device)
+    """The op's rules (``validate_mla_v_up_proj``, shared with the original path), then what aiter's
+    kernels add; metadata only. Returns ``(batch, heads, v_dim)``."""
+    batch, heads, v_dim = validate_mla_v_up_proj(attn_output, w_vc, w_vc_scale, o_proj_weight_dtype)
     if w_vc.dtype == torch.uint8:
-        if w_vc_scale is None:
-            fail("w_vc_scale", "required with MXFP4 (uint8) w_vc")
         check_tensor("attn_output", attn_output, dtype=ACTIVATION_DTYPES)
-        if rank % MXFP4_BLOCK:
-            fail("attn_output", f"kv_lora_rank {rank} must be a multiple of {MXFP4_BLOCK} for MXFP4 w_vc")
-        v_dim = w_vc.shape[1]
-        if tuple(w_vc.shape) != (heads, v_dim, rank // 2):
-            fail("w_vc", f"expected MXFP4 shape ({heads}, v_dim, {rank // 2}), got {tuple(w_vc.shape)}")
-        check_tensor("w_vc_scale", w_vc_scale, ndim=3, dtype=torch.uint8, device=device)
-        if tuple(w_vc_scale.shape) != (heads, v_dim, rank // MXFP4_BLOCK):
-            fail("w_vc_scale", f"expected shape ({heads}, {v_dim}, {rank // MXFP4_BLOCK}), got {tuple(w_vc_scale.shape)}")
-    else:
-        if w_vc_scale is not None:
-            fail("w_vc_scale", f"given, but w_vc is {w_vc.dtype}, not MXFP4 uint8")
-        if w_vc.dtype != attn_output.dtype:
-            fail("w_vc", f"dtype {w_vc.dtype} differs from attn_output's {attn_output.dtype}")
-        v_dim = w_vc.shape[2]
-        if tuple(w_vc.shape[:2]) != (heads, rank):
-            fail("w_vc", f"expected shape ({heads}, {rank}, v_dim), got {tuple(w_vc.shape)}")
-    if not isinstance(o_proj_weight_dtype, torch.dtype):
-        fail("o_proj_weight_dtype", f"expected a torch.dtype, got {o_proj_weight_dtype!r}")
     # aiter's fused flatten-quants process one head's v_dim per program in a power-of-two block.
     smallest = {torch.uint8: MXFP4_BLOCK, torch.float8_e4m3fn: FP8_GROUP}.get(o_proj_weight_dtype)
     if smallest is not None and (v_dim < smallest or v_dim & (v_dim - 1)):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from attn_dispatch import reference
-from attn_dispatch.checks import check_tensor, fail
+from attn_dispatch.validate import validate_mla_decode_query, validate_mla_query_for_backend
 
 # Decode impls whose kernels read the (tokens, heads, 576) query as one tensor and take q_cat as is.
 CAT_SKIPPING_DECODE_IMPLS = frozenset({"tilelang", "aiter"})
@@ -35,9 +35,7 @@ def mla_query_for_backend(
         return reference.mla_query_for_backend(
             q, q_rope, is_decode=is_decode, decode_impl=decode_impl, kv_lora_rank=kv_lora_rank, llama_4_scaling=llama_4_scaling
         )
-    check_tensor("q", q, ndim=3)
-    if not isinstance(kv_lora_rank, int) or not 0 < kv_lora_rank < q.shape[-1]:
-        fail("kv_lora_rank", f"with q_rope=None it must be an int in (0, {q.shape[-1]}), got {kv_lora_rank!r}")
+    validate_mla_query_for_backend(q, q_rope, is_decode, decode_impl, kv_lora_rank, llama_4_scaling)
     if llama_4_scaling is not None:
         q[..., :kv_lora_rank].mul_(llama_4_scaling)
     return q, None
@@ -54,9 +52,11 @@ def mla_decode_query(
     """Backend side: given ``q_cat`` (``q_rope=None``) in tilelang/aiter decode, view it; else the original.
 
     Returns ``(q_all, q_nope, q_rope)``; here ``q_all`` is a view of ``q_cat`` (the original concatenates
-    its split views again: same bytes, one copy).
+    its split views again: same bytes, one copy). Inputs are checked by the op's validator, as in the
+    original, so mismatched heads or widths raise the same ``ValueError`` on both paths.
     """
     if q_rope is not None or decode_impl not in CAT_SKIPPING_DECODE_IMPLS:
         return reference.mla_decode_query(q, q_rope, num_heads=num_heads, kv_lora_rank=kv_lora_rank, decode_impl=decode_impl)
-    q_all = reference.concatenated_query_view(q, num_heads=num_heads, kv_lora_rank=kv_lora_rank)
+    q_cat, _ = validate_mla_decode_query(q, q_rope, num_heads, kv_lora_rank, decode_impl)  # the op's rules
+    q_all = q_cat.contiguous()  # a no-op for the model's own q_cat: q_all is a view of it
     return q_all, q_all[..., :kv_lora_rank], q_all[..., kv_lora_rank:]

@@ -1,0 +1,169 @@
+"""Rules of the ``attention_out`` group: ``make_attention_plan``, ``paged_attention_out``, ``varlen_attention_out``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+from ..checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPE,
+    check_dtype_arg,
+    check_instance,
+    check_int,
+    check_last_dim_contiguous,
+    check_scale,
+    check_tensor,
+    fail,
+    out_rows_view,
+)
+from ..plans import DEFAULT_PARAMS, AttentionParams, AttentionPlan
+
+
+class PlanArgs(NamedTuple):
+    """``make_attention_plan``'s arguments that need normalising."""
+
+    head_dim_v: int
+    layer_params: tuple[AttentionParams, ...]  # distinct, in the order given
+
+
+def validate_make_attention_plan(
+    *,
+    cache_seqlens: torch.Tensor,
+    page_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    page_size: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    head_dim_v: int | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    layer_params: Sequence[AttentionParams] = (DEFAULT_PARAMS,),
+    static_plan: AttentionPlan | None = None,
+    dtypes: Sequence[torch.dtype] = FLOAT_DTYPES,
+) -> PlanArgs:
+    """Rules of ``make_attention_plan``. ``dtypes``: the dtypes the caller's kernels take (named ``dtype``)."""
+    check_tensor("cache_seqlens", cache_seqlens, ndim=1, dtype=INDEX_DTYPE)
+    device, batch = cache_seqlens.device, cache_seqlens.shape[0]
+    check_tensor("page_table", page_table, ndim=2, dtype=INDEX_DTYPE, device=device)
+    check_tensor("cu_seqlens_q", cu_seqlens_q, ndim=1, dtype=INDEX_DTYPE, device=device)
+    if page_table.shape[0] != batch:
+        fail("page_table", f"has {page_table.shape[0]} rows but cache_seqlens has batch {batch}")
+    if cu_seqlens_q.shape[0] != batch + 1:
+        fail("cu_seqlens_q", f"expected {batch + 1} entries (batch + 1), got {cu_seqlens_q.shape[0]}")
+    for name, t in (("cache_seqlens", cache_seqlens), ("cu_seqlens_q", cu_seqlens_q)):
+        if not t.is_contiguous():
+            fail(name, f"must be contiguous (strides {t.stride()})")
+    check_last_dim_contiguous("page_table", page_table)
+    check_int("page_size", page_size)
+    check_int("num_heads", num_heads)
+    check_int("num_kv_heads", num_kv_heads)
+    if num_heads % num_kv_heads:
+        fail("num_heads", f"{num_heads} is not divisible by num_kv_heads={num_kv_heads}")
+    check_int("head_dim", head_dim)
+    head_dim_v = head_dim if head_dim_v is None else check_int("head_dim_v", head_dim_v)
+    check_int("max_seqlen_q", max_seqlen_q)
+    check_int("max_seqlen_k", max_seqlen_k)
+    capacity = page_table.shape[1] * page_size
+    if max_seqlen_k > capacity:
+        fail("max_seqlen_k", f"{max_seqlen_k} exceeds the page table's {capacity} keys (columns x page_size)")
+    check_dtype_arg("dtype", dtype, dtypes)
+    if static_plan is not None:
+        check_instance("static_plan", static_plan, AttentionPlan, " or None")
+    return PlanArgs(head_dim_v, distinct_layer_params(layer_params))
+
+
+def distinct_layer_params(layer_params: Sequence[AttentionParams] | AttentionParams) -> tuple[AttentionParams, ...]:
+    if isinstance(layer_params, AttentionParams):
+        layer_params = (layer_params,)
+    try:
+        distinct = tuple(dict.fromkeys(layer_params))
+    except TypeError:  # not iterable, or unhashable items
+        distinct = ()
+    if not distinct or not all(isinstance(p, AttentionParams) for p in distinct):
+        fail("layer_params", f"expected a non-empty sequence of AttentionParams, got {layer_params!r}")
+    return distinct
+
+
+def validate_paged_attention_out(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    out: torch.Tensor,
+    plan: AttentionPlan,
+    params: AttentionParams = DEFAULT_PARAMS,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """Rules of ``paged_attention_out``; returns ``out``'s first ``q.shape[0]`` rows as ``[tokens, heads, head_dim_v]``."""
+    check_instance("plan", plan, AttentionPlan, " from make_attention_plan")
+    check_instance("params", params, AttentionParams)
+    if params not in plan.layer_params:
+        fail("params", f"{params} is not among the plan's layer_params {plan.layer_params}; list it in make_attention_plan(layer_params=...)")
+    device, dtype = plan.cache_seqlens.device, plan.dtype
+    check_tensor("q", q, ndim=3, device=device)
+    if q.dtype != dtype:
+        fail("q", f"dtype {q.dtype} differs from the plan's dtype {dtype}")
+    if q.shape[1:] != (plan.num_heads, plan.head_dim):
+        fail("q", f"shape {tuple(q.shape)} does not match the plan ({plan.num_heads} heads, head_dim {plan.head_dim})")
+    check_last_dim_contiguous("q", q)
+    pages = None
+    for name, cache, dim in (("k_cache", k_cache, plan.head_dim), ("v_cache", v_cache, plan.head_dim_v)):
+        check_tensor(name, cache, ndim=4, dtype=dtype, device=device)
+        pages = cache.shape[0] if pages is None else pages
+        expected = (pages, plan.page_size, plan.num_kv_heads, dim)
+        if cache.shape != expected:
+            fail(name, f"expected [pages, page_size, kv_heads, head_dim] = {list(expected)}, got {list(cache.shape)}")
+        check_last_dim_contiguous(name, cache)
+    check_scale(softmax_scale)
+    return out_rows_view(out, q.shape[0], plan.num_heads, plan.head_dim_v, like=q)
+
+
+def validate_varlen_attention_out(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    params: AttentionParams = DEFAULT_PARAMS,
+    softmax_scale: float | None = None,
+    *,
+    dtypes: Sequence[torch.dtype] = FLOAT_DTYPES,
+) -> torch.Tensor:
+    """Rules of ``varlen_attention_out``; returns ``out``'s first rows as ``[tokens_q, heads, head_dim_v]``.
+
+    ``dtypes``: the dtypes the caller's kernels take (named ``q``).
+    """
+    check_tensor("q", q, ndim=3, dtype=tuple(dtypes))
+    dtype, device = q.dtype, q.device
+    check_tensor("k", k, ndim=3, dtype=dtype, device=device)
+    check_tensor("v", v, ndim=3, dtype=dtype, device=device)
+    heads, head_dim = q.shape[1], q.shape[2]
+    kv_heads = k.shape[1]
+    if head_dim == 0 or heads == 0:
+        fail("q", f"needs at least one head and head_dim > 0, got shape {tuple(q.shape)}")
+    if kv_heads == 0 or heads % kv_heads:
+        fail("q", f"{heads} heads is not a multiple of the {kv_heads} heads of k (GQA groups must divide)")
+    if k.shape[2] != head_dim:
+        fail("k", f"head_dim {k.shape[2]} differs from q's {head_dim}")
+    if v.shape[:2] != k.shape[:2] or v.shape[2] == 0:
+        fail("v", f"shape {tuple(v.shape)} does not match k's [tokens, kv_heads] {tuple(k.shape[:2])}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_last_dim_contiguous(name, t)
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        check_tensor(name, cu, ndim=1, dtype=INDEX_DTYPE, device=device)
+        if cu.shape[0] < 2 or not cu.is_contiguous():
+            fail(name, f"expected a contiguous [batch + 1] tensor with batch >= 1, got shape {tuple(cu.shape)}")
+    if cu_seqlens_k.shape != cu_seqlens_q.shape:
+        fail("cu_seqlens_k", f"has {cu_seqlens_k.shape[0]} entries but cu_seqlens_q has {cu_seqlens_q.shape[0]}")
+    check_int("max_seqlen_q", max_seqlen_q)
+    check_int("max_seqlen_k", max_seqlen_k)
+    check_instance("params", params, AttentionParams)
+    check_scale(softmax_scale)
+    return out_rows_view(out, q.shape[0], heads, v.shape[2], like=q)
