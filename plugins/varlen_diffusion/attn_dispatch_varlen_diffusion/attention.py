@@ -2,8 +2,14 @@
 
 Same operations and signatures as the original path (``attn_dispatch.reference.masked``)::
 
-    meta = ops.build_mask_meta(key_mask)                     # once per request: [B, S] bool/int mask
-    out = ops.masked_attention(q, k, v, meta, softmax_scale=None)   # per block: [B, S, H, D] -> same
+    meta = ops.build_mask_meta(key_mask)                     # once per request: [B, S_k] bool/int mask
+    out = ops.masked_attention(q, k, v, meta, softmax_scale=None)   # per block: q [B, S_q, H, D],
+                                                             # k/v [B, S_k, H_kv, D] -> [B, S_q, H, D]
+
+Self-attention has ``S_q == S_k`` (a query row's own mask bit says whether it is "valid"). Cross-attention
+(``S_q != S_k``, e.g. image queries over padded text keys) uses the same metadata, built from the key
+mask alone: Q stays padded (``cu_seqlens_q = b * S_q``, ``max_seqlen_q = S_q``) and every query row is
+valid, under every strategy. GQA (``H_kv`` divides ``H``) goes to FlashAttention as is.
 
 ``build_mask_meta`` picks a strategy from the mask's layout (see ``meta``):
 
@@ -32,17 +38,26 @@ What comes back, row by row ("valid" = the token's own key-mask bit is True):
   in every strategy. SDPA's answer there depends on backend and version (NaN on some; zeros on torch
   2.13's CPU kernels); the fallback below returns whatever SDPA returns.
 - Left padding, gaps, any mix of layouts across the batch: covered by the rules above.
+- Cross-attention: every query row is valid (SDPA's rows); a batch element with no valid key: zeros.
 
 Fallback (the original SDPA path, called as is, so byte-identical): float (additive) masks, for which
-``build_mask_meta`` returns the original plain ``MaskMeta``; ``S_q != S_k`` (cross attention) or any
-shape difference between q, k and v; dtypes other than fp16/bf16; a head dim FlashAttention does not
+``build_mask_meta`` returns the original plain ``MaskMeta``; k and v of different shapes (a value head
+dim other than the key's, say), a batch other than q's, or K/V heads that do not divide Q's; dtypes
+other than fp16/bf16; a head dim FlashAttention does not
 take (not a multiple of 8, or over 256); tensors not on the provider's device type; a ``MaskMeta`` this
 plugin did not make. Errors: a mask on another device than ``q`` raises ``ValueError`` naming
-``mask_meta`` (as the original path does), so does a mask whose ``[B, S]`` differs from q's.
+``mask_meta`` (as the original path does), so does a mask whose ``[B, S_k]`` differs from k's.
+
+Host path (eager): the first call with a metadata object and a call shape lays the call out once
+(``binding.bind_call``: route, FlashAttention arguments, pack kernels bound to their compiled launcher)
+and caches it on the metadata under ``binding.call_key``; every later block runs that closure after one
+dict lookup. Under ``torch.compile`` the checks trace and the work is one custom op
+(``custom_ops``), so attention causes no graph break.
 
 Syncs: ``build_mask_meta``: one device-to-host copy of three ints per request. ``masked_attention``:
 none; it allocates, launches and returns, so it can be captured in a CUDA graph (sizes come from the
-metadata; the max-seqlen bound is the padded S).
+metadata; the max-seqlen bounds are the padded S_q and S_k). Make the first call for a new call shape
+before capturing (as any warm-up does): binding compiles the pack kernel.
 """
 
 from __future__ import annotations
@@ -57,7 +72,8 @@ from attn_dispatch_flash import FlashProvider
 from attn_dispatch.plans import MaskMeta
 from attn_dispatch.reference import masked as original
 
-from .kernels import gather_rows, scatter_rows
+from . import custom_ops
+from .binding import bind_call, call_key
 from .meta import Strategy, VarlenMaskMeta, make_mask_meta
 
 log = logging.getLogger("attn_dispatch")
@@ -71,17 +87,17 @@ MAX_HEAD_DIM = 256
 def strategy_from_env() -> Strategy:
     """The general-mask strategy from ``ATTN_DISPATCH_VARLEN_DIFFUSION_STRATEGY`` (default ``kv_pack``).
 
-    An unknown value is warned about and ignored, like the host's unreadable plugin switches.
+    Read by the host's settings model (the plugin's declared ``STRATEGY``): an unreadable value is warned
+    about and the default used. Only for direct ``build_ops`` calls; ``load()`` passes the parsed setting.
     """
-    value = os.environ.get(STRATEGY_ENV, "").strip().lower()
-    if not value:
-        return Strategy.KV_PACK
-    for strategy in GENERAL_STRATEGIES:
-        if value == strategy.value:
-            return strategy
-    choices = ", ".join(s.value for s in GENERAL_STRATEGIES)
-    log.warning("%s=%r is not one of %s; using kv_pack", STRATEGY_ENV, value, choices)
-    return Strategy.KV_PACK
+    from attn_dispatch import settings
+
+    from . import STRATEGY
+
+    value = settings.read(STRATEGY, STRATEGY_ENV, os.environ)
+    if value.problem:
+        log.warning("%s", value.problem)
+    return Strategy(value.value)
 
 
 class VarlenDiffusionAttention:
@@ -105,6 +121,7 @@ class VarlenDiffusionAttention:
         self.pack_queries = pack_queries
         # Zero-copy under the zeroing contract leaves masked query rows to a zeroed `out`.
         self._zero_copy_skips_queries = provider.has_seqused_q and provider.writes_out
+        self._op_index = custom_ops.ops_index(self)  # how the compiled path's custom op names this object
 
     def describe(self) -> str:
         return f"{self.provider.describe()}; general masks: {self.general_strategy.value}"
@@ -117,10 +134,12 @@ class VarlenDiffusionAttention:
         mask = base.key_mask
         if mask.dtype != torch.bool or mask.numel() == 0:
             return base
-        return make_mask_meta(
+        meta = make_mask_meta(
             mask, general_strategy=self.general_strategy, zero_copy=self.zero_copy,
             zero_copy_skips_queries=self._zero_copy_skips_queries, pack_queries=self.pack_queries,
         )  # fmt: skip
+        custom_ops.remember(meta)
+        return meta
 
     def masked_attention(
         self,
@@ -131,48 +150,39 @@ class VarlenDiffusionAttention:
         *,
         softmax_scale: float | None = None,
     ) -> torch.Tensor:
-        """``q``/``k``/``v`` ``[B, S, H, D]`` -> contiguous ``[B, S, H, D]``; contract in the module docstring."""
+        """``q`` ``[B, S_q, H, D]``, ``k``/``v`` ``[B, S_k, H_kv, D]`` -> contiguous ``[B, S_q, H, D]``;
+        contract in the module docstring. Eager: a call bound for this metadata and these shapes runs
+        (``binding``); compiling: the custom op ``attn_dispatch_varlen_diffusion::masked_attention``."""
+        compiling = torch.compiler.is_compiling()
+        calls = None if compiling else getattr(mask_meta, "calls", None)
+        if calls is not None:  # the per-block path: one dict lookup, then the bound call
+            key = call_key(self, q, k, v, softmax_scale)
+            bound = calls.get(key)
+            if bound is not None:
+                return bound(q, k, v)
         if not isinstance(mask_meta, VarlenMaskMeta) or not self._flash_can_run(q, k, v):
             return original.masked_attention(q, k, v, mask_meta, softmax_scale=softmax_scale)
         meta = mask_meta
         if meta.key_mask.device != q.device:
             fail("mask_meta", f"key_mask is on {meta.key_mask.device} but q is on {q.device}")
-        batch, seqlen, heads, head_dim = q.shape
-        if (batch, seqlen) != (meta.batch, meta.seqlen):
-            fail("mask_meta", f"key_mask shape {(meta.batch, meta.seqlen)} does not match q's [batch, seq] {(batch, seqlen)}")
-        if meta.total == 0:  # no valid key anywhere: FlashAttention would write zeros; skip the launch
-            return q.new_zeros(q.shape)
-        scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
-        rows = batch * seqlen
-
-        if meta.pack_queries:
-            q_p, k_p, v_p = gather_rows((q, k, v), meta.indices)
-            out_p = self._flash(q_p, k_p, v_p, meta.cu_seqlens_k, meta.cu_seqlens_k, meta, scale)
-            return scatter_rows(out_p, meta.inverse, batch, seqlen)
-
-        q_rows = _token_rows(q)
-        if meta.strategy is not Strategy.ZERO_COPY:  # kv_pack, or qkv_pack with Q left in place
-            k_p, v_p = gather_rows((k, v), meta.indices)
-            out = self._flash(q_rows, k_p, v_p, meta.cu_seqlens_padded, meta.cu_seqlens_k, meta, scale)
-            if meta.masked is not None and meta.masked.numel():
-                out.index_fill_(0, meta.masked, 0)
-        elif meta.zero_masked_queries:  # zero-copy, masked query rows skipped into a zeroed output
-            out = self._flash(
-                q_rows, _token_rows(k), _token_rows(v), meta.cu_seqlens_k, meta.cu_seqlens_k, meta, scale,
-                seqused_q=meta.seqlens, seqused_k=meta.seqlens, out=q.new_zeros((rows, heads, head_dim)),
-            )  # fmt: skip
-        else:
-            out = self._flash(
-                q_rows, _token_rows(k), _token_rows(v), meta.cu_seqlens_padded, meta.cu_seqlens_k, meta, scale,
-                seqused_k=meta.seqlens,
-            )  # fmt: skip
-        return out.reshape(batch, seqlen, heads, head_dim)  # a view: out is contiguous
+        if (k.shape[0], k.shape[1]) != (meta.batch, meta.seqlen):
+            fail("mask_meta", f"key_mask shape {(meta.batch, meta.seqlen)} does not match k's [batch, seq] {tuple(k.shape[:2])}")
+        scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+        if compiling:
+            return custom_ops.call(self._op_index, q, k, v, meta, scale)
+        bound = calls[key] = bind_call(self.provider, meta, q, k, v, scale)
+        return bound(q, k, v)
 
     def _flash_can_run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         """Host-only checks for the fast path; anything else goes to the original path unchanged."""
         return (
             q.dim() == 4
-            and q.shape == k.shape == v.shape  # S_q != S_k (cross attention) and GQA shapes fall back
+            and k.dim() == 4
+            and k.shape == v.shape
+            and q.shape[0] == k.shape[0]
+            and q.shape[3] == k.shape[3]
+            and k.shape[2] >= 1
+            and q.shape[2] % k.shape[2] == 0  # GQA: each K/V head serves H / H_kv query heads
             and q.dtype in FLASH_DTYPES
             and q.dtype == k.dtype == v.dtype
             and q.device.type == self.device_type
@@ -180,36 +190,6 @@ class VarlenDiffusionAttention:
             and q.shape[-1] % 8 == 0
             and q.shape[-1] <= MAX_HEAD_DIM
         )
-
-    def _flash(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        cu_seqlens_q: torch.Tensor,
-        cu_seqlens_k: torch.Tensor,
-        meta: VarlenMaskMeta,
-        scale: float,
-        *,
-        seqused_q: torch.Tensor | None = None,
-        seqused_k: torch.Tensor | None = None,
-        out: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """One varlen forward, into ``out`` (allocated here when None and the provider can write into it)."""
-        if out is None and self.provider.writes_out:
-            out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        return self.provider.fwd(
-            q, k, v, out=out, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-            seqused_q=seqused_q, seqused_k=seqused_k, max_seqlen_q=meta.seqlen, max_seqlen_k=meta.seqlen,
-            softmax_scale=scale, causal=False,
-        )  # fmt: skip
-
-
-def _token_rows(x: torch.Tensor) -> torch.Tensor:
-    """``[B, S, H, D]`` -> ``[B * S, H, D]``: a view when the strides allow (FlashAttention takes row and
-    head strides), a copy otherwise; the last dim must be unit-stride for FlashAttention."""
-    rows = x.reshape(x.shape[0] * x.shape[1], x.shape[2], x.shape[3])
-    return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
 def build_ops(

@@ -15,7 +15,7 @@ Layouts (per request, over all rows of the batch):
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -46,6 +46,8 @@ class VarlenMaskMeta(MaskMeta):
     ``pack_queries`` (``qkv_pack`` only): Q is packed too and ``inverse`` holds each padded token's packed
     position, -1 where masked (the scatter's map); otherwise Q stays in place, as in ``kv_pack``, and
     ``masked`` (int64) lists the flat positions of masked tokens, whose output rows are zeroed.
+    ``batch``/``seqlen`` are the key mask's: ``seqlen`` is S_k. Queries may have another length
+    (cross-attention); every query row is then valid, whatever the strategy.
     """
 
     layout: Layout
@@ -61,6 +63,9 @@ class VarlenMaskMeta(MaskMeta):
     pack_queries: bool = False
     inverse: torch.Tensor | None = None  # [B * S]
     masked: torch.Tensor | None = None  # [B * S - total]
+    # Bound per-call paths (``binding.bind_call``) by ``binding.call_key``: filled by masked_attention,
+    # never shared between metas, so a new mask can never reach an old mask's tensors.
+    calls: dict = field(default_factory=dict, repr=False)
 
 
 # Under qkv_pack, packing Q (and scattering the output back) pays when the attention time saved by dropping

@@ -165,13 +165,21 @@ def test_float_mask_falls_back():
     assert_original_path(ops_for("kv_pack"), *qkv(2, 6), mask)
 
 
-def test_cross_attention_falls_back():
-    q = qkv(2, 3)[0]
-    _, k, v = qkv(2, 7, seed=1)
-    assert_original_path(ops_for("kv_pack"), q, k, v, torch.tensor([row("prefix", 7, 5), row("full", 7)]))
+def test_head_dim_flash_attention_does_not_take_falls_back():
+    mask = torch.tensor([row("prefix", 7, 5), row("full", 7)])
+    q, k, v = (torch.randn(2, 7, H, 12).bfloat16() for _ in range(3))  # not a multiple of 8
+    assert_original_path(ops_for("kv_pack"), q, k, v, mask)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_shapes_the_original_refuses_get_its_error():
+    q, k, _ = qkv(2, 7)
+    v = torch.randn(2, 7, H, D // 2).bfloat16()  # value head dim other than the key's: not the fast path
+    ops = ops_for("kv_pack")
+    with pytest.raises(ValueError, match="^v:"):
+        ops.masked_attention(q, k, v, ops.build_mask_meta(torch.ones(2, 7, dtype=torch.bool)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32])  # (the original refuses float64 itself)
 def test_unsupported_dtype_falls_back(dtype):
     mask = text_image_mask([1, 3], text=4, image=3, text_first=True)
     assert_original_path(ops_for("kv_pack"), *qkv(*mask.shape, dtype=dtype), mask)

@@ -1,0 +1,154 @@
+"""One masked-attention call laid out once per (metadata, call shape): the per-block path runs a closure.
+
+Everything shape-derived is decided here, once: the route (zero-copy, K/V pack, Q/K/V pack), the
+FlashAttention arguments (``FlashProvider.bind``: vllm's raw op gets its positional arguments laid
+out once), the bound pack/scatter launches (:mod:`launch`), the query offsets ``b * S_q`` for
+cross-attention, and how q/k/v become token rows. The closure then only allocates the output,
+launches and returns: no host sync, nothing that a CUDA graph cannot capture.
+
+:func:`call_key` is what a bound call may be reused for: the ops object, q/k/v shapes, strides, dtypes,
+devices, the 16-byte alignment of their data pointers (Triton specializes on it) and the scale as
+given. The cache lives on the metadata (``VarlenMaskMeta.calls``), so it can never serve another mask.
+
+Routes (``S_q == S_k`` is self-attention, where masked query rows exist; for cross-attention every
+query row is valid, so nothing is zeroed and Q is never packed):
+
+- no valid key in the batch: zeros, no launch;
+- ``pack_queries`` (self): gather Q/K/V rows, attention on packed tokens, scatter back with zeros;
+- packed strategies otherwise: gather K/V rows; Q and the output stay padded (``cu_seqlens_q = b*S_q``);
+  masked query rows zeroed in place under ``qkv_pack`` with Q in place (self);
+- ``zero_copy``: K/V read in place (``cu_seqlens_k = b*S_k + run start``, ``seqused_k``); under the
+  zeroing contract (self) Q too, through ``seqused_q`` into a zeroed output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .kernels import scatter_rows
+from .launch import bind_gather, bind_scatter
+from .meta import Strategy, VarlenMaskMeta
+
+BoundCall = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def call_key(ops: object, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None) -> tuple:
+    """Everything a bound call depends on besides the metadata (see the module docstring)."""
+    aligned = ((q.data_ptr() & 15) == 0, (k.data_ptr() & 15) == 0, (v.data_ptr() & 15) == 0)
+    return (
+        ops, q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype,
+        q.device, k.device, v.device, aligned, softmax_scale,
+    )  # fmt: skip
+
+
+def _rows_of(x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``[B, S, H, D] -> [B * S, H, D]`` for tensors strided like ``x``: a view when the strides allow
+    (FlashAttention takes row and head strides), else a contiguous copy (unit-stride last dim needed)."""
+    shape = (x.shape[0] * x.shape[1], x.shape[2], x.shape[3])
+    if x.stride(3) == 1 and x.stride(0) == x.shape[1] * x.stride(1):
+        return lambda t: t.view(shape)
+    return lambda t: t.reshape(shape).contiguous()
+
+
+def bind_call(
+    provider, meta: VarlenMaskMeta, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> BoundCall:
+    """``call(q, k, v) -> [B, S_q, H, D_v]`` for tensors matching these in :func:`call_key`.
+
+    Preconditions (checked by the caller): q ``[B, S_q, H, D]``, k/v ``[B, S_k, H_kv, D]`` (``H_kv``
+    divides ``H``), the key mask ``[B, S_k]`` on q's device, a dtype and head dim FlashAttention takes.
+    """
+    batch, seqlen_q, heads, _ = q.shape
+    seqlen_k, head_dim_v = k.shape[1], v.shape[3]
+    dtype, device = q.dtype, q.device
+    out_shape = (batch, seqlen_q, heads, head_dim_v)
+    if meta.total == 0:  # no valid key anywhere: FlashAttention would write zeros; skip the launch
+        return lambda q, k, v: q.new_zeros(out_shape)
+    self_attention = seqlen_q == seqlen_k
+    rows_q, rows_k, rows_v = _rows_of(q), _rows_of(k), _rows_of(v)
+    writes_out = provider.writes_out
+
+    def flash(cu_q, cu_k, max_q, *, seqused_q=None, seqused_k=None):
+        return provider.bind(
+            cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, seqused_q=seqused_q, seqused_k=seqused_k, max_seqlen_q=max_q,
+            max_seqlen_k=seqlen_k, softmax_scale=scale, causal=False,
+        )  # fmt: skip
+
+    def empty(n: int) -> Callable[[], torch.Tensor | None]:
+        shape = (n, heads, head_dim_v)
+        return (lambda: torch.empty(shape, dtype=dtype, device=device)) if writes_out else (lambda: None)
+
+    if self_attention and meta.pack_queries:
+        return _bind_packed_queries(meta, q, k, v, flash, empty, out_shape)
+
+    if self_attention:
+        cu_q_padded = meta.cu_seqlens_padded
+    else:  # b * S_q: made once here, then owned by the metadata's cache
+        cu_q_padded = torch.arange(batch + 1, dtype=torch.int32, device=device) * seqlen_q
+
+    if meta.strategy is not Strategy.ZERO_COPY:  # kv_pack, or qkv_pack with Q in place
+        gather_kv = bind_gather((k, v), meta.indices)
+        run = flash(cu_q_padded, meta.cu_seqlens_k, seqlen_q)
+        new_out = empty(batch * seqlen_q)
+        n_masked = meta.batch * meta.seqlen - meta.total
+        masked = meta.masked if self_attention and meta.masked is not None and n_masked else None
+
+        def kv_pack(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            kv = gather_kv(k, v)
+            out = run(rows_q(q), kv[0], kv[1], new_out())
+            if masked is not None:
+                out.index_fill_(0, masked, 0)
+            return out.reshape(out_shape)
+
+        return kv_pack
+
+    if self_attention and meta.zero_masked_queries:  # masked query rows skipped into a zeroed output
+        run = flash(meta.cu_seqlens_k, meta.cu_seqlens_k, seqlen_q, seqused_q=meta.seqlens, seqused_k=meta.seqlens)
+        zeros_shape = (batch * seqlen_q, heads, head_dim_v)
+
+        def zero_copy_zeroing(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros(zeros_shape, dtype=dtype, device=device)
+            return run(rows_q(q), rows_k(k), rows_v(v), out).reshape(out_shape)
+
+        return zero_copy_zeroing
+
+    run = flash(cu_q_padded, meta.cu_seqlens_k, seqlen_q, seqused_k=meta.seqlens)
+    new_out = empty(batch * seqlen_q)
+
+    def zero_copy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return run(rows_q(q), rows_k(k), rows_v(v), new_out()).reshape(out_shape)
+
+    return zero_copy
+
+
+def _bind_packed_queries(meta, q, k, v, flash, empty, out_shape) -> BoundCall:
+    """Self-attention with masked query rows dropped: gather, attend on packed tokens, scatter with zeros."""
+    batch, seqlen = meta.batch, meta.seqlen
+    if q.shape == k.shape:  # one launch for all three
+        gather_qkv = bind_gather((q, k, v), meta.indices)
+
+        def gather(q, k, v):
+            return gather_qkv(q, k, v).unbind(0)
+
+    else:  # GQA: Q has more heads than K/V
+        gather_q, gather_kv = bind_gather((q,), meta.indices), bind_gather((k, v), meta.indices)
+
+        def gather(q, k, v):
+            return (gather_q(q)[0], *gather_kv(k, v).unbind(0))
+
+    run = flash(meta.cu_seqlens_k, meta.cu_seqlens_k, seqlen)
+    new_out = empty(meta.total)
+    sample = new_out()
+    if sample is not None:
+        scatter = bind_scatter(sample, meta.inverse, batch, seqlen)
+    else:  # the provider allocates its output: its strides are its own
+        def scatter(packed):
+            return scatter_rows(packed, meta.inverse, batch, seqlen)
+
+    def packed_queries(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q_p, k_p, v_p = gather(q, k, v)
+        return scatter(run(q_p, k_p, v_p, new_out()))
+
+    return packed_queries

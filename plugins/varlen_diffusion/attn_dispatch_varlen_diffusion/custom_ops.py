@@ -1,0 +1,128 @@
+"""``attn_dispatch_varlen_diffusion::masked_attention``: the fast path as one custom op, for torch.compile.
+
+Under ``torch.compile`` the plugin's ``masked_attention`` checks its inputs while Dynamo traces (all
+host checks are on shapes, dtypes and devices, so they trace without a graph break) and then calls this
+op. The op's inputs are q/k/v and the metadata's tensors and scalars, so a graph compiled for one mask
+runs any later mask of the same sizes: Dynamo guards on the scalars (``total`` and the strategy are
+specialized), the tensors are graph inputs. The fake implementation gives the output's shape:
+``[B, S_q, H, D_v]``, contiguous, a new tensor (no aliasing, nothing mutated).
+
+Inside, the op finds the metadata object again (by the identity of its tensors, which Inductor passes
+through unchanged) to reuse its bound calls; if it cannot, it rebuilds an equivalent one (correct,
+only slower on the host). The ops object is passed as an index into :data:`_OPS` (a custom op takes no
+Python objects), as cuda_fa3 passes its provider.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Optional
+
+import torch
+
+from .binding import bind_call, call_key
+from .meta import Layout, Strategy, VarlenMaskMeta
+
+NAMESPACE = "attn_dispatch_varlen_diffusion"
+_OPS: list = []  # VarlenDiffusionAttention objects, by index
+_METAS: dict[int, weakref.ref] = {}  # id(meta.cu_seqlens_k) -> the metadata that owns it
+_REBUILT: dict[tuple, tuple[list, VarlenMaskMeta]] = {}
+_LAYOUTS, _STRATEGIES = list(Layout), list(Strategy)  # the ops' int codes for them, by position
+
+
+def ops_index(ops: object) -> int:
+    """The index that names ``ops`` to the custom op (registered on first use)."""
+    for index, known in enumerate(_OPS):
+        if known is ops:
+            return index
+    _OPS.append(ops)
+    return len(_OPS) - 1
+
+
+def remember(meta: VarlenMaskMeta) -> None:
+    """Let the op find ``meta`` (and its bound calls) from its tensors; called by ``build_mask_meta``."""
+    _METAS[id(meta.cu_seqlens_k)] = weakref.ref(meta)
+    if len(_METAS) > 1024:  # drop the dead entries now and then
+        for key in [key for key, ref in _METAS.items() if ref() is None]:
+            del _METAS[key]
+
+
+def call(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: VarlenMaskMeta, scale: float) -> torch.Tensor:
+    """What ``masked_attention`` calls while compiling: the op with the metadata spelled out (``index``:
+    the ops object's :func:`ops_index`)."""
+    return masked_attention(
+        q, k, v, meta.key_mask, meta.seqlens, meta.cu_seqlens_padded, meta.cu_seqlens_k, meta.indices,
+        meta.inverse, meta.masked, _LAYOUTS.index(meta.layout), _STRATEGIES.index(meta.strategy),
+        meta.zero_masked_queries, meta.total, meta.pack_queries, scale, index,
+    )  # fmt: skip
+
+
+# typing.Optional, not `X | None`: the schema is inferred from these annotations.
+@torch.library.custom_op(f"{NAMESPACE}::masked_attention", mutates_args=())
+def masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor,
+    seqlens: torch.Tensor,
+    cu_seqlens_padded: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    indices: Optional[torch.Tensor],
+    inverse: Optional[torch.Tensor],
+    masked: Optional[torch.Tensor],
+    layout: int,
+    strategy: int,
+    zero_masked_queries: bool,
+    total: int,
+    pack_queries: bool,
+    softmax_scale: float,
+    ops: int,
+) -> torch.Tensor:
+    """The plugin's fast path for inputs already checked by ``masked_attention`` (see the module doc)."""
+    tensors = (key_mask, seqlens, cu_seqlens_padded, cu_seqlens_k, indices, inverse, masked)
+    scalars = (layout, strategy, zero_masked_queries, total, pack_queries)
+    meta = _find(tensors, scalars)
+    owner = _OPS[ops]
+    key = call_key(owner, q, k, v, softmax_scale)
+    bound = meta.calls.get(key)
+    if bound is None:
+        bound = meta.calls[key] = bind_call(owner.provider, meta, q, k, v, softmax_scale)
+    return bound(q, k, v)
+
+
+@masked_attention.register_fake
+def _masked_attention_fake(q, k, v, *args) -> torch.Tensor:
+    return q.new_empty((*q.shape[:3], v.shape[-1]))
+
+
+def _find(tensors: tuple, scalars: tuple) -> VarlenMaskMeta:
+    """The metadata these tensors came from, or an equivalent rebuilt one (cached while they live)."""
+    key_mask, seqlens, cu_padded, cu_k, indices, inverse, masked = tensors
+    layout, strategy, zero_masked_queries, total, pack_queries = scalars
+    ref = _METAS.get(id(cu_k))
+    meta = ref() if ref is not None else None
+    if meta is not None and all(a is b for a, b in zip(_tensors_of(meta), tensors)) and _scalars_of(meta) == scalars:
+        return meta
+    key = (*map(id, tensors), *scalars)
+    hit = _REBUILT.get(key)
+    if hit is not None and all(r() is t for r, t in zip(hit[0], tensors) if r is not None):
+        return hit[1]
+    meta = VarlenMaskMeta(
+        key_mask=key_mask, layout=_LAYOUTS[layout], strategy=_STRATEGIES[strategy],
+        zero_masked_queries=zero_masked_queries, batch=key_mask.shape[0], seqlen=key_mask.shape[1], total=total,
+        seqlens=seqlens, cu_seqlens_padded=cu_padded, cu_seqlens_k=cu_k, indices=indices,
+        pack_queries=pack_queries, inverse=inverse, masked=masked,
+    )  # fmt: skip
+    if len(_REBUILT) > 64:
+        _REBUILT.clear()
+    _REBUILT[key] = ([weakref.ref(t) if t is not None else None for t in tensors], meta)
+    return meta
+
+
+def _tensors_of(meta: VarlenMaskMeta) -> tuple:
+    return (meta.key_mask, meta.seqlens, meta.cu_seqlens_padded, meta.cu_seqlens_k, meta.indices, meta.inverse, meta.masked)
+
+
+def _scalars_of(meta: VarlenMaskMeta) -> tuple:
+    layout, strategy = _LAYOUTS.index(meta.layout), _STRATEGIES.index(meta.strategy)
+    return (layout, strategy, meta.zero_masked_queries, meta.total, meta.pack_queries)
