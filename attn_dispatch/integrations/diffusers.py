@@ -1,0 +1,287 @@
+"""An ``attn_dispatch`` attention backend for diffusers (supported: diffusers 0.42.x).
+
+Importing this module registers the backend in diffusers' attention dispatcher, so a stock model uses
+it with ``model.set_attention_backend("attn_dispatch")`` or ``with attention_backend("attn_dispatch"):``.
+:func:`enable` does that for a pipeline's transformer(s) (or one model) and also installs the
+per-forward mask-metadata scope (``diffusers_scope``), which builds a forward's mask metadata once,
+before its blocks. With ``set_attention_backend`` alone every masked call builds its metadata itself
+(correct, but one host sync per call).
+
+What runs where (per ``dispatch_attention_fn`` call):
+
+- the fast path, ``ops.masked_attention`` (``attn_dispatch.load(device)``; the varlen_diffusion plugin
+  on sm90/sm100): a boolean key-padding mask ``[B, 1, 1, S_k]`` or ``[B, S_k]``, q/k/v ``[B, S, H, D]``
+  in fp16/bf16 with one dtype and device, a head dim that is a multiple of 8 and at most 256, no
+  dropout, not causal, no ``return_lse``, no GQA, no context parallelism, and no autograd (no input
+  requiring grad with grad enabled);
+- diffusers' native backend, called with exactly the arguments it would have got (so byte-identical):
+  everything else, including calls without a mask (SDPA picks its flash kernel itself), float
+  (additive) masks, other mask shapes, and devices where ``masked_attention`` resolved to the reference.
+
+Any diffusers version other than 0.42.x makes the import (and :func:`enable`) raise
+:class:`UnsupportedDiffusersVersion`: the backend patches diffusers' backend enum, which is private API.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from typing import Any
+
+import torch
+
+from . import diffusers_scope as scope
+
+try:
+    import diffusers
+    from diffusers.models import attention_dispatch as _dispatch
+except ImportError as exc:  # pragma: no cover - the extra is not installed
+    raise ImportError("attn_dispatch.integrations.diffusers needs diffusers: pip install 'attn-dispatch[diffusers]'") from exc
+
+log = logging.getLogger("attn_dispatch")
+
+BACKEND_NAME = "attn_dispatch"
+SUPPORTED_DIFFUSERS = ("0.42",)  # major.minor series this module was written and tested against
+MAX_HEAD_DIM = 256
+
+
+class UnsupportedDiffusersVersion(RuntimeError):
+    """The installed diffusers is not one this integration supports (see ``SUPPORTED_DIFFUSERS``)."""
+
+
+def check_diffusers_version(version: str | None = None) -> None:
+    """Raise :class:`UnsupportedDiffusersVersion` unless ``version`` (default: installed) is supported."""
+    version = diffusers.__version__ if version is None else version
+    series = ".".join(version.split(".")[:2])
+    if series not in SUPPORTED_DIFFUSERS:
+        raise UnsupportedDiffusersVersion(
+            f"attn_dispatch's diffusers backend supports diffusers {', '.join(s + '.x' for s in SUPPORTED_DIFFUSERS)}; "
+            f"diffusers {version} is installed. Install a supported version (pip install 'diffusers=={SUPPORTED_DIFFUSERS[-1]}.*') "
+            "or leave the backend off; it is not enabled."
+        )
+
+
+# ---- the op group --------------------------------------------------------------------------------
+
+_injected: Any = None  # an op group set by use_ops (tests, benchmarks); None: attn_dispatch.load(device)
+_by_device: dict[torch.device, Any] = {}
+
+
+def use_ops(op_group: Any | None) -> None:
+    """Use ``op_group`` (anything with ``build_mask_meta`` and ``masked_attention``) on every device, or
+    None to go back to ``attn_dispatch.load(device)``. The seam for tests (a CPU stand-in provider)."""
+    global _injected
+    _injected = op_group
+    _by_device.clear()
+
+
+def ops_for(device: torch.device) -> Any | None:
+    """The op group for ``device``, or None where ``masked_attention`` is the reference (SDPA): there the
+    backend calls diffusers' native attention instead, which computes the same without metadata."""
+    if _injected is not None:
+        return _injected
+    try:
+        return _by_device[device]
+    except KeyError:
+        pass
+    import attn_dispatch
+
+    ops = attn_dispatch.load(device)
+    resolution = ops.resolutions.get("masked_attention")
+    _by_device[device] = None if resolution is None or resolution.plugin == "reference" else ops
+    return _by_device[device]
+
+
+# ---- the backend ----------------------------------------------------------------------------------
+
+
+def _add_backend_name() -> enum.Enum:
+    """Add ``ATTN_DISPATCH = "attn_dispatch"`` to diffusers' ``AttentionBackendName`` (idempotent).
+
+    diffusers validates backend names against that enum (``set_attention_backend``, ``attention_backend``,
+    ``dispatch_attention_fn``), and enums take no new members after creation, so the member is made and
+    entered in the enum's lookup tables by hand, as ``Enum`` itself does for its declared members.
+    """
+    names = _dispatch.AttentionBackendName
+    existing = names._value2member_map_.get(BACKEND_NAME)
+    if existing is not None:
+        return existing
+    member = str.__new__(names, BACKEND_NAME)
+    member._name_ = "ATTN_DISPATCH"
+    member._value_ = BACKEND_NAME
+    member.__objclass__ = names
+    member._sort_order_ = len(names._member_names_)
+    type.__setattr__(names, "ATTN_DISPATCH", member)  # before the member map lists it (else "cannot reassign")
+    names._member_map_["ATTN_DISPATCH"] = member
+    names._value2member_map_[BACKEND_NAME] = member
+    names._member_names_.append("ATTN_DISPATCH")
+    return member
+
+
+def _attn_dispatch_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    return_lse: bool = False,
+    _parallel_config: Any = None,
+) -> torch.Tensor:
+    """diffusers backend: key-padding-masked attention through ``ops.masked_attention``; see module doc.
+
+    Same parameters as diffusers' native backend, so ``dispatch_attention_fn`` hands both the same
+    arguments and the fallback forwards them unchanged.
+    """
+    mask = _key_padding_mask(query, key, value, attn_mask, dropout_p, is_causal, return_lse, _parallel_config)
+    ops = None if mask is None else ops_for(query.device)
+    if ops is None:
+        return _native(
+            query=query, key=key, value=value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+            scale=scale, enable_gqa=enable_gqa, return_lse=return_lse, _parallel_config=_parallel_config,
+        )  # fmt: skip
+    current = scope.current()
+    meta = None if current is None else current.lookup(mask)
+    if meta is None:
+        if torch.compiler.is_compiling():  # building metadata syncs: keep the traced graph whole
+            return _native(
+                query=query, key=key, value=value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                scale=scale, enable_gqa=enable_gqa, return_lse=return_lse, _parallel_config=_parallel_config,
+            )  # fmt: skip
+        meta = ops.build_mask_meta(mask)
+        if current is not None:
+            current.remember(mask, meta)
+    return ops.masked_attention(query, key, value, meta, softmax_scale=scale)
+
+
+def _key_padding_mask(query, key, value, attn_mask, dropout_p, is_causal, return_lse, parallel_config):
+    """The ``[B, S_k]`` bool key mask when the fast path can run this call exactly, else None."""
+    if (
+        attn_mask is None
+        or attn_mask.dtype != torch.bool
+        or parallel_config is not None
+        or dropout_p != 0.0
+        or is_causal
+        or return_lse
+        or query.dim() != 4
+        or key.dim() != 4
+        or value.dim() != 4
+        or query.dtype not in scope.FLASH_DTYPES
+        or not (query.dtype == key.dtype == value.dtype)
+        or not (query.device == key.device == value.device == attn_mask.device)
+        or query.shape[3] % 8 != 0
+        or query.shape[3] > MAX_HEAD_DIM
+        or not (query.shape[3] == key.shape[3] == value.shape[3])
+        or not (query.shape[2] == key.shape[2] == value.shape[2])
+        or key.shape[:2] != value.shape[:2]
+        or query.shape[0] != key.shape[0]
+        or (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad))
+    ):
+        return None
+    batch, seq_k = key.shape[0], key.shape[1]
+    if attn_mask.dim() == 4 and attn_mask.shape == (batch, 1, 1, seq_k):
+        return attn_mask[:, 0, 0, :]
+    if attn_mask.dim() == 2 and attn_mask.shape == (batch, seq_k):
+        return attn_mask
+    return None
+
+
+def _native(**kwargs: Any) -> torch.Tensor:
+    """diffusers' native backend, looked up per call (so a test or a user's own patch of it is honoured)."""
+    return _dispatch._AttentionBackendRegistry._backends[_dispatch.AttentionBackendName.NATIVE](**kwargs)
+
+
+def _is_ours(backend: Any) -> bool:
+    if backend is None:
+        backend = _dispatch._AttentionBackendRegistry._active_backend
+    return backend == BACKEND_NAME
+
+
+def register() -> enum.Enum:
+    """Register the backend (done on import; idempotent). Returns its ``AttentionBackendName`` member."""
+    check_diffusers_version()
+    member = _add_backend_name()
+    if member not in _dispatch._AttentionBackendRegistry._backends:
+        _dispatch._AttentionBackendRegistry.register(
+            member,
+            constraints=[_dispatch._check_device, _dispatch._check_shape],
+            supports_context_parallel=True,  # accepted, and run by the native backend's context-parallel path
+        )(_attn_dispatch_attention)
+    return member
+
+
+ATTN_DISPATCH = register()
+
+
+# ---- enabling it on models and pipelines -----------------------------------------------------------
+
+
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """``model``'s attention modules whose processor goes through diffusers' dispatcher."""
+    from diffusers.models.attention import AttentionModuleMixin
+    from diffusers.models.attention_processor import Attention
+
+    return [
+        m for m in model.modules()
+        if isinstance(m, (Attention, AttentionModuleMixin)) and hasattr(getattr(m, "processor", None), "_attention_backend")
+    ]  # fmt: skip
+
+
+def transformers_of(pipe_or_model: Any) -> list[torch.nn.Module]:
+    """The diffusers models to enable: ``pipe_or_model`` itself if it is a ``ModelMixin``, else each
+    pipeline component (``transformer``, ``transformer_2``, ...) that is a ``ModelMixin`` with attention
+    processors going through the dispatcher. Raises ``ValueError`` when there is none."""
+    from diffusers import ModelMixin
+
+    if isinstance(pipe_or_model, ModelMixin):
+        candidates = [pipe_or_model]
+    else:
+        components = getattr(pipe_or_model, "components", None)
+        if not isinstance(components, dict):
+            raise ValueError(f"pipe_or_model: expected a diffusers pipeline or ModelMixin, got {type(pipe_or_model).__name__}")
+        candidates = [c for c in components.values() if isinstance(c, ModelMixin)]
+    models = [m for m in candidates if attention_modules(m)]
+    if not models:
+        raise ValueError(f"pipe_or_model: {type(pipe_or_model).__name__} has no model whose attention goes through diffusers' dispatcher")
+    return models
+
+
+def enable(pipe_or_model: Any) -> list[torch.nn.Module]:
+    """Use the ``attn_dispatch`` backend in ``pipe_or_model``'s transformer(s) and build each forward's
+    mask metadata once (the scope hooks). Returns the models enabled. Idempotent.
+
+    Like ``model.set_attention_backend``, this also makes ``attn_dispatch`` diffusers' active backend.
+    """
+    check_diffusers_version()
+    models = transformers_of(pipe_or_model)
+    for model in models:
+        model.set_attention_backend(BACKEND_NAME)
+        scope.install(model, attention_modules(model), is_ours=_is_ours, ops_for=ops_for)
+    return models
+
+
+def disable(pipe_or_model: Any) -> list[torch.nn.Module]:
+    """Undo :func:`enable`: back to diffusers' native backend, hooks removed. Returns the models."""
+    models = transformers_of(pipe_or_model)
+    for model in models:
+        scope.uninstall(model)
+        model.set_attention_backend(_dispatch.AttentionBackendName.NATIVE.value)
+    return models
+
+
+__all__ = [
+    "ATTN_DISPATCH",
+    "BACKEND_NAME",
+    "SUPPORTED_DIFFUSERS",
+    "UnsupportedDiffusersVersion",
+    "attention_modules",
+    "check_diffusers_version",
+    "disable",
+    "enable",
+    "ops_for",
+    "register",
+    "transformers_of",
+    "use_ops",
+]
