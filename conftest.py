@@ -1,11 +1,24 @@
-"""Shared by every test in the repo (host and plugins): each starts with no ``ATTN_DISPATCH_*`` variables
-and no cached :func:`attn_dispatch.load`, so no test sees another's environment or plugin state."""
+"""Shared by every test in the repo (host and plugins).
+
+Without a GPU, Triton kernels must run in the interpreter: ``triton.jit`` reads ``TRITON_INTERPRET`` when
+a kernel is decorated, at import. This file is loaded before any test module is collected, so it sets
+``TRITON_INTERPRET=1`` here, before anything imports triton; a plain ``pytest`` from the repository root
+then passes whichever module is collected first. A value already in the environment is kept.
+
+Each test starts with no ``ATTN_DISPATCH_*`` variables and no cached :func:`attn_dispatch.load`, so no
+test sees another's environment or plugin state.
+"""
 
 import os
 
-import pytest
+import torch
 
-import attn_dispatch
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+import attn_dispatch  # noqa: E402  (imported after TRITON_INTERPRET is settled)
 
 
 @pytest.fixture(autouse=True)
