@@ -1,0 +1,239 @@
+"""Bad-input cases for every op, to run against any implementation (the reference, a plugin, on any device).
+
+Each case changes one argument of a valid call and names the argument the ``ValueError`` must start with.
+:func:`expect_refused` runs one and checks that the error names it and that no tensor argument (``out``
+above all) was written. The host's ``tests/test_contracts.py`` runs them on the CPU references; a
+plugin's GPU suite runs the same cases on its own ops, so engine code refused on the H200 is refused on
+a laptop too, with the same message.
+
+Cases are built from the implementation's own ``make_attention_plan`` / ``build_mask_meta`` (a plan is
+the implementation's), on ``device`` in ``dtype`` (float16 or bfloat16: what every kernel takes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from .plans import AttentionParams, MaskMeta
+
+Build = Callable[[Mapping[str, Callable], torch.device, torch.dtype], tuple[tuple, dict]]
+SLIDING = AttentionParams(window_size=(2, 0))
+
+
+@dataclass(frozen=True)
+class BadInput:
+    id: str
+    op: str
+    arg: str  # the argument the ValueError must name first
+    build: Build  # (ops, device, dtype) -> (args, kwargs) of the call
+
+
+def expect_refused(ops: Mapping[str, Callable], case: BadInput, device="cpu", dtype=torch.bfloat16) -> str:
+    """Run ``case`` against ``ops[case.op]``: it must raise ValueError("<arg>: ...") and write nothing."""
+    args, kwargs = case.build(ops, torch.device(device), dtype)
+    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+    before = [t.clone() for t in tensors]
+    try:
+        ops[case.op](*args, **kwargs)
+    except ValueError as exc:
+        message = str(exc)
+    else:
+        raise AssertionError(f"{case.id}: {case.op} accepted the input; expected ValueError naming {case.arg}")
+    if not message.startswith(f"{case.arg}:"):
+        raise AssertionError(f"{case.id}: expected a ValueError starting with {case.arg!r}, got {message!r}")
+    for i, (t, b) in enumerate(zip(tensors, before)):
+        if not torch.equal(t, b):
+            raise AssertionError(f"{case.id}: tensor argument {i} was written before the error")
+    return message
+
+
+# Valid calls. Paged: 3 sequences (decode, extend, decode), page_size 4, 4 pages each; 4 q / 2 kv heads, d 8.
+def _plan_kwargs(device, **change) -> dict:
+    i32 = dict(dtype=torch.int32, device=device)
+    return dict(
+        cache_seqlens=torch.tensor([9, 4, 13], **i32), page_table=torch.arange(12, **i32).view(3, 4),
+        cu_seqlens_q=torch.tensor([0, 1, 4, 5], **i32), max_seqlen_q=3, max_seqlen_k=13, page_size=4,
+        num_heads=4, num_kv_heads=2, head_dim=8, layer_params=(AttentionParams(),),
+    ) | change  # fmt: skip
+
+
+def _plan_case(id: str, arg: str, **change) -> BadInput:
+    def build(ops, device, dtype):
+        return (), _plan_kwargs(device, dtype=dtype) | change
+
+    return BadInput(id, "make_attention_plan", arg, build)
+
+
+def _paged_case(id: str, arg: str, **change) -> BadInput:
+    def build(ops, device, dtype):
+        plan = ops["make_attention_plan"](**_plan_kwargs(device, dtype=dtype))
+        rand = lambda *shape, dt=dtype: torch.randn(*shape, device=device).to(dt)  # noqa: E731
+        call = dict(
+            q=rand(5, 4, 8), k_cache=rand(12, 4, 2, 8), v_cache=rand(12, 4, 2, 8),
+            out=torch.full((7, 32), 9.0, device=device, dtype=dtype), plan=plan,
+        )  # fmt: skip
+        call |= {k: v(rand, plan) if callable(v) else v for k, v in change.items()}
+        return (call.pop("q"), call.pop("k_cache"), call.pop("v_cache"), call.pop("out")), call
+
+    return BadInput(id, "paged_attention_out", arg, build)
+
+
+def _varlen_case(id: str, arg: str, **change) -> BadInput:
+    def build(ops, device, dtype):
+        rand = lambda *shape, dt=dtype: torch.randn(*shape, device=device).to(dt)  # noqa: E731
+        cu = torch.tensor([0, 3, 10], dtype=torch.int32, device=device)
+        call = dict(
+            q=rand(10, 4, 8), k=rand(10, 2, 8), v=rand(10, 2, 8), out=torch.full((12, 4, 8), 9.0, device=device, dtype=dtype),
+            cu_seqlens_q=cu, cu_seqlens_k=cu.clone(), max_seqlen_q=7, max_seqlen_k=7,
+        )  # fmt: skip
+        call |= {k: v(rand, None) if callable(v) else v for k, v in change.items()}
+        return (call.pop("q"), call.pop("k"), call.pop("v"), call.pop("out")), call
+
+    return BadInput(id, "varlen_attention_out", arg, build)
+
+
+def _simple_case(op: str, id: str, arg: str, positional: tuple[str, ...], base: Callable, **change) -> BadInput:
+    """Ops without a plan: ``base(rand, device, ops)`` gives the valid keyword call; ``change`` values may
+    be ``f(rand, device)`` builders."""
+
+    def build(ops, device, dtype):
+        rand = lambda *shape, dt=dtype: torch.randn(*shape, device=device).to(dt)  # noqa: E731
+        call = base(rand, device, ops) | {k: v(rand, device) if callable(v) else v for k, v in change.items()}
+        return tuple(call.pop(name) for name in positional), call
+
+    return BadInput(id, op, arg, build)
+
+
+def _v_up(id, arg, **change):
+    base = lambda rand, device, ops: dict(attn_output=rand(5, 4, 32), w_vc=rand(4, 32, 16))  # noqa: E731
+    return _simple_case("mla_v_up_proj", id, arg, ("attn_output", "w_vc"), base, **change)
+
+
+def _for_backend(id, arg, **change):
+    base = lambda rand, device, ops: dict(q=rand(3, 4, 40), q_rope=None, is_decode=True, decode_impl="aiter", kv_lora_rank=32)  # noqa: E731
+    return _simple_case("mla_query_for_backend", id, arg, ("q", "q_rope"), base, **change)
+
+
+def _decode(id, arg, **change):
+    base = lambda rand, device, ops: dict(q=rand(3, 4, 40), q_rope=None, num_heads=4, kv_lora_rank=32, decode_impl="aiter")  # noqa: E731
+    return _simple_case("mla_decode_query", id, arg, ("q", "q_rope"), base, **change)
+
+
+def _mask(id, arg, **change):
+    base = lambda rand, device, ops: dict(key_mask=torch.ones(2, 12, dtype=torch.bool, device=device))  # noqa: E731
+    return _simple_case("build_mask_meta", id, arg, ("key_mask",), base, **change)
+
+
+def _masked(id, arg, **change):
+    def base(rand, device, ops):
+        key_mask = torch.arange(12, device=device)[None, :] < torch.tensor([[12], [9]], device=device)
+        return dict(q=rand(2, 10, 4, 8), k=rand(2, 12, 2, 8), v=rand(2, 12, 2, 8), mask_meta=ops["build_mask_meta"](key_mask))
+
+    return _simple_case("masked_attention", id, arg, ("q", "k", "v", "mask_meta"), base, **change)
+
+
+CASES: tuple[BadInput, ...] = (
+    # make_attention_plan
+    _plan_case("plan num_heads=0", "num_heads", num_heads=0),
+    _plan_case("plan num_kv_heads=0", "num_kv_heads", num_kv_heads=0),
+    _plan_case("plan heads not divisible", "num_heads", num_kv_heads=3),
+    _plan_case("plan num_heads float", "num_heads", num_heads=4.0),
+    _plan_case("plan num_heads bool", "num_heads", num_heads=True),
+    _plan_case("plan head_dim=0", "head_dim", head_dim=0),
+    _plan_case("plan head_dim_v<0", "head_dim_v", head_dim_v=-8),
+    _plan_case("plan max_seqlen_q=0", "max_seqlen_q", max_seqlen_q=0),
+    _plan_case("plan max_seqlen_k=0", "max_seqlen_k", max_seqlen_k=0),
+    _plan_case("plan max_seqlen_k beyond the page table", "max_seqlen_k", max_seqlen_k=17),
+    _plan_case("plan page_size=0", "page_size", page_size=0),
+    _plan_case("plan dtype as a string", "dtype", dtype="bf16"),
+    _plan_case("plan int dtype", "dtype", dtype=torch.int32),
+    _plan_case("plan empty layer_params", "layer_params", layer_params=()),
+    _plan_case("plan layer_params not params", "layer_params", layer_params=("causal",)),
+    _plan_case("plan static_plan wrong type", "static_plan", static_plan="plan"),
+    _plan_case("plan int64 cache_seqlens", "cache_seqlens", cache_seqlens=torch.tensor([9, 4, 13])),
+    _plan_case("plan page_table rows", "page_table", page_table=torch.zeros(2, 4, dtype=torch.int32)),
+    _plan_case("plan cu_seqlens_q length", "cu_seqlens_q", cu_seqlens_q=torch.tensor([0, 1, 4], dtype=torch.int32)),
+    # paged_attention_out
+    _paged_case("paged params not planned", "params", params=SLIDING),
+    _paged_case("paged params wrong type", "params", params="causal"),
+    _paged_case("paged plan wrong type", "plan", plan={"num_heads": 4}),
+    _paged_case("paged plan None", "plan", plan=None),
+    _paged_case("paged q dtype differs from the plan", "q", q=lambda rand, plan: rand(5, 4, 8, dt=torch.float32)),
+    _paged_case("paged int q", "q", q=lambda rand, plan: torch.ones(5, 4, 8, dtype=torch.int64, device=plan.page_table.device)),
+    _paged_case("paged q rank 2", "q", q=lambda rand, plan: rand(5, 32)),
+    _paged_case("paged q rank 4", "q", q=lambda rand, plan: rand(1, 5, 4, 8)),
+    _paged_case("paged q heads", "q", q=lambda rand, plan: rand(5, 2, 8)),
+    _paged_case("paged q head_dim", "q", q=lambda rand, plan: rand(5, 4, 16)),
+    _paged_case("paged q not tensor", "q", q=[[0.0]]),
+    _paged_case("paged k_cache page size", "k_cache", k_cache=lambda rand, plan: rand(6, 8, 2, 8)),
+    _paged_case("paged k_cache kv heads", "k_cache", k_cache=lambda rand, plan: rand(12, 4, 1, 8)),
+    _paged_case("paged k_cache head_dim", "k_cache", k_cache=lambda rand, plan: rand(12, 4, 2, 4)),
+    _paged_case("paged k_cache rank", "k_cache", k_cache=lambda rand, plan: rand(48, 2, 8)),
+    _paged_case("paged v_cache head_dim", "v_cache", v_cache=lambda rand, plan: rand(12, 4, 2, 4)),
+    _paged_case("paged v_cache pages", "v_cache", v_cache=lambda rand, plan: rand(11, 4, 2, 8)),
+    _paged_case("paged out width", "out", out=lambda rand, plan: torch.full((7, 33), 9.0, device=plan.page_table.device).to(plan.dtype)),
+    _paged_case("paged out rows", "out", out=lambda rand, plan: torch.full((4, 32), 9.0, device=plan.page_table.device).to(plan.dtype)),
+    _paged_case("paged out dtype", "out", out=lambda rand, plan: torch.full((7, 32), 9.0, device=plan.page_table.device)),
+    _paged_case("paged out not contiguous", "out", out=lambda rand, plan: torch.full((32, 7), 9.0, device=plan.page_table.device).to(plan.dtype).t()),
+    _paged_case("paged softmax_scale string", "softmax_scale", softmax_scale="0.1"),
+    # varlen_attention_out
+    _varlen_case("varlen int q", "q", q=lambda rand, _: torch.ones(10, 4, 8, dtype=torch.int32, device=rand(1).device)),
+    _varlen_case("varlen q rank", "q", q=lambda rand, _: rand(10, 32)),
+    _varlen_case("varlen heads not a multiple", "q", k=lambda rand, _: rand(10, 3, 8), v=lambda rand, _: rand(10, 3, 8)),
+    _varlen_case("varlen q heads fewer than k", "q", q=lambda rand, _: rand(10, 1, 8)),
+    _varlen_case("varlen k head_dim", "k", k=lambda rand, _: rand(10, 2, 16)),
+    _varlen_case("varlen k dtype", "k", k=lambda rand, _: rand(10, 2, 8, dt=torch.float32)),
+    _varlen_case("varlen v tokens differ from k", "v", v=lambda rand, _: rand(9, 2, 8)),
+    _varlen_case("varlen v heads differ from k", "v", v=lambda rand, _: rand(10, 1, 8)),
+    _varlen_case("varlen cu_seqlens_q int64", "cu_seqlens_q", cu_seqlens_q=lambda rand, _: torch.tensor([0, 3, 10], device=rand(1).device)),
+    _varlen_case("varlen cu_seqlens_k length", "cu_seqlens_k", cu_seqlens_k=lambda rand, _: torch.tensor([0, 10], dtype=torch.int32, device=rand(1).device)),
+    _varlen_case("varlen max_seqlen_q=0", "max_seqlen_q", max_seqlen_q=0),
+    _varlen_case("varlen max_seqlen_k<0", "max_seqlen_k", max_seqlen_k=-1),
+    _varlen_case("varlen params wrong type", "params", params=(True, (-1, -1))),
+    _varlen_case("varlen out width", "out", out=lambda rand, _: rand(12, 4, 4)),
+    # mla_v_up_proj
+    _v_up("v_up int attn_output", "attn_output", attn_output=lambda rand, d: torch.ones(5, 4, 32, dtype=torch.int32, device=d)),
+    _v_up("v_up attn_output rank", "attn_output", attn_output=lambda rand, d: rand(5, 128)),
+    _v_up("v_up w_vc shape", "w_vc", w_vc=lambda rand, d: rand(4, 31, 16)),
+    _v_up("v_up w_vc dtype", "w_vc", w_vc=lambda rand, d: rand(4, 32, 16, dt=torch.float32)),
+    _v_up("v_up scale without MXFP4", "w_vc_scale", w_vc_scale=lambda rand, d: torch.ones(4, 16, 1, dtype=torch.uint8, device=d)),
+    _v_up("v_up o_proj dtype string", "o_proj_weight_dtype", o_proj_weight_dtype="bf16"),
+    # mla_query_for_backend
+    _for_backend("for_backend no kv_lora_rank", "kv_lora_rank", kv_lora_rank=None),
+    _for_backend("for_backend q rank", "q", q=lambda rand, d: rand(3, 160)),
+    _for_backend("for_backend int q", "q", q=lambda rand, d: torch.ones(3, 4, 40, dtype=torch.int32, device=d)),
+    _for_backend("for_backend q_rope heads", "q_rope", q=lambda rand, d: rand(3, 4, 32), q_rope=lambda rand, d: rand(3, 2, 8)),
+    _for_backend("for_backend split kv_lora_rank", "q", q=lambda rand, d: rand(3, 4, 32), q_rope=lambda rand, d: rand(3, 4, 8), kv_lora_rank=16),
+    _for_backend("for_backend decode_impl", "decode_impl", decode_impl=None),
+    _for_backend("for_backend llama_4_scaling", "llama_4_scaling", llama_4_scaling="0.5"),
+    # mla_decode_query (issue: mismatched inputs were silently reshaped)
+    _decode("decode split q width", "q", q=lambda rand, d: rand(3, 4, 32), q_rope=lambda rand, d: rand(3, 4, 8), kv_lora_rank=16),
+    _decode("decode concatenated heads", "q", num_heads=2),
+    _decode("decode flat width", "q", q=lambda rand, d: rand(3, 42)),
+    _decode("decode int q", "q", q=lambda rand, d: torch.ones(3, 4, 40, dtype=torch.int32, device=d)),
+    _decode("decode num_heads=0", "num_heads", num_heads=0),
+    _decode("decode kv_lora_rank=0", "kv_lora_rank", kv_lora_rank=0),
+    _decode("decode no rope part", "kv_lora_rank", kv_lora_rank=40),
+    _decode("decode q_rope tokens", "q_rope", q=lambda rand, d: rand(3, 4, 32), q_rope=lambda rand, d: rand(2, 4, 8)),
+    _decode("decode q_rope heads", "q_rope", q=lambda rand, d: rand(3, 4, 32), q_rope=lambda rand, d: rand(3, 2, 8)),
+    _decode("decode q_rope dtype", "q_rope", q=lambda rand, d: rand(3, 4, 32), q_rope=lambda rand, d: rand(3, 4, 8, dt=torch.float32)),
+    _decode("decode decode_impl", "decode_impl", decode_impl=3),
+    # build_mask_meta
+    _mask("mask rank", "key_mask", key_mask=lambda rand, d: torch.ones(12, dtype=torch.bool, device=d)),
+    _mask("mask not tensor", "key_mask", key_mask=[[True]]),
+    # masked_attention
+    _masked("masked int q", "q", q=lambda rand, d: torch.ones(2, 10, 4, 8, dtype=torch.int32, device=d)),
+    _masked("masked q rank", "q", q=lambda rand, d: rand(20, 4, 8)),
+    _masked("masked k head_dim", "k", k=lambda rand, d: rand(2, 12, 2, 16)),
+    _masked("masked k batch", "k", k=lambda rand, d: rand(3, 12, 2, 8)),
+    _masked("masked k dtype", "k", k=lambda rand, d: rand(2, 12, 2, 8, dt=torch.float32)),
+    _masked("masked heads not a multiple", "q", q=lambda rand, d: rand(2, 10, 3, 8)),
+    _masked("masked q heads fewer than k (no broadcast)", "q", q=lambda rand, d: rand(2, 10, 1, 8)),
+    _masked("masked v shape", "v", v=lambda rand, d: rand(2, 11, 2, 8)),
+    _masked("masked mask over q's length", "mask_meta", mask_meta=lambda rand, d: MaskMeta(torch.ones(2, 10, dtype=torch.bool, device=d))),
+    _masked("masked mask_meta a tensor", "mask_meta", mask_meta=lambda rand, d: torch.ones(2, 12, dtype=torch.bool, device=d)),
+    _masked("masked softmax_scale", "softmax_scale", softmax_scale="1"),
+)
