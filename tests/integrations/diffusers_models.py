@@ -107,6 +107,7 @@ class CountingOps:
 
     def __init__(self, inner):
         self.inner, self.builds, self.calls = inner, 0, 0
+        self.key_masks: list[torch.Tensor] = []  # the key mask of each eager call's metadata, as used
 
     def build_mask_meta(self, key_mask):
         self.builds += 1
@@ -115,6 +116,7 @@ class CountingOps:
     def masked_attention(self, q, k, v, mask_meta, *, softmax_scale=None):
         if not torch.compiler.is_compiling():  # a traced counter would be a guard, recompiling every call
             self.calls += 1
+            self.key_masks.append(mask_meta.key_mask.clone())
         return self.inner.masked_attention(q, k, v, mask_meta, softmax_scale=softmax_scale)
 
 
