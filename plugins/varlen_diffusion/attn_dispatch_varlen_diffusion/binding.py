@@ -35,11 +35,16 @@ BoundCall = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def call_key(ops: object, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None) -> tuple:
-    """Everything a bound call depends on besides the metadata (see the module docstring)."""
-    aligned = ((q.data_ptr() & 15) == 0, (k.data_ptr() & 15) == 0, (v.data_ptr() & 15) == 0)
+    """Everything a bound call depends on besides the metadata (see the module docstring).
+
+    Built on every call, so it is kept to cheap reads: devices as ``get_device()`` ints (CUDA index; -1
+    off CUDA, where the stand-in's CPU tensors are the only fast-path inputs) and the pointers' offsets
+    from 16-byte alignment packed into one int.
+    """
     return (
         ops, q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype,
-        q.device, k.device, v.device, aligned, softmax_scale,
+        q.get_device(), k.get_device(), v.get_device(),
+        (q.data_ptr() & 15) | (k.data_ptr() & 15) << 4 | (v.data_ptr() & 15) << 8, softmax_scale,
     )  # fmt: skip
 
 
@@ -81,7 +86,7 @@ def bind_call(
         return (lambda: torch.empty(shape, dtype=dtype, device=device)) if writes_out else (lambda: None)
 
     if self_attention and meta.pack_queries:
-        return _bind_packed_queries(meta, q, k, v, flash, empty, out_shape)
+        return _bind_packed_queries(meta, q, k, v, flash, empty)
 
     if self_attention:
         cu_q_padded = meta.cu_seqlens_padded
@@ -96,8 +101,8 @@ def bind_call(
         masked = meta.masked if self_attention and meta.masked is not None and n_masked else None
 
         def kv_pack(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            kv = gather_kv(k, v)
-            out = run(rows_q(q), kv[0], kv[1], new_out())
+            k_p, v_p = gather_kv(k, v).unbind(0)  # one op for both views
+            out = run(rows_q(q), k_p, v_p, new_out())
             if masked is not None:
                 out.index_fill_(0, masked, 0)
             return out.reshape(out_shape)
@@ -123,7 +128,7 @@ def bind_call(
     return zero_copy
 
 
-def _bind_packed_queries(meta, q, k, v, flash, empty, out_shape) -> BoundCall:
+def _bind_packed_queries(meta, q, k, v, flash, empty) -> BoundCall:
     """Self-attention with masked query rows dropped: gather, attend on packed tokens, scatter with zeros."""
     batch, seqlen = meta.batch, meta.seqlen
     if q.shape == k.shape:  # one launch for all three

@@ -34,8 +34,11 @@ def _direct_launches(device: torch.device) -> bool:
 
 
 def _launcher(kernel, grid: int, args: tuple, constexprs: dict, num_warps: int, device: torch.device):
-    """Compile ``kernel`` for ``args`` (no launch) and return ``launch(*args)`` on the current stream."""
+    """Compile ``kernel`` for ``args`` (no launch) and return ``launch(*args)`` on the current stream, or
+    None where Triton handed back no compiled kernel."""
     compiled = kernel.warmup(*args, **constexprs, num_warps=num_warps, grid=(grid,))
+    if not hasattr(compiled, "_init_handles"):  # a cache hook or async compilation took over: launch as usual
+        return None
     compiled._init_handles()  # loads the module: the launcher and function handle exist from here on
     run, function, packed = compiled.run, compiled.function, compiled.packed_metadata
     from triton.runtime import driver
@@ -69,6 +72,8 @@ def bind_gather(like: Sequence[torch.Tensor], indices: torch.Tensor) -> Callable
     sample = torch.empty(shape, dtype=dtype, device=device)
     padded = list(like) + [first] * (3 - n_src)
     launch = _launcher(kernels._gather_rows_kernel, grid, (*padded, sample, indices, *sizes), constexprs, kernels.NUM_WARPS, device)
+    if launch is None:
+        return lambda *sources: gather_rows(sources, indices)
 
     if n_src == 2:
 
@@ -103,6 +108,8 @@ def bind_scatter(like: torch.Tensor, inverse: torch.Tensor, batch: int, seqlen: 
     strides = like.stride()
     sample = torch.empty(shape, dtype=dtype, device=device)
     launch = _launcher(kernels._scatter_rows_kernel, grid, (like, sample, inverse, n_dst_rows, *strides), constexprs, kernels.NUM_WARPS, device)
+    if launch is None:
+        return lambda packed: scatter_rows(packed, inverse, batch, seqlen)
 
     def scatter(packed: torch.Tensor) -> torch.Tensor:
         out = torch.empty(shape, dtype=dtype, device=device)
