@@ -40,6 +40,8 @@ def expect_refused(ops: Mapping[str, Callable], case: BadInput, device="cpu", dt
         ops[case.op](*args, **kwargs)
     except ValueError as exc:
         message = str(exc)
+    except Exception as exc:  # the wrong kind of error: a reshape or kernel error, an AttributeError, ...
+        raise AssertionError(f"{case.id}: raised {type(exc).__name__}: {exc}; expected ValueError naming {case.arg}") from exc
     else:
         raise AssertionError(f"{case.id}: {case.op} accepted the input; expected ValueError naming {case.arg}")
     if not message.startswith(f"{case.arg}:"):

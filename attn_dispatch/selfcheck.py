@@ -2,7 +2,9 @@
 
 Where an operation resolved to the reference itself the check still runs (it proves the reference is
 callable here) and the table says so. Same-kernel paths must match exactly; kernel changes (FA3 vs the
-torch reference) must match within FlashAttention's bf16 tolerance.
+torch reference) must match within FlashAttention's bf16 tolerance. Every op a plugin provides must also
+refuse the op's bad-input cases (``attn_dispatch.conformance``) as the reference does: a ValueError
+naming the same argument, with nothing written.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from . import reference
-from .ops import Ops
+from .conformance import CASES, expect_refused
+from .ops import OP_NAMES, Ops
 from .plans import DEFAULT_PARAMS, AttentionParams
 
 # bf16 FlashAttention vs a float32-accumulating reference (the seed PRs' tolerance).
@@ -158,7 +161,44 @@ def _check_masked_attention(ops: Ops, device, g) -> list[CheckResult]:
     q, k, v = (_rand(g, batch, seq, heads, head_dim, device=device) for _ in range(3))
     got = ops.masked_attention(q, k, v, ops.build_mask_meta(key_mask))
     want = reference.masked_attention(q, k, v, reference.build_mask_meta(key_mask))
-    return [_compare(ops, "masked_attention", "right-padded keys", got, want, exact=False)]
+    results = [_compare(ops, "masked_attention", "right-padded keys", got, want, exact=False)]
+    # Cross attention (S_q != S_k, the mask over the keys) with GQA (one kv head for both q heads).
+    q = _rand(g, batch, 20, heads, head_dim, device=device)
+    k, v = (_rand(g, batch, seq, 1, head_dim, device=device) for _ in range(2))
+    got = ops.masked_attention(q, k, v, ops.build_mask_meta(key_mask))
+    want = reference.masked_attention(q, k, v, reference.build_mask_meta(key_mask))
+    results.append(_compare(ops, "masked_attention", "cross attention, GQA", got, want, exact=False))
+    return results
 
 
-CHECKS: tuple[Callable, ...] = (_check_attention, _check_mla_v_up_proj, _check_mla_decode_query, _check_masked_attention)
+def _check_contracts(ops: Ops, device, g) -> list[CheckResult]:
+    """Each plugin-provided op against the op's bad-input cases, on this device (the reference's own
+    refusals are tested on CPU by the test suite)."""
+    implementations = {op: getattr(ops, op) for op in OP_NAMES}
+    originals = {op: getattr(reference, op) for op in OP_NAMES}
+    results = []
+    for op in OP_NAMES:
+        plugin = ops.resolutions[op].plugin
+        if plugin == "reference":
+            continue
+        cases = [case for case in CASES if case.op == op]
+        wrong, reworded = [], 0
+        for case in cases:
+            try:
+                message = expect_refused(implementations, case, device, torch.bfloat16)
+            except AssertionError as exc:
+                wrong.append(str(exc))
+                continue
+            reworded += message != expect_refused(originals, case, device, torch.bfloat16)
+        detail = f"{len(cases) - len(wrong)}/{len(cases)} refused naming the argument"
+        if reworded:
+            detail += f", {reworded} with other wording than the reference"
+        if wrong:
+            detail += f"; first: {wrong[0]}"
+        results.append(CheckResult(op, plugin, "bad input refused", 0.0, not wrong, detail))
+    return results
+
+
+CHECKS: tuple[Callable, ...] = (
+    _check_attention, _check_mla_v_up_proj, _check_mla_decode_query, _check_masked_attention, _check_contracts,
+)

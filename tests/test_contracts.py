@@ -76,3 +76,35 @@ def _replan(plan, **change) -> dict:
     names = ("cache_seqlens", "page_table", "cu_seqlens_q", "max_seqlen_q", "max_seqlen_k", "page_size", "num_heads",
              "num_kv_heads", "head_dim", "head_dim_v", "dtype")  # fmt: skip
     return {name: getattr(plan, name) for name in names} | change
+
+
+def ops_with(**plugin_ops):
+    """The CPU ops with some replaced by a 'plugin' implementation (as load() resolves them)."""
+    import dataclasses
+
+    import attn_dispatch
+    from attn_dispatch.ops import Resolution
+
+    ops = attn_dispatch.load("cpu", refresh=True)
+    resolutions = dict(ops.resolutions) | {op: Resolution(op, "fake", fn.__name__) for op, fn in plugin_ops.items()}
+    return dataclasses.replace(ops, **plugin_ops, resolutions=resolutions)
+
+
+def test_selfcheck_runs_the_cases_on_plugin_ops():
+    from attn_dispatch import selfcheck
+    from attn_dispatch_rocm_nsa import build_ops
+
+    results = [r for r in selfcheck.run(ops_with(**build_ops())) if r.case == "bad input refused"]
+    assert [r.op for r in results] == ["mla_query_for_backend", "mla_decode_query"]
+    assert all(r.passed and "refused naming the argument" in r.detail for r in results), results
+
+
+def test_selfcheck_fails_a_plugin_op_that_skips_the_rules():
+    from attn_dispatch import selfcheck
+
+    def mla_decode_query(q, q_rope, *, num_heads, kv_lora_rank, decode_impl):  # reshapes whatever it gets
+        q_all = q.reshape(q.shape[0], num_heads, -1) if q_rope is None else torch.cat([q, q_rope], -1)
+        return q_all, q_all[..., :kv_lora_rank], q_all[..., kv_lora_rank:]
+
+    (result,) = [r for r in selfcheck.run(ops_with(mla_decode_query=mla_decode_query)) if r.case == "bad input refused"]
+    assert not result.passed and "accepted the input" in result.detail
