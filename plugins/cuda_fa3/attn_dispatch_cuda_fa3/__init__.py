@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from attn_dispatch import Hardware, PluginSpec, Setting, hookimpl
 from attn_dispatch_flash import FlashProvider, require
 
-from .attention import AttentionOutOps, build_ops
+from .ops import AttentionOutOps, build_ops
 from .plan import FlashPlan
 from .stats import Stats, stats
 

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from attn_dispatch.checks import fail
-from attn_dispatch_flash import FlashProvider
 from attn_dispatch.plans import DEFAULT_PARAMS, AttentionParams, AttentionPlan
-from attn_dispatch.reference.attention import validate_plan_inputs
+from attn_dispatch.validate import validate_make_attention_plan
+from attn_dispatch_flash import FlashArgs, FlashProvider
 
 from .stats import stats
 
@@ -39,20 +39,22 @@ FLASH_DTYPES = (torch.float16, torch.bfloat16)
 class FlashPlan(AttentionPlan):
     """An :class:`AttentionPlan` made by this plugin.
 
-    ``layer_params``: the distinct keys planned, in the order given. ``metadata[params]`` is what a layer
-    with ``params`` hands FA3 (absent on the original path and with FA4, which schedule in the kernel);
-    it is a view at the front of ``metadata_buffers[params]``, the persistent buffer (the same tensor
-    unless the plan shares a larger static plan's buffers).
+    ``layer_params``: the distinct keys planned, in the order given. ``metadata[params]`` is FA3's scheduler
+    metadata a layer with ``params`` hands the kernel (absent on the original path and with FA4, which
+    schedule in the kernel); it is a view at the front of ``metadata_buffers[params]``, the persistent
+    buffer (the same tensor unless the plan shares a larger static plan's buffers).
     """
 
     layer_params: tuple[AttentionParams, ...] = ()
+    metadata: Mapping[AttentionParams, torch.Tensor] = field(default_factory=dict)
     metadata_buffers: Mapping[AttentionParams, torch.Tensor] = field(default_factory=dict)
-    # What every layer's tensors must look like, precomputed for the per-call check (attention._fits_plan).
+    # What every layer's tensors must look like, precomputed for the per-call check (checks.fits_plan).
     q_tail: tuple[int, ...] = field(init=False, repr=False, compare=False)
     k_cache_tail: tuple[int, ...] = field(init=False, repr=False, compare=False)
     v_cache_tail: tuple[int, ...] = field(init=False, repr=False, compare=False)
     device_index: int = field(init=False, repr=False, compare=False)
-    # Each layer's kernel call with this plan bound, made by the first layer asking (AttentionOutOps).
+    # Each layer's kernel call with this plan bound, by (ops, params, softmax_scale): made by the step's
+    # first layer asking (ops.AttentionOutOps.paged_attention_out), looked up by the others.
     layer_calls: dict = field(init=False, repr=False, compare=False, default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -72,7 +74,7 @@ def schedule_seqlen_k(provider: FlashProvider, plan: AttentionPlan) -> int:
 def make_plan(
     provider: FlashProvider,
     *,
-    precompute: bool,
+    original: bool,
     cache_seqlens: torch.Tensor,
     page_table: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
@@ -87,28 +89,13 @@ def make_plan(
     layer_params: Sequence[AttentionParams] = (DEFAULT_PARAMS,),
     static_plan: AttentionPlan | None = None,
 ) -> FlashPlan:
-    """``make_attention_plan`` for ``provider``; ``precompute=False`` is the original path (no metadata)."""
-    validate_plan_inputs(
-        cache_seqlens=cache_seqlens,
-        page_table=page_table,
-        cu_seqlens_q=cu_seqlens_q,
-        page_size=page_size,
-        num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-    )
-    for name, t in (("cache_seqlens", cache_seqlens), ("cu_seqlens_q", cu_seqlens_q)):
-        if not t.is_contiguous():
-            fail(name, f"must be contiguous (strides {t.stride()})")
-    if page_table.stride(-1) != 1:
-        fail("page_table", f"must be contiguous in its last dim (strides {page_table.stride()})")
-    if dtype not in FLASH_DTYPES:
-        fail("dtype", f"FlashAttention runs float16 or bfloat16, got {dtype}")
-    if max_seqlen_q <= 0:
-        fail("max_seqlen_q", f"must be positive, got {max_seqlen_q}")
-    capacity = page_table.shape[1] * page_size
-    if not 0 <= max_seqlen_k <= capacity:
-        fail("max_seqlen_k", f"{max_seqlen_k} is outside [0, {capacity}] (page_table columns x page_size)")
-    distinct = _distinct(layer_params)
+    """``make_attention_plan`` for ``provider``; ``original=True`` is the original path (no metadata)."""
+    head_dim_v, distinct = validate_make_attention_plan(
+        cache_seqlens=cache_seqlens, page_table=page_table, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k, page_size=page_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
+        head_dim=head_dim, head_dim_v=head_dim_v, dtype=dtype, layer_params=layer_params, static_plan=static_plan,
+        dtypes=FLASH_DTYPES,
+    )  # fmt: skip
     plan = FlashPlan(
         cache_seqlens=cache_seqlens,
         page_table=page_table,
@@ -119,27 +106,18 @@ def make_plan(
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
-        head_dim_v=head_dim if head_dim_v is None else head_dim_v,
+        head_dim_v=head_dim_v,
         dtype=dtype,
         provider=provider.name,
         layer_params=distinct,
     )
-    precompute = precompute and provider.scheduler_metadata is not None
+    precompute = not original and provider.scheduler_metadata is not None
     if static_plan is not None:
         return _into_static_plan(provider, plan, static_plan, precompute)
     if not precompute:
         return plan
     metadata = {params: _scheduler_metadata(provider, plan, params) for params in distinct}
     return _with_metadata(plan, metadata, buffers=metadata)
-
-
-def _distinct(layer_params: Sequence[AttentionParams]) -> tuple[AttentionParams, ...]:
-    if isinstance(layer_params, AttentionParams):
-        layer_params = (layer_params,)
-    distinct = tuple(dict.fromkeys(layer_params))
-    if not distinct or not all(isinstance(p, AttentionParams) for p in distinct):
-        fail("layer_params", f"expected a non-empty sequence of AttentionParams, got {layer_params!r}")
-    return distinct
 
 
 def _scheduler_metadata(provider: FlashProvider, plan: FlashPlan, params: AttentionParams) -> torch.Tensor:
@@ -216,12 +194,25 @@ def _into_static_plan(provider: FlashProvider, plan: FlashPlan, static: Attentio
     return _with_metadata(plan, views, buffers=static.metadata_buffers)
 
 
-def planned_metadata(plan: AttentionPlan, params: AttentionParams, provider_name: str) -> torch.Tensor | None:
-    """The metadata a layer with ``params`` hands the kernel; ValueError when ``params`` was not planned."""
+def check_plan_is_ours(plan: object, provider_name: str) -> None:
+    """ValueError naming ``plan`` unless this plugin made it for ``provider_name``."""
     if not isinstance(plan, FlashPlan) or plan.provider != provider_name:
         maker = getattr(plan, "provider", type(plan).__name__)
         fail("plan", f"was made by {maker!r}, not by this plugin's make_attention_plan ({provider_name})")
+
+
+def paged_args(plan: FlashPlan, params: AttentionParams, softmax_scale: float | None, provider_name: str) -> FlashArgs:
+    """The kernel arguments of a layer with ``params`` over ``plan``: the plan's tensors and ints, the
+    params' scheduling, the metadata made for exactly those. ValueError when the plan is another's or
+    ``params`` was not planned (a layer handed another key's metadata would be misscheduled silently)."""
+    check_plan_is_ours(plan, provider_name)
     if params not in plan.layer_params:
         fail("params", f"{params} is not among the plan's layer_params {plan.layer_params}; list it in make_attention_plan(layer_params=...)")
-    return plan.metadata.get(params)
+    return FlashArgs(
+        cu_seqlens_q=plan.cu_seqlens_q, seqused_k=plan.cache_seqlens, page_table=plan.page_table,
+        max_seqlen_q=plan.max_seqlen_q, max_seqlen_k=plan.max_seqlen_k,
+        softmax_scale=plan.head_dim**-0.5 if softmax_scale is None else softmax_scale, causal=params.causal,
+        window_size=params.window_size, softcap=params.softcap, scheduler_metadata=plan.metadata.get(params),
+        num_splits=params.num_splits, pack_gqa=params.pack_gqa,
+    )  # fmt: skip
 

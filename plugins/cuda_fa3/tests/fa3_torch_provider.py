@@ -124,7 +124,7 @@ def make_torch_provider(
         plan = reference.make_attention_plan(
             cache_seqlens=seqused_k, page_table=page_table, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q,
             max_seqlen_k=max_seqlen_k, page_size=page_size, num_heads=heads, num_kv_heads=k.shape[2],
-            head_dim=head_dim, head_dim_v=v.shape[-1], dtype=q.dtype,
+            head_dim=head_dim, head_dim_v=v.shape[-1], dtype=q.dtype, layer_params=(params,),
         )  # fmt: skip
         reference.paged_attention_out(q, k, v, target, plan=plan, params=params, softmax_scale=softmax_scale)
         return target

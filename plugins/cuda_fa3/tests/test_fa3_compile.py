@@ -52,7 +52,7 @@ def test_paged_layers_compile_to_in_place_custom_op_calls(device):
     assert calls.fwd_into_out == 2  # the provider was handed `out`'s own rows, once per layer
 
     want = batch.out()
-    ref_plan = reference.make_attention_plan(**batch.plan_args)
+    ref_plan = reference.make_attention_plan(**batch.plan_args, layer_params=(DEFAULT_PARAMS, SLIDING))
     reference.paged_attention_out(batch.q, batch.k_cache, batch.v_cache, want, plan=ref_plan)
     assert torch.equal(out_global, want)
     reference.paged_attention_out(batch.q * 2, batch.k_cache, batch.v_cache, want, plan=ref_plan, params=SLIDING)

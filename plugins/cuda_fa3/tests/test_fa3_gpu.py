@@ -91,7 +91,7 @@ def test_matches_the_portable_reference(provider):
     batch = paged_batch(q_lens=[1, 9, 1], k_lens=[300, 40, 77], heads=8, kv_heads=2, head_dim=128, device="cuda")
     optimized, _ = both_paths(provider, batch, (SLIDING,))[SLIDING]
     want = batch.out()
-    reference.paged_attention_out(batch.q, batch.k_cache, batch.v_cache, want, plan=reference.make_attention_plan(**batch.plan_args), params=SLIDING)
+    reference.paged_attention_out(batch.q, batch.k_cache, batch.v_cache, want, plan=reference.make_attention_plan(**batch.plan_args, layer_params=(SLIDING,)), params=SLIDING)
     torch.testing.assert_close(optimized.float(), want.float(), atol=2e-2, rtol=1e-2)
 
 

@@ -24,7 +24,7 @@ def run_paged(ops, batch, out, params=DEFAULT_PARAMS, layer_params=(DEFAULT_PARA
 
 
 def reference_paged(batch, out, params=DEFAULT_PARAMS):
-    plan = reference.make_attention_plan(**batch.plan_args)
+    plan = reference.make_attention_plan(**batch.plan_args, layer_params=(params,))
     return reference.paged_attention_out(batch.q, batch.k_cache, batch.v_cache, out, plan=plan, params=params)
 
 
@@ -308,13 +308,13 @@ def test_a_kernel_error_the_checks_cannot_explain_propagates_unchanged(monkeypat
 
 def test_well_formed_calls_skip_the_detailed_checks(monkeypatch):
     """The per-layer path is the fast check plus the kernel call (the detailed checks explain failures only)."""
-    from attn_dispatch_cuda_fa3 import attention
+    from attn_dispatch_cuda_fa3 import ops as ops_module
 
     def detailed(*args):
         raise AssertionError("detailed checks ran on a well-formed call")
 
-    monkeypatch.setattr(attention, "_check_paged_in_detail", detailed)
-    monkeypatch.setattr(attention, "_check_varlen_in_detail", detailed)
+    monkeypatch.setattr(ops_module, "check_paged", detailed)
+    monkeypatch.setattr(ops_module, "check_varlen", detailed)
     provider, _ = make_torch_provider()
     ops = build_ops(provider)
     batch = paged_batch(**MIXED, heads=4, kv_heads=2, head_dim=32)
@@ -344,27 +344,27 @@ def test_a_plan_binds_each_layer_call_once():
     provider, calls = make_torch_provider()
     binds = []
 
-    def bind_fwd(**static):
-        binds.append(static)
-        return lambda q, k, v, out: provider.fwd(q, k, v, out=out, **static)
+    def bind_args(args):
+        binds.append(args)
+        return lambda q, k, v, out: provider.fwd(q, k, v, out=out, **args._asdict())
 
-    ops = build_ops(dataclasses.replace(provider, bind_fwd=bind_fwd))
+    ops = build_ops(dataclasses.replace(provider, bind_args=bind_args))
     batch = paged_batch(**MIXED, heads=4, kv_heads=2, head_dim=32)
     plan = ops["make_attention_plan"](**batch.plan_args, layer_params=(DEFAULT_PARAMS, SLIDING))
     layers = [(DEFAULT_PARAMS, None), (SLIDING, None), (DEFAULT_PARAMS, None), (SLIDING, None), (DEFAULT_PARAMS, 0.5)]
     for params, scale in layers:
         out, want = batch.out(), batch.out()
         ops["paged_attention_out"](batch.q, batch.k_cache, batch.v_cache, out, plan=plan, params=params, softmax_scale=scale)
-        plan_ref = reference.make_attention_plan(**batch.plan_args)
+        plan_ref = reference.make_attention_plan(**batch.plan_args, layer_params=(params,))
         reference.paged_attention_out(batch.q, batch.k_cache, batch.v_cache, want, plan=plan_ref, params=params, softmax_scale=scale)
         assert torch.equal(out, want)
     assert len(binds) == 3 and calls.fwd_with_metadata == len(layers)
-    assert binds[0]["scheduler_metadata"] is plan.metadata[DEFAULT_PARAMS]
-    assert binds[1]["window_size"] == (8, 0) and binds[2]["softmax_scale"] == 0.5
+    assert binds[0].scheduler_metadata is plan.metadata[DEFAULT_PARAMS]
+    assert binds[1].window_size == (8, 0) and binds[2].softmax_scale == 0.5
     # the next step's plan binds afresh (its tensors and metadata are new)
     next_plan = ops["make_attention_plan"](**batch.plan_args, layer_params=(DEFAULT_PARAMS, SLIDING))
     ops["paged_attention_out"](batch.q, batch.k_cache, batch.v_cache, batch.out(), plan=next_plan)
-    assert len(binds) == 4 and binds[3]["scheduler_metadata"] is next_plan.metadata[DEFAULT_PARAMS]
+    assert len(binds) == 4 and binds[3].scheduler_metadata is next_plan.metadata[DEFAULT_PARAMS]
 
 
 def test_a_used_plan_is_still_refused_by_other_ops():
@@ -383,3 +383,35 @@ def test_a_used_plan_is_still_refused_by_other_ops():
     ops["paged_attention_out"](batch.q, batch.k_cache, batch.v_cache, b, plan=plan)
     assert torch.equal(a, b) and stats.out_copies == before
     assert len(plan.layer_calls) == 2  # one per ops
+
+
+def test_varlen_binds_once_while_the_lengths_stay_the_same():
+    """Every layer of a prefill step passes the same lengths: one binding serves them all; new lengths
+    (or params, or scale) bind afresh, and a refilled cu_seqlens tensor is read at every call."""
+    provider, calls = make_torch_provider()
+    binds = []
+
+    def bind_args(args):
+        binds.append(args)
+        return lambda q, k, v, out: provider.fwd(q, k, v, out=out, **args._asdict())
+
+    ops = build_ops(dataclasses.replace(provider, bind_args=bind_args))
+    q, k, v, lens = packed_batch(lens=[5, 9], heads=4, kv_heads=2, head_dim=32)
+
+    def layer(params=DEFAULT_PARAMS, scale=None, lengths=lens):
+        out, want = torch.zeros(14, 128, dtype=q.dtype), torch.zeros(14, 128, dtype=q.dtype)
+        ops["varlen_attention_out"](q, k, v, out, **lengths, params=params, softmax_scale=scale)
+        reference.varlen_attention_out(q, k, v, want, **lengths, params=params, softmax_scale=scale)
+        assert torch.equal(out, want)
+
+    for _ in range(4):
+        layer()
+    assert len(binds) == 1 and binds[0].softmax_scale == 32**-0.5 and binds[0].cu_seqlens_q is lens["cu_seqlens_q"]
+    layer(params=SLIDING)
+    layer(scale=0.25)
+    assert len(binds) == 3
+    lens["cu_seqlens_q"].copy_(torch.tensor([0, 9, 14], dtype=torch.int32))  # refilled in place (q and k share it)
+    layer(scale=0.25)
+    assert len(binds) == 3
+    layer(lengths={**lens, "cu_seqlens_q": lens["cu_seqlens_q"].clone()})  # another tensor: bound afresh
+    assert len(binds) == 4 and calls.fwd == 8

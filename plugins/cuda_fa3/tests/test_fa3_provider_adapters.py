@@ -9,6 +9,7 @@ import types
 import pytest
 import torch
 import attn_dispatch_flash as flash_providers
+from attn_dispatch_flash import FlashArgs
 
 Q, K, V = (torch.zeros(3, 4, 8) for _ in range(3))
 OUT = torch.empty(3, 4, 8)
@@ -203,6 +204,26 @@ def test_vllm_raw_ops_get_every_argument_in_its_place():
 
 
 def test_generic_bind_is_fwd_with_the_arguments_fixed():
+    """A provider given only a keyword ``fwd`` (the stand-ins) binds by fixing every FlashArgs field."""
     provider = flash_providers.FlashProvider("stub", 3, lambda q, k, v, **kw: (q, kw), None, writes_out=True, has_seqused_q=False)
-    q, kw = provider.bind(**PACKED)(Q, K, V, OUT)
-    assert q is Q and kw == {"out": OUT, **PACKED}
+    for call in (provider.bind(**PACKED), provider.bind(FlashArgs(**PACKED))):
+        q, kw = call(Q, K, V, OUT)
+        assert q is Q and kw.pop("out") is OUT
+        assert kw.keys() == set(FlashArgs._fields) and all(kw[name] is value for name, value in PACKED.items())
+        assert kw["window_size"] == (-1, -1) and kw["scheduler_metadata"] is None  # FA3's defaults
+    with pytest.raises(TypeError, match="not both"):
+        provider.bind(FlashArgs(**PACKED), causal=False)
+
+
+def test_adapters_bind_once_and_fwd_is_bind_then_call(monkeypatch):
+    """``fwd(**fields)`` and ``bind(FlashArgs)(...)`` reach the package the same way (sgl_kernel stand-in)."""
+    module, calls = fa3_module(with_out=True)
+    install_sgl_kernel(monkeypatch, module)
+    provider, _ = flash_providers.probe(("sgl_kernel",))
+    call = provider.bind(FlashArgs(scheduler_metadata="meta", **PAGED))
+    call(Q, K, V, OUT)
+    call(Q, K, V, OUT)
+    provider.fwd(Q, K, V, out=OUT, scheduler_metadata="meta", **PAGED)
+    assert [name for name, _ in calls] == ["with_kvcache"] * 3
+    assert calls[0][1].keys() == calls[2][1].keys()
+    assert all(calls[0][1][n] is calls[2][1][n] or calls[0][1][n] == calls[2][1][n] for n in calls[0][1])

@@ -1,0 +1,95 @@
+"""A layer's kernel call with everything but its tensors fixed: the one route from the ops to the provider.
+
+Eagerly, the ops call a bound :data:`LayerCall` straight away: for paged attention the step's first layer
+with given params binds it into the plan (``FlashPlan.layer_calls``) and every later layer looks it up; for
+varlen attention :class:`LastVarlenCall` keeps the binding while the engine passes the same lengths (every
+layer of a prefill step). Under torch.compile the custom op (:mod:`.custom_op`) binds the same way in its
+body, from the same :class:`~attn_dispatch_flash.FlashArgs`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from attn_dispatch.plans import AttentionParams
+from attn_dispatch_flash import FlashArgs, FlashProvider
+
+from .stats import stats
+
+# call(q, k, v, out_rows): attention written into out_rows, [tokens, heads, head_dim_v] (the engine's rows).
+LayerCall = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], object]
+
+
+def bind_layer_call(provider: FlashProvider, args: FlashArgs, *, original: bool) -> LayerCall:
+    """The provider's call with ``args`` fixed, writing into ``out_rows``.
+
+    ``original`` is the pre-optimization path on the same kernels: the kernel allocates its output and
+    schedules itself (any metadata in ``args`` is dropped), and the result is copied into ``out_rows``.
+    Otherwise the provider writes into ``out_rows``, or, when it cannot (``writes_out=False``), its result
+    is copied once and that copy is counted in ``stats.out_copies``.
+    """
+    if original:
+        allocating = provider.bind(args._replace(scheduler_metadata=None))
+
+        def alloc_then_copy(q, k, v, out_rows) -> None:
+            out_rows.copy_(allocating(q, k, v, None))
+
+        return alloc_then_copy
+    run = provider.bind(args)
+    if provider.writes_out:
+        return run
+
+    def copy_once(q, k, v, out_rows) -> None:
+        out_rows.copy_(run(q, k, v, None))
+        stats.out_copies += 1
+
+    return copy_once
+
+
+def varlen_args(
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    params: AttentionParams,
+    softmax_scale: float,
+) -> FlashArgs:
+    """A packed (non-paged) call's kernel arguments; FA3 schedules it in the kernel (no metadata)."""
+    return FlashArgs(
+        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+        softmax_scale=softmax_scale, causal=params.causal, window_size=params.window_size, softcap=params.softcap,
+        num_splits=params.num_splits, pack_gqa=params.pack_gqa,
+    )  # fmt: skip
+
+
+class LastVarlenCall:
+    """The last varlen binding of one ops object, reused while the lengths stay the same.
+
+    The key compares ``cu_seqlens_q``/``cu_seqlens_k`` by identity (the kernel reads their current values
+    at every call, so an engine refilling the same tensors in place keeps its binding) and the host values
+    by equality. It holds a reference to the last lengths' tensors until the next binding. The key and the
+    call are stored as one tuple, so a thread never reads one without the other.
+    """
+
+    def __init__(self, provider: FlashProvider, original: bool) -> None:
+        self.provider, self.original = provider, original
+        self._last: tuple | None = None
+
+    def get(self, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, params, softmax_scale) -> LayerCall:
+        last = self._last
+        if (
+            last is not None and last[0] is cu_seqlens_q and last[1] is cu_seqlens_k and last[2] == max_seqlen_q
+            and last[3] == max_seqlen_k and (last[4] is params or last[4] == params) and last[5] == softmax_scale
+        ):  # fmt: skip
+            return last[6]
+        args = varlen_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, params, softmax_scale)
+        call = bind_layer_call(self.provider, args, original=self.original)
+        self._last = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, params, softmax_scale, call)
+        return call
+
+
+def out_rows(out: torch.Tensor, tokens: int, heads: int, head_dim_v: int) -> torch.Tensor:
+    """The engine's ``out`` (flat ``[rows, heads * dv]`` or ``[rows, heads, dv]``, rows >= tokens) as the
+    kernel's ``[tokens, heads, dv]`` view; the caller has checked it (``checks``)."""
+    return (out if out.shape[0] == tokens else out[:tokens]).view(tokens, heads, head_dim_v)

@@ -1,0 +1,87 @@
+"""The kernel call as a torch custom op, ``attn_dispatch_cuda_fa3::attention_out``, for torch.compile.
+
+FA3's own op schemas return ``out`` aliased (``Tensor(a!)``), which functionalization cannot handle. This
+op mutates ``out`` and returns nothing, so Inductor re-inplaces it (no clone of ``out``, no copy back).
+Its body is the eager route: a :class:`~attn_dispatch_flash.FlashArgs` rebuilt from the op's plain
+arguments, bound with :func:`.binding.bind_layer_call` and called. Eagerly the ops skip the op and call the
+bound call directly, which saves the dispatcher's overhead for custom ops (150 µs per call seen on a CPU
+test host outside inference mode).
+
+An op schema takes plain values only, so the provider and path travel as a route number: an index into
+this module's list of the (provider, original) pairs that ops objects were built for.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from attn_dispatch_flash import FlashArgs, FlashProvider
+
+from .binding import bind_layer_call
+
+OP_NAMESPACE = "attn_dispatch_cuda_fa3"
+
+_routes: list[tuple[FlashProvider, bool]] = []
+
+
+def route_number(provider: FlashProvider, original: bool) -> int:
+    """The number the custom op knows ``(provider, original)`` by (registered on first use)."""
+    for number, (known, known_original) in enumerate(_routes):
+        if known is provider and known_original == original:
+            return number
+    _routes.append((provider, original))
+    return len(_routes) - 1
+
+
+def call_attention_out(q, k, v, out, args: FlashArgs, route: int) -> None:
+    """Run the custom op with ``args`` spread into its plain arguments (what a compiled graph records)."""
+    left, right = args.window_size
+    attention_out(
+        q, k, v, out, args.cu_seqlens_q, args.cu_seqlens_k, args.seqused_q, args.seqused_k, args.page_table,
+        args.scheduler_metadata, args.max_seqlen_q, args.max_seqlen_k, args.softmax_scale, args.causal, left,
+        right, args.softcap, args.num_splits, args.pack_gqa, route,
+    )  # fmt: skip
+
+
+# typing.Optional, not `X | None`: the custom op's schema is inferred from these annotations.
+def _attention_out(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    cu_seqlens_q: Optional[torch.Tensor],
+    cu_seqlens_k: Optional[torch.Tensor],
+    seqused_q: Optional[torch.Tensor],
+    seqused_k: Optional[torch.Tensor],
+    page_table: Optional[torch.Tensor],
+    scheduler_metadata: Optional[torch.Tensor],
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    num_splits: int,
+    pack_gqa: Optional[bool],
+    route: int,
+) -> None:
+    """Attention written into the first ``q.shape[0]`` rows of the engine's ``out``."""
+    provider, original = _routes[route]
+    args = FlashArgs(
+        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_q=seqused_q, seqused_k=seqused_k,
+        page_table=page_table, scheduler_metadata=scheduler_metadata, max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale, causal=causal, window_size=(window_left, window_right),
+        softcap=softcap, num_splits=num_splits, pack_gqa=pack_gqa,
+    )  # fmt: skip
+    tokens, heads, _ = q.shape
+    bind_layer_call(provider, args, original=original)(q, k, v, out[:tokens].view(tokens, heads, v.shape[-1]))
+
+
+attention_out = torch.library.custom_op(f"{OP_NAMESPACE}::attention_out", mutates_args={"out"})(_attention_out)
+
+
+@attention_out.register_fake
+def _attention_out_fake(q, k, v, out, *args) -> None:
+    return None

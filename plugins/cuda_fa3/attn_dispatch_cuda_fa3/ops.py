@@ -1,0 +1,159 @@
+"""The "attention_out" op group over one FlashAttention provider: one kernel call into ``out`` per layer.
+
+One route per op, engine to kernel:
+
+* paged, eager: the layer's bound call (looked up in the plan; bound by the step's first layer with those
+  params: :func:`.plan.paged_args` + :func:`.binding.bind_layer_call`), the per-call test
+  (:func:`.checks.fits_plan`), the call, writing straight into the engine's buffer. No pluggy, no device
+  syncs, no data-dependent shapes, so it is CUDA-graph capturable.
+* varlen, eager: the same, with the binding kept while the lengths stay the same
+  (:class:`.binding.LastVarlenCall`).
+* under torch.compile: the checks run once, at trace time, and the same arguments go through the custom
+  op (:mod:`.custom_op`), whose body binds and calls the same way.
+
+Bad input gets a ValueError naming the argument before anything is written: see :mod:`.checks`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from attn_dispatch.plans import DEFAULT_PARAMS, AttentionParams, AttentionPlan
+from attn_dispatch_flash import FlashProvider
+
+from .binding import LastVarlenCall, LayerCall, bind_layer_call, out_rows, varlen_args
+from .checks import check_paged, check_varlen, fits_kernel, fits_plan, name_the_argument
+from .custom_op import call_attention_out, route_number
+from .plan import FlashPlan, make_plan, paged_args
+
+
+class AttentionOutOps:
+    """``make_attention_plan``, ``paged_attention_out`` and ``varlen_attention_out`` for one provider.
+
+    Signatures and semantics are those of ``attn_dispatch.reference.attention``. ``original=True`` gives the
+    pre-optimization path on the same kernels (alloc + copy into ``out``, FA3 scheduling itself in every
+    layer), for byte-identity tests and benchmarks (setting ``ATTN_DISPATCH_CUDA_FA3_PATH=original``).
+    """
+
+    def __init__(self, provider: FlashProvider, *, original: bool = False) -> None:
+        self.provider = provider
+        self.original = original
+        self._route = route_number(provider, original)
+        self._varlen = LastVarlenCall(provider, original)
+
+    def make_attention_plan(
+        self,
+        *,
+        cache_seqlens: torch.Tensor,
+        page_table: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        max_seqlen_q: int,
+        max_seqlen_k: int,
+        page_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        head_dim_v: int | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+        layer_params: Sequence[AttentionParams] = (DEFAULT_PARAMS,),
+        static_plan: AttentionPlan | None = None,
+    ) -> AttentionPlan:
+        """Describe one forward batch and make FA3's scheduler metadata once per distinct ``layer_params``.
+
+        ``max_seqlen_k`` must bound every ``cache_seqlens`` entry: FA3 schedules for it and widens windows
+        that reach past it to unbounded. A CUDA graph serves at most the ``max_seqlen_k`` it was captured
+        with, so capture with the largest context it will see (say, ``page_table.shape[1] * page_size``).
+
+        ``static_plan`` (CUDA graphs, plan made outside the graph): refresh that plan's persistent metadata
+        buffers instead of allocating; see :mod:`attn_dispatch_cuda_fa3.plan`. A plan made inside a graph
+        capture needs no ``static_plan``: its metadata kernel is replayed with the layers.
+        """
+        return make_plan(
+            self.provider, original=self.original, cache_seqlens=cache_seqlens, page_table=page_table,
+            cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, page_size=page_size,
+            num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, head_dim_v=head_dim_v, dtype=dtype,
+            layer_params=layer_params, static_plan=static_plan,
+        )  # fmt: skip
+
+    def paged_attention_out(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        out: torch.Tensor,
+        *,
+        plan: AttentionPlan,
+        params: AttentionParams = DEFAULT_PARAMS,
+        softmax_scale: float | None = None,
+    ) -> torch.Tensor:
+        """Paged attention for one layer, written into ``out``; returns ``out``. ``params`` must be planned."""
+        checked = (q, k_cache, v_cache, out, plan, params, softmax_scale, self.provider.name)
+        if torch.compiler.is_compiling():
+            check_paged(*checked)  # once, at trace time
+            call_attention_out(q, k_cache, v_cache, out, paged_args(plan, params, softmax_scale, self.provider.name), self._route)
+            return out
+        try:
+            call = plan.layer_calls[(self, params, softmax_scale)]
+        except (AttributeError, KeyError):  # a first call with these params, or not this plugin's plan
+            call = self._bind_paged(plan, params, softmax_scale)
+        if not fits_plan(q, k_cache, v_cache, out, plan):
+            check_paged(*checked)
+        try:
+            call(q, k_cache, v_cache, out_rows(out, q.shape[0], plan.num_heads, plan.head_dim_v))
+        except Exception as exc:
+            name_the_argument(exc, check_paged, *checked)
+            raise
+        return out
+
+    def _bind_paged(self, plan: FlashPlan, params: AttentionParams, softmax_scale: float | None) -> LayerCall:
+        """Bind the layer's call into the plan (ValueError, naming it, for another's plan or unplanned params)."""
+        call = bind_layer_call(self.provider, paged_args(plan, params, softmax_scale, self.provider.name), original=self.original)
+        plan.layer_calls[(self, params, softmax_scale)] = call
+        return call
+
+    def varlen_attention_out(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        *,
+        cu_seqlens_q: torch.Tensor,
+        cu_seqlens_k: torch.Tensor,
+        max_seqlen_q: int,
+        max_seqlen_k: int,
+        params: AttentionParams = DEFAULT_PARAMS,
+        softmax_scale: float | None = None,
+    ) -> torch.Tensor:
+        """Varlen (packed) prefill written into ``out``; returns ``out``. FA3 schedules it in the kernel
+        (a prefill batch is one call per layer with nothing shared to precompute across calls)."""
+        checked = (q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, params, softmax_scale)
+        if torch.compiler.is_compiling():
+            check_varlen(*checked)  # once, at trace time
+            scale = q.shape[2] ** -0.5 if softmax_scale is None else softmax_scale
+            args = varlen_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, params, scale)
+            call_attention_out(q, k, v, out, args, self._route)
+            return out
+        if not fits_kernel(q, out, max_seqlen_q, max_seqlen_k):
+            check_varlen(*checked)
+        scale = q.shape[2] ** -0.5 if softmax_scale is None else softmax_scale
+        call = self._varlen.get(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, params, scale)
+        try:
+            call(q, k, v, out_rows(out, q.shape[0], q.shape[1], v.shape[2]))
+        except Exception as exc:
+            name_the_argument(exc, check_varlen, *checked)
+            raise
+        return out
+
+    def as_dict(self) -> dict[str, Callable]:
+        return {
+            "make_attention_plan": self.make_attention_plan,
+            "paged_attention_out": self.paged_attention_out,
+            "varlen_attention_out": self.varlen_attention_out,
+        }
+
+
+def build_ops(provider: FlashProvider, *, original: bool = False) -> dict[str, Callable]:
+    """The op dict the plugin registers, for ``provider``: the seam tests and benchmarks use."""
+    return AttentionOutOps(provider, original=original).as_dict()
