@@ -193,22 +193,3 @@ def _softmax(scores: torch.Tensor, allowed: torch.Tensor, scale: float, softcap:
     probs = torch.softmax(scores, dim=-1)
     return probs.nan_to_num(0.0)  # a row with no visible key gives zeros, as FlashAttention does
 
-
-def validate_plan_inputs(*, cache_seqlens, page_table, cu_seqlens_q, page_size, num_heads, num_kv_heads) -> None:
-    """Transitional, for plugins not yet on :func:`attn_dispatch.validate.validate_make_attention_plan`:
-    the subset of its rules these arguments allow (remove once no plugin imports it)."""
-    from ..checks import INDEX_DTYPE, check_int, check_tensor, fail
-
-    check_tensor("cache_seqlens", cache_seqlens, ndim=1, dtype=INDEX_DTYPE)
-    check_tensor("page_table", page_table, ndim=2, dtype=INDEX_DTYPE, device=cache_seqlens.device)
-    check_tensor("cu_seqlens_q", cu_seqlens_q, ndim=1, dtype=INDEX_DTYPE, device=cache_seqlens.device)
-    batch = cache_seqlens.shape[0]
-    if page_table.shape[0] != batch:
-        fail("page_table", f"has {page_table.shape[0]} rows but cache_seqlens has batch {batch}")
-    if cu_seqlens_q.shape[0] != batch + 1:
-        fail("cu_seqlens_q", f"expected {batch + 1} entries (batch + 1), got {cu_seqlens_q.shape[0]}")
-    check_int("page_size", page_size)
-    check_int("num_heads", num_heads)
-    check_int("num_kv_heads", num_kv_heads)
-    if num_heads % num_kv_heads:
-        fail("num_heads", f"{num_heads} is not divisible by num_kv_heads={num_kv_heads}")
