@@ -67,10 +67,10 @@ import os
 
 import torch
 
-from attn_dispatch.checks import fail
 from attn_dispatch_flash import FlashProvider
 from attn_dispatch.plans import MaskMeta
 from attn_dispatch.reference import masked as original
+from attn_dispatch.validate import validate_masked_attention
 
 from . import custom_ops
 from .binding import bind_call, call_key
@@ -163,10 +163,9 @@ class VarlenDiffusionAttention:
         if not isinstance(mask_meta, VarlenMaskMeta) or not self._flash_can_run(q, k, v):
             return original.masked_attention(q, k, v, mask_meta, softmax_scale=softmax_scale)
         meta = mask_meta
-        if meta.key_mask.device != q.device:
-            fail("mask_meta", f"key_mask is on {meta.key_mask.device} but q is on {q.device}")
-        if (k.shape[0], k.shape[1]) != (meta.batch, meta.seqlen):
-            fail("mask_meta", f"key_mask shape {(meta.batch, meta.seqlen)} does not match k's [batch, seq] {tuple(k.shape[:2])}")
+        # The op's full rule set, once per (metadata, call shape): a bound call is reused only for inputs
+        # that agree with these in everything the rules read (binding.call_key).
+        validate_masked_attention(q, k, v, meta, softmax_scale)
         scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
         if compiling:
             return custom_ops.call(self._op_index, q, k, v, meta, scale)

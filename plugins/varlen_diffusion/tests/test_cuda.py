@@ -169,3 +169,129 @@ def test_qkv_pack_with_queries_in_place_is_kv_pack_with_masked_rows_zeroed(provi
     assert meta.strategy is Strategy.QKV_PACK and not meta.pack_queries
     b = in_place.masked_attention(q, k, v, meta)
     assert torch.equal(a[mask], b[mask]) and not b[~mask].any()
+
+
+# Cross-attention (S_q != S_k) and GQA, the bound launches, torch.compile.
+def sdpa_gqa(q, k, v, mask, scale=None):
+    group = q.shape[2] // k.shape[2]
+    k, v = (x.float().repeat_interleave(group, dim=2).transpose(1, 2) for x in (k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.float().transpose(1, 2), k, v, attn_mask=mask[:, None, None, :], scale=scale
+    )
+    return out.transpose(1, 2)
+
+
+def cross_inputs(batch, seqlen_q, seqlen_k, kv_heads, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(batch, seqlen_q, H, D, generator=gen, device="cuda").bfloat16()
+    k, v = torch.randn(batch, seqlen_k, 2, kv_heads, D, generator=gen, device="cuda").bfloat16().unbind(2)
+    return q, k, v
+
+
+TEXT_MASKS = {  # [B, S_k] text padding masks
+    "right_padding": torch.tensor([row("prefix", 300, 120), row("prefix", 300, 300)]),
+    "left_padding": torch.tensor([row("suffix", 300, 77), row("full", 300)]),
+    "gaps": text_image_mask([100, 37], text=128, image=172, text_first=True),
+    "empty_row": torch.tensor([row("none", 300), row("prefix", 300, 9)]),
+}
+
+
+@pytest.mark.parametrize(("general", "pack_queries"), [("kv_pack", None), ("qkv_pack", True), ("qkv_pack", False)])
+@pytest.mark.parametrize("zero_copy", [True, False])
+@pytest.mark.parametrize("kv_heads", [H, 2])
+@pytest.mark.parametrize("name", list(TEXT_MASKS))
+def test_cross_attention_and_gqa_against_sdpa(provider, name, kv_heads, zero_copy, general, pack_queries):
+    mask = TEXT_MASKS[name].cuda()
+    q, k, v = cross_inputs(mask.shape[0], 1024, mask.shape[1], kv_heads)
+    ops = ops_for(provider, general, zero_copy, pack_queries)
+    meta = ops.build_mask_meta(mask)
+    out = ops.masked_attention(q, k, v, meta, softmax_scale=0.1)
+    assert out.shape == q.shape and out.is_contiguous()
+    ref = sdpa_gqa(q, k, v, mask, scale=0.1)
+    for b in range(mask.shape[0]):
+        if mask[b].any():  # every query row is valid in cross-attention
+            torch.testing.assert_close(out[b].float(), ref[b], rtol=RTOL, atol=ATOL)
+        else:
+            assert not out[b].any()
+
+
+@pytest.mark.parametrize("general", ["kv_pack", "qkv_pack"])
+def test_gqa_self_attention_against_sdpa(provider, general):
+    mask = MASKS["general"].cuda()
+    q, k, v = cross_inputs(mask.shape[0], mask.shape[1], mask.shape[1], 2)
+    ops = ops_for(provider, general, pack_queries=True if general == "qkv_pack" else None)
+    out = ops.masked_attention(q, k, v, ops.build_mask_meta(mask)).float()
+    ref = sdpa_gqa(q, k, v, mask)
+    torch.testing.assert_close(out[mask], ref[mask], rtol=RTOL, atol=ATOL)
+    if general == "kv_pack":
+        torch.testing.assert_close(out[~mask], ref[~mask], rtol=RTOL, atol=ATOL)
+    else:
+        assert not out[~mask].any()
+
+
+@pytest.mark.parametrize("offset", [0, 1])  # 1: pointers off 16-byte alignment (Triton specializes on it)
+def test_bound_launches_equal_the_triton_launcher(offset):
+    from attn_dispatch_varlen_diffusion.kernels import gather_rows, scatter_rows
+    from attn_dispatch_varlen_diffusion.launch import bind_gather, bind_scatter, index_select_gather
+
+    mask = MASKS["general"].cuda()
+    batch, seqlen = mask.shape
+    flat = torch.randn(batch * seqlen * 3 * H * D + offset, device="cuda").bfloat16()[offset:]
+    sources = flat.view(batch, seqlen, 3, H, D).unbind(2)
+    indices = mask.reshape(-1).nonzero().squeeze(1).int()
+    for group in (sources, sources[1:], sources[:1]):
+        want = gather_rows(group, indices)
+        assert torch.equal(bind_gather(group, indices)(*group), want)
+        rows_view = index_select_gather(group, indices)
+        if rows_view is not None:
+            assert torch.equal(rows_view(*group), want)
+    packed = gather_rows(sources[:1], indices)[0]
+    inverse = torch.full((batch * seqlen,), -1, dtype=torch.int32, device="cuda")
+    inverse[indices.long()] = torch.arange(indices.numel(), dtype=torch.int32, device="cuda")
+    assert torch.equal(bind_scatter(packed, inverse, batch, seqlen)(packed), scatter_rows(packed, inverse, batch, seqlen))
+
+
+@pytest.mark.parametrize("name", ["right_padding", "gaps"])
+def test_cross_attention_no_host_sync_and_cuda_graph_replay(provider, name):
+    mask = TEXT_MASKS[name].cuda()
+    q, k, v = cross_inputs(mask.shape[0], 1024, mask.shape[1], 2)
+    ops = ops_for(provider, "kv_pack")
+    meta = ops.build_mask_meta(mask)
+    eager = ops.masked_attention(q, k, v, meta)  # binds the call (compiles the pack kernel)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ops.masked_attention(q, k, v, meta)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ops.masked_attention(q, k, v, meta)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = ops.masked_attention(q, k, v, meta)
+    fresh = cross_inputs(mask.shape[0], 1024, mask.shape[1], 2, seed=1)
+    for static, new in zip((q, k, v), fresh):
+        static.copy_(new)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, ops.masked_attention(*fresh, meta)) and not torch.equal(captured, eager)
+
+
+@pytest.mark.parametrize("name", ["general", "prefix"])
+def test_torch_compile_matches_eager(provider, name):
+    mask = MASKS[name].cuda()
+    q, k, v = qkv(*mask.shape)
+    ops = ops_for(provider, "kv_pack")
+
+    def block(q, k, v, meta):
+        return ops.masked_attention(q, k, v, meta) * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True)
+    meta = ops.build_mask_meta(mask)
+    torch.testing.assert_close(compiled(q, k, v, meta).float(), block(q, k, v, meta).float(), rtol=RTOL, atol=ATOL)
+    cross = cross_inputs(mask.shape[0], 512, mask.shape[1], 2)
+    torch.testing.assert_close(compiled(*cross, meta).float(), block(*cross, meta).float(), rtol=RTOL, atol=ATOL)
