@@ -6,8 +6,7 @@ so a plugin's plan never meets another implementation's kernel.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -37,9 +36,9 @@ class AttentionPlan:
     Tensors are the engine's own (int32, on the device); ints are host values the engine already has, so
     making or using a plan never syncs with the device. ``layer_params`` are the distinct
     :class:`AttentionParams` the batch was planned for: a layer may only use those (every implementation
-    refuses others, the reference included, so engine code that runs on CPU runs on the GPU). ``metadata`` maps each planned
-    :class:`AttentionParams` to the provider's precomputed scheduler metadata; it is empty when scheduling
-    is left to the kernel at every call (the original path).
+    refuses others, the reference included, so engine code that runs on CPU runs on the GPU). A plugin's plan
+    may subclass this to carry what its kernels precompute per batch (cuda_fa3's ``FlashPlan``: FA3's
+    scheduler metadata).
     """
 
     cache_seqlens: torch.Tensor  # [B] int32: keys per sequence, new tokens included
@@ -54,7 +53,6 @@ class AttentionPlan:
     head_dim_v: int
     dtype: torch.dtype
     layer_params: tuple[AttentionParams, ...] = (DEFAULT_PARAMS,)
-    metadata: Mapping[AttentionParams, torch.Tensor] = field(default_factory=dict)
     provider: str = "reference"
 
     @property
