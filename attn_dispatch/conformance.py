@@ -130,9 +130,11 @@ def _mask(id, arg, **change):
 
 
 def _masked(id, arg, **change):
+    """Self attention with equal heads (what every fast path takes), the second row's last 3 keys masked."""
+
     def base(rand, device, ops):
         key_mask = torch.arange(12, device=device)[None, :] < torch.tensor([[12], [9]], device=device)
-        return dict(q=rand(2, 10, 4, 8), k=rand(2, 12, 2, 8), v=rand(2, 12, 2, 8), mask_meta=ops["build_mask_meta"](key_mask))
+        return dict(q=rand(2, 12, 4, 8), k=rand(2, 12, 4, 8), v=rand(2, 12, 4, 8), mask_meta=ops["build_mask_meta"](key_mask))
 
     return _simple_case("masked_attention", id, arg, ("q", "k", "v", "mask_meta"), base, **change)
 
@@ -227,15 +229,18 @@ CASES: tuple[BadInput, ...] = (
     _mask("mask rank", "key_mask", key_mask=lambda rand, d: torch.ones(12, dtype=torch.bool, device=d)),
     _mask("mask not tensor", "key_mask", key_mask=[[True]]),
     # masked_attention
-    _masked("masked int q", "q", q=lambda rand, d: torch.ones(2, 10, 4, 8, dtype=torch.int32, device=d)),
-    _masked("masked q rank", "q", q=lambda rand, d: rand(20, 4, 8)),
-    _masked("masked k head_dim", "k", k=lambda rand, d: rand(2, 12, 2, 16)),
-    _masked("masked k batch", "k", k=lambda rand, d: rand(3, 12, 2, 8)),
-    _masked("masked k dtype", "k", k=lambda rand, d: rand(2, 12, 2, 8, dt=torch.float32)),
-    _masked("masked heads not a multiple", "q", q=lambda rand, d: rand(2, 10, 3, 8)),
-    _masked("masked q heads fewer than k (no broadcast)", "q", q=lambda rand, d: rand(2, 10, 1, 8)),
-    _masked("masked v shape", "v", v=lambda rand, d: rand(2, 11, 2, 8)),
-    _masked("masked mask over q's length", "mask_meta", mask_meta=lambda rand, d: MaskMeta(torch.ones(2, 10, dtype=torch.bool, device=d))),
+    _masked("masked int q", "q", q=lambda rand, d: torch.ones(2, 12, 4, 8, dtype=torch.int32, device=d)),
+    _masked("masked q rank", "q", q=lambda rand, d: rand(24, 4, 8)),
+    _masked("masked k head_dim", "k", k=lambda rand, d: rand(2, 12, 4, 16)),
+    _masked("masked k batch", "k", k=lambda rand, d: rand(3, 12, 4, 8)),
+    _masked("masked k dtype", "k", k=lambda rand, d: rand(2, 12, 4, 8, dt=torch.float32)),
+    _masked("masked heads not a multiple", "q", k=lambda rand, d: rand(2, 12, 3, 8), v=lambda rand, d: rand(2, 12, 3, 8)),
+    _masked("masked q heads fewer than k (no broadcast)", "q", q=lambda rand, d: rand(2, 12, 2, 8)),
+    _masked("masked v shape", "v", v=lambda rand, d: rand(2, 11, 4, 8)),
+    _masked("masked v head_dim", "v", v=lambda rand, d: rand(2, 12, 4, 16)),
+    _masked("masked mask shorter than k", "mask_meta", mask_meta=lambda rand, d: MaskMeta(torch.ones(2, 11, dtype=torch.bool, device=d))),
+    _masked("masked mask over q's length (cross)", "mask_meta", q=lambda rand, d: rand(2, 10, 4, 8), mask_meta=lambda rand, d: MaskMeta(torch.ones(2, 10, dtype=torch.bool, device=d))),
+    _masked("masked GQA k/v heads differ", "v", k=lambda rand, d: rand(2, 12, 2, 8)),
     _masked("masked mask_meta a tensor", "mask_meta", mask_meta=lambda rand, d: torch.ones(2, 12, dtype=torch.bool, device=d)),
     _masked("masked softmax_scale", "softmax_scale", softmax_scale="1"),
 )
