@@ -150,42 +150,37 @@ def _attn_dispatch_attention(
                 query=query, key=key, value=value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                 scale=scale, enable_gqa=enable_gqa, return_lse=return_lse, _parallel_config=_parallel_config,
             )  # fmt: skip
-        meta = ops.build_mask_meta(mask)
+        meta = ops.build_mask_meta(mask[:, 0, 0, :] if mask.dim() == 4 else mask)
         if current is not None:
             current.remember(mask, meta)
     return ops.masked_attention(query, key, value, meta, softmax_scale=scale)
 
 
 def _key_padding_mask(query, key, value, attn_mask, dropout_p, is_causal, return_lse, parallel_config):
-    """The ``[B, S_k]`` bool key mask when the fast path can run this call exactly, else None."""
-    if (
-        attn_mask is None
-        or attn_mask.dtype != torch.bool
-        or parallel_config is not None
-        or dropout_p != 0.0
-        or is_causal
-        or return_lse
-        or query.dim() != 4
-        or key.dim() != 4
-        or value.dim() != 4
-        or query.dtype not in scope.FLASH_DTYPES
-        or not (query.dtype == key.dtype == value.dtype)
-        or not (query.device == key.device == value.device == attn_mask.device)
-        or query.shape[3] % 8 != 0
-        or query.shape[3] > MAX_HEAD_DIM
-        or not (query.shape[3] == key.shape[3] == value.shape[3])
-        or not (query.shape[2] == key.shape[2] == value.shape[2])
-        or key.shape[:2] != value.shape[:2]
-        or query.shape[0] != key.shape[0]
-        or (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad))
-    ):
+    """``attn_mask`` when the fast path can run this call exactly (a bool key-padding mask ``[B, 1, 1, S_k]``
+    or ``[B, S_k]``, and the rest of the module doc's list), else None. Host-only checks, cheapest first:
+    this runs in every attention call."""
+    if attn_mask is None or attn_mask.dtype is not torch.bool or parallel_config is not None:
         return None
-    batch, seq_k = key.shape[0], key.shape[1]
-    if attn_mask.dim() == 4 and attn_mask.shape == (batch, 1, 1, seq_k):
-        return attn_mask[:, 0, 0, :]
-    if attn_mask.dim() == 2 and attn_mask.shape == (batch, seq_k):
-        return attn_mask
-    return None
+    if dropout_p or is_causal or return_lse:
+        return None
+    q_shape, k_shape = query.shape, key.shape
+    if len(q_shape) != 4 or len(k_shape) != 4 or value.shape != k_shape:
+        return None
+    batch, seq_k, heads, head_dim = k_shape
+    if q_shape[0] != batch or q_shape[2] != heads or q_shape[3] != head_dim or head_dim % 8 or head_dim > MAX_HEAD_DIM:
+        return None  # GQA and other head layouts, and head dims FlashAttention does not take
+    dtype = query.dtype
+    if (dtype is not torch.bfloat16 and dtype is not torch.float16) or key.dtype is not dtype or value.dtype is not dtype:
+        return None
+    if attn_mask.device != query.device:
+        return None
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        return None
+    m_shape = attn_mask.shape
+    if len(m_shape) == 4:
+        return attn_mask if m_shape[1] == 1 and m_shape[2] == 1 and m_shape[0] == batch and m_shape[3] == seq_k else None
+    return attn_mask if len(m_shape) == 2 and m_shape[0] == batch and m_shape[1] == seq_k else None
 
 
 def _native(**kwargs: Any) -> torch.Tensor:

@@ -105,10 +105,13 @@ class ForwardScope:
         self.seen: list[tuple[torch.Tensor, tuple, MaskMeta]] = []
 
     def lookup(self, mask: torch.Tensor) -> MaskMeta | None:
-        """Metadata for the bool ``[B, S_k]`` key mask ``mask`` if this scope already has it, else None."""
+        """Metadata for the bool key-padding mask ``mask`` (``[B, 1, 1, S_k]`` or ``[B, S_k]``) if this scope
+        already has it, else None."""
         joint = self.joint
-        if joint is not None and mask.shape[0] == joint.batch and mask.shape[1] == joint.seqlen and mask.device == joint.device:
-            return joint.meta
+        if joint is not None:
+            shape = mask.shape
+            if shape[0] == joint.batch and shape[-1] == joint.seqlen and mask.device == joint.device:
+                return joint.meta
         if torch.compiler.is_compiling():  # no tensor identity in traced code
             return None
         key = _identity(mask)
