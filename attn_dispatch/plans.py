@@ -25,6 +25,25 @@ class AttentionParams:
     num_splits: int = 0
     pack_gqa: bool | None = None
 
+    def __post_init__(self) -> None:
+        """Refuse what no kernel can schedule, naming the field (made once per model, so this costs nothing
+        per call); a window given as a list becomes a tuple, so params stay hashable plan keys."""
+        if not isinstance(self.causal, bool):
+            raise ValueError(f"causal: expected a bool, got {self.causal!r}")
+        window = self.window_size
+        if (
+            not isinstance(window, (tuple, list)) or len(window) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window)
+        ):  # fmt: skip
+            raise ValueError(f"window_size: expected (left, right) ints >= -1 (-1: unbounded), got {window!r}")
+        object.__setattr__(self, "window_size", tuple(window))
+        if isinstance(self.softcap, bool) or not isinstance(self.softcap, (int, float)) or self.softcap < 0:
+            raise ValueError(f"softcap: expected a float >= 0 (0: off), got {self.softcap!r}")
+        if isinstance(self.num_splits, bool) or not isinstance(self.num_splits, int) or self.num_splits < 0:
+            raise ValueError(f"num_splits: expected an int >= 0 (0: the kernel chooses), got {self.num_splits!r}")
+        if self.pack_gqa is not None and not isinstance(self.pack_gqa, bool):
+            raise ValueError(f"pack_gqa: expected None or a bool, got {self.pack_gqa!r}")
+
 
 DEFAULT_PARAMS = AttentionParams()
 

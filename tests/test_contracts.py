@@ -108,3 +108,25 @@ def test_selfcheck_fails_a_plugin_op_that_skips_the_rules():
 
     (result,) = [r for r in selfcheck.run(ops_with(mla_decode_query=mla_decode_query)) if r.case == "bad input refused"]
     assert not result.passed and "accepted the input" in result.detail
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(window_size=128), "window_size"),
+        (dict(window_size=(-2, 0)), "window_size"),
+        (dict(window_size=(1.5, 0)), "window_size"),
+        (dict(causal="yes"), "causal"),
+        (dict(softcap=-1.0), "softcap"),
+        (dict(num_splits=-1), "num_splits"),
+        (dict(pack_gqa=1), "pack_gqa"),
+    ],
+)
+def test_attention_params_refuse_what_no_kernel_schedules(kwargs, field):
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        AttentionParams(**kwargs)
+
+
+def test_attention_params_window_as_a_list_is_a_hashable_tuple():
+    assert AttentionParams(window_size=[8, 0]) == AttentionParams(window_size=(8, 0))
+    assert hash(AttentionParams(window_size=[8, 0])) == hash(AttentionParams(window_size=(8, 0)))
