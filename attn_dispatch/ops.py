@@ -46,7 +46,8 @@ class Resolution:
 
 @dataclass(frozen=True, eq=False)
 class Ops:
-    """Resolved operations for one device. See ``attn_dispatch.reference`` for each one's contract."""
+    """Resolved operations for one device. Each op's contract: ``attn_dispatch.opspecs.SPECS[op]`` (its
+    signature, its argument rules in ``attn_dispatch.validate``) and its meaning, ``attn_dispatch.reference``."""
 
     make_attention_plan: Callable
     paged_attention_out: Callable
