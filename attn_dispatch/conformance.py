@@ -52,91 +52,65 @@ def expect_refused(ops: Mapping[str, Callable], case: BadInput, device="cpu", dt
     return message
 
 
+def _op(op: str, positional: tuple[str, ...], valid: Callable) -> Callable[..., BadInput]:
+    """The case maker for ``op``: ``valid(rand, device, dtype, ops)`` returns a valid call as keywords
+    (``positional`` are passed by position); each case replaces some of them (values, or ``f(rand, device)``
+    builders) and names the argument to blame."""
+
+    def case(id: str, arg: str, **change) -> BadInput:
+        def build(ops, device, dtype):
+            rand = lambda *shape, dt=dtype: torch.randn(*shape, device=device).to(dt)  # noqa: E731
+            call = valid(rand, device, dtype, ops) | {k: v(rand, device) if callable(v) else v for k, v in change.items()}
+            return tuple(call.pop(name) for name in positional), call
+
+        return BadInput(id, op, arg, build)
+
+    return case
+
+
 # Valid calls. Paged: 3 sequences (decode, extend, decode), page_size 4, 4 pages each; 4 q / 2 kv heads, d 8.
-def _plan_kwargs(device, **change) -> dict:
+def _plan_kwargs(rand, device, dtype, ops) -> dict:
     i32 = dict(dtype=torch.int32, device=device)
     return dict(
         cache_seqlens=torch.tensor([9, 4, 13], **i32), page_table=torch.arange(12, **i32).view(3, 4),
         cu_seqlens_q=torch.tensor([0, 1, 4, 5], **i32), max_seqlen_q=3, max_seqlen_k=13, page_size=4,
-        num_heads=4, num_kv_heads=2, head_dim=8, layer_params=(AttentionParams(),),
-    ) | change  # fmt: skip
+        num_heads=4, num_kv_heads=2, head_dim=8, dtype=dtype, layer_params=(AttentionParams(),),
+    )  # fmt: skip
 
 
-def _plan_case(id: str, arg: str, **change) -> BadInput:
-    def build(ops, device, dtype):
-        return (), _plan_kwargs(device, dtype=dtype) | change
-
-    return BadInput(id, "make_attention_plan", arg, build)
+def _paged_call(rand, device, dtype, ops) -> dict:
+    plan = ops["make_attention_plan"](**_plan_kwargs(rand, device, dtype, ops))  # the implementation's own plan
+    return dict(q=rand(5, 4, 8), k_cache=rand(12, 4, 2, 8), v_cache=rand(12, 4, 2, 8), out=rand(7, 32), plan=plan)
 
 
-def _paged_case(id: str, arg: str, **change) -> BadInput:
-    def build(ops, device, dtype):
-        plan = ops["make_attention_plan"](**_plan_kwargs(device, dtype=dtype))
-        rand = lambda *shape, dt=dtype: torch.randn(*shape, device=device).to(dt)  # noqa: E731
-        call = dict(
-            q=rand(5, 4, 8), k_cache=rand(12, 4, 2, 8), v_cache=rand(12, 4, 2, 8),
-            out=torch.full((7, 32), 9.0, device=device, dtype=dtype), plan=plan,
-        )  # fmt: skip
-        call |= {k: v(rand, plan) if callable(v) else v for k, v in change.items()}
-        return (call.pop("q"), call.pop("k_cache"), call.pop("v_cache"), call.pop("out")), call
-
-    return BadInput(id, "paged_attention_out", arg, build)
+def _varlen_call(rand, device, dtype, ops) -> dict:
+    cu = torch.tensor([0, 3, 10], dtype=torch.int32, device=device)
+    return dict(
+        q=rand(10, 4, 8), k=rand(10, 2, 8), v=rand(10, 2, 8), out=rand(12, 4, 8),
+        cu_seqlens_q=cu, cu_seqlens_k=cu.clone(), max_seqlen_q=7, max_seqlen_k=7,
+    )  # fmt: skip
 
 
-def _varlen_case(id: str, arg: str, **change) -> BadInput:
-    def build(ops, device, dtype):
-        rand = lambda *shape, dt=dtype: torch.randn(*shape, device=device).to(dt)  # noqa: E731
-        cu = torch.tensor([0, 3, 10], dtype=torch.int32, device=device)
-        call = dict(
-            q=rand(10, 4, 8), k=rand(10, 2, 8), v=rand(10, 2, 8), out=torch.full((12, 4, 8), 9.0, device=device, dtype=dtype),
-            cu_seqlens_q=cu, cu_seqlens_k=cu.clone(), max_seqlen_q=7, max_seqlen_k=7,
-        )  # fmt: skip
-        call |= {k: v(rand, None) if callable(v) else v for k, v in change.items()}
-        return (call.pop("q"), call.pop("k"), call.pop("v"), call.pop("out")), call
-
-    return BadInput(id, "varlen_attention_out", arg, build)
-
-
-def _simple_case(op: str, id: str, arg: str, positional: tuple[str, ...], base: Callable, **change) -> BadInput:
-    """Ops without a plan: ``base(rand, device, ops)`` gives the valid keyword call; ``change`` values may
-    be ``f(rand, device)`` builders."""
-
-    def build(ops, device, dtype):
-        rand = lambda *shape, dt=dtype: torch.randn(*shape, device=device).to(dt)  # noqa: E731
-        call = base(rand, device, ops) | {k: v(rand, device) if callable(v) else v for k, v in change.items()}
-        return tuple(call.pop(name) for name in positional), call
-
-    return BadInput(id, op, arg, build)
-
-
-def _v_up(id, arg, **change):
-    base = lambda rand, device, ops: dict(attn_output=rand(5, 4, 32), w_vc=rand(4, 32, 16))  # noqa: E731
-    return _simple_case("mla_v_up_proj", id, arg, ("attn_output", "w_vc"), base, **change)
-
-
-def _for_backend(id, arg, **change):
-    base = lambda rand, device, ops: dict(q=rand(3, 4, 40), q_rope=None, is_decode=True, decode_impl="aiter", kv_lora_rank=32)  # noqa: E731
-    return _simple_case("mla_query_for_backend", id, arg, ("q", "q_rope"), base, **change)
-
-
-def _decode(id, arg, **change):
-    base = lambda rand, device, ops: dict(q=rand(3, 4, 40), q_rope=None, num_heads=4, kv_lora_rank=32, decode_impl="aiter")  # noqa: E731
-    return _simple_case("mla_decode_query", id, arg, ("q", "q_rope"), base, **change)
-
-
-def _mask(id, arg, **change):
-    base = lambda rand, device, ops: dict(key_mask=torch.ones(2, 12, dtype=torch.bool, device=device))  # noqa: E731
-    return _simple_case("build_mask_meta", id, arg, ("key_mask",), base, **change)
-
-
-def _masked(id, arg, **change):
+def _masked_call(rand, device, dtype, ops) -> dict:
     """Self attention with equal heads (what every fast path takes), the second row's last 3 keys masked."""
+    key_mask = torch.arange(12, device=device)[None, :] < torch.tensor([[12], [9]], device=device)
+    return dict(q=rand(2, 12, 4, 8), k=rand(2, 12, 4, 8), v=rand(2, 12, 4, 8), mask_meta=ops["build_mask_meta"](key_mask))
 
-    def base(rand, device, ops):
-        key_mask = torch.arange(12, device=device)[None, :] < torch.tensor([[12], [9]], device=device)
-        return dict(q=rand(2, 12, 4, 8), k=rand(2, 12, 4, 8), v=rand(2, 12, 4, 8), mask_meta=ops["build_mask_meta"](key_mask))
 
-    return _simple_case("masked_attention", id, arg, ("q", "k", "v", "mask_meta"), base, **change)
+_plan_case = _op("make_attention_plan", (), _plan_kwargs)
+_paged_case = _op("paged_attention_out", ("q", "k_cache", "v_cache", "out"), _paged_call)
+_varlen_case = _op("varlen_attention_out", ("q", "k", "v", "out"), _varlen_call)
+_v_up = _op("mla_v_up_proj", ("attn_output", "w_vc"), lambda rand, d, dtype, ops: dict(attn_output=rand(5, 4, 32), w_vc=rand(4, 32, 16)))
+_for_backend = _op(
+    "mla_query_for_backend", ("q", "q_rope"),
+    lambda rand, d, dtype, ops: dict(q=rand(3, 4, 40), q_rope=None, is_decode=True, decode_impl="aiter", kv_lora_rank=32),
+)  # fmt: skip
+_decode = _op(
+    "mla_decode_query", ("q", "q_rope"),
+    lambda rand, d, dtype, ops: dict(q=rand(3, 4, 40), q_rope=None, num_heads=4, kv_lora_rank=32, decode_impl="aiter"),
+)  # fmt: skip
+_mask = _op("build_mask_meta", ("key_mask",), lambda rand, d, dtype, ops: dict(key_mask=torch.ones(2, 12, dtype=torch.bool, device=d)))
+_masked = _op("masked_attention", ("q", "k", "v", "mask_meta"), _masked_call)
 
 
 CASES: tuple[BadInput, ...] = (
@@ -165,39 +139,39 @@ CASES: tuple[BadInput, ...] = (
     _paged_case("paged params wrong type", "params", params="causal"),
     _paged_case("paged plan wrong type", "plan", plan={"num_heads": 4}),
     _paged_case("paged plan None", "plan", plan=None),
-    _paged_case("paged q dtype differs from the plan", "q", q=lambda rand, plan: rand(5, 4, 8, dt=torch.float32)),
-    _paged_case("paged int q", "q", q=lambda rand, plan: torch.ones(5, 4, 8, dtype=torch.int64, device=plan.page_table.device)),
-    _paged_case("paged q rank 2", "q", q=lambda rand, plan: rand(5, 32)),
-    _paged_case("paged q rank 4", "q", q=lambda rand, plan: rand(1, 5, 4, 8)),
-    _paged_case("paged q heads", "q", q=lambda rand, plan: rand(5, 2, 8)),
-    _paged_case("paged q head_dim", "q", q=lambda rand, plan: rand(5, 4, 16)),
+    _paged_case("paged q dtype differs from the plan", "q", q=lambda rand, d: rand(5, 4, 8, dt=torch.float32)),
+    _paged_case("paged int q", "q", q=lambda rand, d: torch.ones(5, 4, 8, dtype=torch.int64, device=d)),
+    _paged_case("paged q rank 2", "q", q=lambda rand, d: rand(5, 32)),
+    _paged_case("paged q rank 4", "q", q=lambda rand, d: rand(1, 5, 4, 8)),
+    _paged_case("paged q heads", "q", q=lambda rand, d: rand(5, 2, 8)),
+    _paged_case("paged q head_dim", "q", q=lambda rand, d: rand(5, 4, 16)),
     _paged_case("paged q not tensor", "q", q=[[0.0]]),
-    _paged_case("paged k_cache page size", "k_cache", k_cache=lambda rand, plan: rand(6, 8, 2, 8)),
-    _paged_case("paged k_cache kv heads", "k_cache", k_cache=lambda rand, plan: rand(12, 4, 1, 8)),
-    _paged_case("paged k_cache head_dim", "k_cache", k_cache=lambda rand, plan: rand(12, 4, 2, 4)),
-    _paged_case("paged k_cache rank", "k_cache", k_cache=lambda rand, plan: rand(48, 2, 8)),
-    _paged_case("paged v_cache head_dim", "v_cache", v_cache=lambda rand, plan: rand(12, 4, 2, 4)),
-    _paged_case("paged v_cache pages", "v_cache", v_cache=lambda rand, plan: rand(11, 4, 2, 8)),
-    _paged_case("paged out width", "out", out=lambda rand, plan: torch.full((7, 33), 9.0, device=plan.page_table.device).to(plan.dtype)),
-    _paged_case("paged out rows", "out", out=lambda rand, plan: torch.full((4, 32), 9.0, device=plan.page_table.device).to(plan.dtype)),
-    _paged_case("paged out dtype", "out", out=lambda rand, plan: torch.full((7, 32), 9.0, device=plan.page_table.device)),
-    _paged_case("paged out not contiguous", "out", out=lambda rand, plan: torch.full((32, 7), 9.0, device=plan.page_table.device).to(plan.dtype).t()),
+    _paged_case("paged k_cache page size", "k_cache", k_cache=lambda rand, d: rand(6, 8, 2, 8)),
+    _paged_case("paged k_cache kv heads", "k_cache", k_cache=lambda rand, d: rand(12, 4, 1, 8)),
+    _paged_case("paged k_cache head_dim", "k_cache", k_cache=lambda rand, d: rand(12, 4, 2, 4)),
+    _paged_case("paged k_cache rank", "k_cache", k_cache=lambda rand, d: rand(48, 2, 8)),
+    _paged_case("paged v_cache head_dim", "v_cache", v_cache=lambda rand, d: rand(12, 4, 2, 4)),
+    _paged_case("paged v_cache pages", "v_cache", v_cache=lambda rand, d: rand(11, 4, 2, 8)),
+    _paged_case("paged out width", "out", out=lambda rand, d: rand(7, 33)),
+    _paged_case("paged out rows", "out", out=lambda rand, d: rand(4, 32)),
+    _paged_case("paged out dtype", "out", out=lambda rand, d: rand(7, 32, dt=torch.float32)),
+    _paged_case("paged out not contiguous", "out", out=lambda rand, d: rand(32, 7).t()),
     _paged_case("paged softmax_scale string", "softmax_scale", softmax_scale="0.1"),
     # varlen_attention_out
-    _varlen_case("varlen int q", "q", q=lambda rand, _: torch.ones(10, 4, 8, dtype=torch.int32, device=rand(1).device)),
-    _varlen_case("varlen q rank", "q", q=lambda rand, _: rand(10, 32)),
-    _varlen_case("varlen heads not a multiple", "q", k=lambda rand, _: rand(10, 3, 8), v=lambda rand, _: rand(10, 3, 8)),
-    _varlen_case("varlen q heads fewer than k", "q", q=lambda rand, _: rand(10, 1, 8)),
-    _varlen_case("varlen k head_dim", "k", k=lambda rand, _: rand(10, 2, 16)),
-    _varlen_case("varlen k dtype", "k", k=lambda rand, _: rand(10, 2, 8, dt=torch.float32)),
-    _varlen_case("varlen v tokens differ from k", "v", v=lambda rand, _: rand(9, 2, 8)),
-    _varlen_case("varlen v heads differ from k", "v", v=lambda rand, _: rand(10, 1, 8)),
-    _varlen_case("varlen cu_seqlens_q int64", "cu_seqlens_q", cu_seqlens_q=lambda rand, _: torch.tensor([0, 3, 10], device=rand(1).device)),
-    _varlen_case("varlen cu_seqlens_k length", "cu_seqlens_k", cu_seqlens_k=lambda rand, _: torch.tensor([0, 10], dtype=torch.int32, device=rand(1).device)),
+    _varlen_case("varlen int q", "q", q=lambda rand, d: torch.ones(10, 4, 8, dtype=torch.int32, device=d)),
+    _varlen_case("varlen q rank", "q", q=lambda rand, d: rand(10, 32)),
+    _varlen_case("varlen heads not a multiple", "q", k=lambda rand, d: rand(10, 3, 8), v=lambda rand, d: rand(10, 3, 8)),
+    _varlen_case("varlen q heads fewer than k", "q", q=lambda rand, d: rand(10, 1, 8)),
+    _varlen_case("varlen k head_dim", "k", k=lambda rand, d: rand(10, 2, 16)),
+    _varlen_case("varlen k dtype", "k", k=lambda rand, d: rand(10, 2, 8, dt=torch.float32)),
+    _varlen_case("varlen v tokens differ from k", "v", v=lambda rand, d: rand(9, 2, 8)),
+    _varlen_case("varlen v heads differ from k", "v", v=lambda rand, d: rand(10, 1, 8)),
+    _varlen_case("varlen cu_seqlens_q int64", "cu_seqlens_q", cu_seqlens_q=lambda rand, d: torch.tensor([0, 3, 10], device=d)),
+    _varlen_case("varlen cu_seqlens_k length", "cu_seqlens_k", cu_seqlens_k=lambda rand, d: torch.tensor([0, 10], dtype=torch.int32, device=d)),
     _varlen_case("varlen max_seqlen_q=0", "max_seqlen_q", max_seqlen_q=0),
     _varlen_case("varlen max_seqlen_k<0", "max_seqlen_k", max_seqlen_k=-1),
     _varlen_case("varlen params wrong type", "params", params=(True, (-1, -1))),
-    _varlen_case("varlen out width", "out", out=lambda rand, _: rand(12, 4, 4)),
+    _varlen_case("varlen out width", "out", out=lambda rand, d: rand(12, 4, 4)),
     # mla_v_up_proj
     _v_up("v_up int attn_output", "attn_output", attn_output=lambda rand, d: torch.ones(5, 4, 32, dtype=torch.int32, device=d)),
     _v_up("v_up attn_output rank", "attn_output", attn_output=lambda rand, d: rand(5, 128)),
