@@ -46,6 +46,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
+from attn_dispatch_flash import FlashArgs
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 32, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -169,26 +170,23 @@ class HandWritten:
             softcap=0.0, num_splits=0, pack_gqa=None,
         )  # fmt: skip
 
-    def fwd(self, q, k, v, out, *, cu_seqlens_q, cu_seqlens_k=None, seqused_k=None, page_table=None, max_seqlen_q, max_seqlen_k, metadata=None):
+    def fwd(self, q, k, v, out, a: FlashArgs) -> None:
+        """One forward into ``out`` with the causal, unwindowed arguments ``a`` (made once per step)."""
         if self.vllm and self.api == "raw":
             torch.ops._vllm_fa3_C.fwd(
-                q, k, v, None, None, None, out, cu_seqlens_q, cu_seqlens_k, None, None, seqused_k,
-                max_seqlen_q, max_seqlen_k, page_table, None, None, None, None, None, None, None, None,
-                SCALE, True, -1, -1, 0.0, True, metadata, 0, None, 0, None, 1, 0, None,
+                q, k, v, None, None, None, out, a.cu_seqlens_q, a.cu_seqlens_k, None, None, a.seqused_k,
+                a.max_seqlen_q, a.max_seqlen_k, a.page_table, None, None, None, None, None, None, None, None,
+                a.softmax_scale, a.causal, -1, -1, 0.0, True, a.scheduler_metadata, 0, None, 0, None, 1, 0, None,
             )  # fmt: skip
             return
         if self.vllm:
             self.public_fwd(
-                q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
-                softmax_scale=SCALE, causal=True, block_table=page_table, out=out, scheduler_metadata=metadata,
-                fa_version=3,
+                q, k, v, a.max_seqlen_q, a.cu_seqlens_q, a.max_seqlen_k, cu_seqlens_k=a.cu_seqlens_k,
+                seqused_k=a.seqused_k, softmax_scale=a.softmax_scale, causal=a.causal, block_table=a.page_table,
+                out=out, scheduler_metadata=a.scheduler_metadata, fa_version=3,
             )  # fmt: skip
             return
-        self.provider.fwd(
-            q, k, v, out=out, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
-            page_table=page_table, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, softmax_scale=SCALE,
-            causal=True, scheduler_metadata=metadata,
-        )  # fmt: skip
+        self.provider.bind(a)(q, k, v, out)
 
 
 class PagedStep:
@@ -232,13 +230,14 @@ class PagedStep:
             batch=self.batch, max_seqlen_q=self.q_per_seq, max_seqlen_k=a["max_seqlen_k"],  # what vllm's fwd schedules for
             cache_seqlens=a["cache_seqlens"], cu_seqlens_q=a["cu_seqlens_q"],
         )  # fmt: skip
+        args = FlashArgs(
+            cu_seqlens_q=a["cu_seqlens_q"], seqused_k=a["cache_seqlens"], page_table=a["page_table"],
+            max_seqlen_q=self.q_per_seq, max_seqlen_k=a["max_seqlen_k"], softmax_scale=SCALE, causal=True,
+            scheduler_metadata=metadata,
+        )  # fmt: skip
         out = self.outs[path]
         for layer in range(LAYERS):
-            hand.fwd(
-                self.q[layer], self.k[layer], self.v[layer], out[layer].view(self.tokens, HEADS, HEAD_DIM),
-                cu_seqlens_q=a["cu_seqlens_q"], seqused_k=a["cache_seqlens"], page_table=a["page_table"],
-                max_seqlen_q=self.q_per_seq, max_seqlen_k=a["max_seqlen_k"], metadata=metadata,
-            )  # fmt: skip
+            hand.fwd(self.q[layer], self.k[layer], self.v[layer], out[layer].view(self.tokens, HEADS, HEAD_DIM), args)
 
     def all_equal(self, runs: dict[str, Callable[[], None]]) -> bool:
         """Run each path once (original first) and compare its output bytes with the original's."""
@@ -290,7 +289,8 @@ def bench_paged(paths: Paths, batch: int, ctx: int, rounds: int, q_per_seq: int 
     counts_graph = {path: classify(names) for path, names in graph_names.items()}
     counts_eager = {path: classify(kernel_names(fn)) for path, fn in eager.items()}
     if q_per_seq == 1:
-        return [Result(f"decode B={batch} ctx={ctx}", times, counts_graph, counts_eager, graph_names, equal)]
+        host = {path: host_us_per_call(eager[path]) for path in ("dispatched_static", "raw_op")}
+        return [Result(f"decode B={batch} ctx={ctx}", times, counts_graph, counts_eager, graph_names, equal, host_us=host)]
     name = f"prefill {step.tokens} tok ({batch} seq), paged, per layer"
     per_layer = {path: t / LAYERS for path, t in times.items()}
     eager_paths = {path: eager[path] for path in PREFILL_PATHS}
@@ -317,6 +317,7 @@ def bench_varlen_prefill(paths: Paths, tokens: int, rounds: int) -> list[Result]
     outs = {"original": torch.zeros_like(shared), "dispatched": shared, "hand_written": shared, "raw_op": shared}
     original, dispatched = paths.original["varlen_attention_out"], paths.dispatched.varlen_attention_out
     hand, raw = paths.hand.fwd, paths.raw.fwd
+    args = FlashArgs(**lengths, softmax_scale=SCALE, causal=True)
 
     def step(call: Callable[[torch.Tensor], object], path: str) -> Callable[[], None]:
         def run() -> None:
@@ -328,8 +329,8 @@ def bench_varlen_prefill(paths: Paths, tokens: int, rounds: int) -> list[Result]
     steps = {
         "original": step(lambda out: original(q, k, v, out, **lengths), "original"),
         "dispatched": step(lambda out: dispatched(q, k, v, out, **lengths), "dispatched"),
-        "hand_written": step(lambda out: hand(q, k, v, out.view(tokens, HEADS, HEAD_DIM), **lengths), "hand_written"),
-        "raw_op": step(lambda out: raw(q, k, v, out.view(tokens, HEADS, HEAD_DIM), **lengths), "raw_op"),
+        "hand_written": step(lambda out: hand(q, k, v, out.view(tokens, HEADS, HEAD_DIM), args), "hand_written"),
+        "raw_op": step(lambda out: raw(q, k, v, out.view(tokens, HEADS, HEAD_DIM), args), "raw_op"),
     }
     steps["original"]()
     equal = True
@@ -450,8 +451,8 @@ def _counts(r: Result, path: str, kind: str) -> str:
 
 def table(results: list[Result]) -> str:
     lines = [
-        "| case | original µs | dispatched µs | dispatched, static plan µs | hand-written µs | raw op µs | dispatched vs hand-written | dispatched vs raw op | dispatched vs original | DtoD / step (orig → disp) | prepare_varlen_num_blocks / step (orig → disp) | bytes equal |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| case | original µs | dispatched µs | dispatched, static plan µs | hand-written µs | raw op µs | dispatched vs hand-written | dispatched vs raw op | dispatched vs original | DtoD / step (orig → disp) | prepare_varlen_num_blocks / step (orig → disp) | bytes equal | host µs / eager call, dispatched vs raw op |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         t = r.times_us
@@ -466,9 +467,20 @@ def table(results: list[Result]) -> str:
             prep += f" (static plan: {_counts(r, 'dispatched_static', 'prepare_varlen_num_blocks')})"
         lines.append(
             f"| {r.case} | {t['original']:.1f} | {t['dispatched']:.1f} | {static} | {t['hand_written']:.1f} | {t['raw_op']:.1f} | "
-            f"{vs_hand:+.2f}% | {vs_raw:+.2f}% | {vs_orig:.1f}% faster | {dtod} | {prep} | {'yes' if r.equal else 'NO'} |"
+            f"{vs_hand:+.2f}% | {vs_raw:+.2f}% | {vs_orig:.1f}% faster | {dtod} | {prep} | {'yes' if r.equal else 'NO'} | {_host(r)} |"
         )
     return "\n".join(lines)
+
+
+def _host(r: Result) -> str:
+    """Host time per eager call (CPU timer), the dispatched path against the raw op: what the plugin's Python
+    costs per layer. Decode reports the static-plan path (its per-step plan refresh is amortised over the
+    layers), prefill the dispatched one."""
+    dispatched = r.host_us.get("dispatched", r.host_us.get("dispatched_static"))
+    raw = r.host_us.get("raw_op")
+    if dispatched is None or raw is None:
+        return "–"
+    return f"{dispatched:.1f} vs {raw:.1f} ({dispatched - raw:+.1f})"
 
 
 def bars(results: list[Result]) -> str:

@@ -88,9 +88,8 @@ class AttentionOutOps:
         softmax_scale: float | None = None,
     ) -> torch.Tensor:
         """Paged attention for one layer, written into ``out``; returns ``out``. ``params`` must be planned."""
-        checked = (q, k_cache, v_cache, out, plan, params, softmax_scale, self.provider.name)
         if torch.compiler.is_compiling():
-            check_paged(*checked)  # once, at trace time
+            check_paged(q, k_cache, v_cache, out, plan, params, softmax_scale, self.provider.name)  # at trace time
             call_attention_out(q, k_cache, v_cache, out, paged_args(plan, params, softmax_scale, self.provider.name), self._route)
             return out
         try:
@@ -98,11 +97,11 @@ class AttentionOutOps:
         except (AttributeError, KeyError):  # a first call with these params, or not this plugin's plan
             call = self._bind_paged(plan, params, softmax_scale)
         if not fits_plan(q, k_cache, v_cache, out, plan):
-            check_paged(*checked)
+            check_paged(q, k_cache, v_cache, out, plan, params, softmax_scale, self.provider.name)
         try:
             call(q, k_cache, v_cache, out_rows(out, q.shape[0], plan.num_heads, plan.head_dim_v))
         except Exception as exc:
-            name_the_argument(exc, check_paged, *checked)
+            name_the_argument(exc, check_paged, q, k_cache, v_cache, out, plan, params, softmax_scale, self.provider.name)
             raise
         return out
 
@@ -128,21 +127,20 @@ class AttentionOutOps:
     ) -> torch.Tensor:
         """Varlen (packed) prefill written into ``out``; returns ``out``. FA3 schedules it in the kernel
         (a prefill batch is one call per layer with nothing shared to precompute across calls)."""
-        checked = (q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, params, softmax_scale)
+        lengths = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
         if torch.compiler.is_compiling():
-            check_varlen(*checked)  # once, at trace time
+            check_varlen(q, k, v, out, *lengths, params, softmax_scale)  # once, at trace time
             scale = q.shape[2] ** -0.5 if softmax_scale is None else softmax_scale
-            args = varlen_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, params, scale)
-            call_attention_out(q, k, v, out, args, self._route)
+            call_attention_out(q, k, v, out, varlen_args(*lengths, params, scale), self._route)
             return out
         if not fits_kernel(q, out, max_seqlen_q, max_seqlen_k):
-            check_varlen(*checked)
-        scale = q.shape[2] ** -0.5 if softmax_scale is None else softmax_scale
-        call = self._varlen.get(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, params, scale)
-        try:
+            check_varlen(q, k, v, out, *lengths, params, softmax_scale)
+        try:  # q's rank is FA3's check: an IndexError here is named by the detailed check too
+            scale = q.shape[2] ** -0.5 if softmax_scale is None else softmax_scale
+            call = self._varlen.get(*lengths, params, scale)
             call(q, k, v, out_rows(out, q.shape[0], q.shape[1], v.shape[2]))
         except Exception as exc:
-            name_the_argument(exc, check_varlen, *checked)
+            name_the_argument(exc, check_varlen, q, k, v, out, *lengths, params, softmax_scale)
             raise
         return out
 

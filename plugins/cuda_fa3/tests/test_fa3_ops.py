@@ -415,3 +415,20 @@ def test_varlen_binds_once_while_the_lengths_stay_the_same():
     assert len(binds) == 3
     layer(lengths={**lens, "cu_seqlens_q": lens["cu_seqlens_q"].clone()})  # another tensor: bound afresh
     assert len(binds) == 4 and calls.fwd == 8
+
+
+def test_wrong_rank_q_is_named():
+    """A 2-D or 4-D q never reaches the kernel as an IndexError or an unpacking error: ValueError naming q."""
+    provider, calls = make_torch_provider()
+    ops = build_ops(provider)
+    q, k, v, lens = packed_batch(lens=[5, 9], heads=4, kv_heads=2, head_dim=32)
+    out = torch.full((14, 4, 32), 7.0, dtype=q.dtype)
+    for bad in (q.flatten(1), q[None]):
+        with pytest.raises(ValueError, match="^q: "):
+            ops["varlen_attention_out"](bad, k, v, out, **lens)
+    batch = paged_batch(**MIXED, heads=4, kv_heads=2, head_dim=32)
+    plan = ops["make_attention_plan"](**batch.plan_args)
+    for bad in (batch.q.flatten(1), batch.q[None]):
+        with pytest.raises(ValueError, match="^q: "):
+            ops["paged_attention_out"](bad, batch.k_cache, batch.v_cache, batch.out(), plan=plan)
+    assert (out == 7.0).all()
