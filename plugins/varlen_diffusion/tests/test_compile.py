@@ -69,6 +69,8 @@ def test_no_graph_break_and_compiled_equals_eager(case):
     compiled, codes = graphs_of(block, q, k, v)
     assert len(codes) == 1 and codes[0].count(OP) == 1, codes
     assert torch.equal(compiled, block(q, k, v))
+    # The op found the metadata object itself: its bound call sits beside eager's (scale as a float there)
+    assert any(key[-1] == 0.25 for key in meta.calls)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

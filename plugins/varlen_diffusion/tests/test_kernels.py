@@ -123,3 +123,20 @@ def test_grid_orders_and_block_sizes_move_the_same_bytes(heads_inner, block_rows
     assert torch.equal(bits(packed), bits(reference_gather(sources, indices)))
     got = scatter_rows(packed[0], inverse_of(indices, B * S), B, S, **tuning)
     assert torch.equal(bits(got), bits(reference_scatter(packed[0], indices, B, S)))
+
+
+def test_bound_launchers_off_the_gpu_equal_the_plain_launches():
+    """Off CUDA the bound launchers call the plain functions; index_select_gather is the torch comparison."""
+    from attn_dispatch_varlen_diffusion.launch import bind_gather, bind_scatter, index_select_gather
+
+    torch.manual_seed(3)
+    indices = valid_indices(torch.rand(B, S) > 0.4)
+    for layout in ("contiguous", "qkv_slices"):
+        sources = layouts(torch.bfloat16, 16)[layout]
+        want = reference_gather(sources, indices)
+        assert torch.equal(bits(bind_gather(sources, indices)(*sources)), bits(want))
+        assert torch.equal(bits(index_select_gather(sources, indices)(*sources)), bits(want))
+    assert index_select_gather(layouts(torch.bfloat16, 16)["heads_first"], indices) is None  # rows not viewable
+    packed = want[0]
+    got = bind_scatter(packed, inverse_of(indices, B * S), B, S)(packed)
+    assert torch.equal(bits(got), bits(reference_scatter(packed, indices, B, S)))
