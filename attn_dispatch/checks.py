@@ -6,6 +6,7 @@ Every check runs on shapes, dtypes, devices and host values only (no device sync
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable
 from typing import NoReturn
 
@@ -49,8 +50,9 @@ def check_last_dim_contiguous(arg: str, t: torch.Tensor) -> None:
 
 
 def check_int(arg: str, value: object, *, minimum: int = 1) -> int:
-    """A host int (not a bool, not a tensor) that is at least ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
+    """A host int (a Python or numpy int, or a SymInt under torch.compile; not a bool, and not a tensor,
+    whose value would need a device sync) that is at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)):
         fail(arg, f"expected an int, got {type(value).__name__} {value!r}")
     if value < minimum:
         fail(arg, f"must be {'positive' if minimum == 1 else f'>= {minimum}'}, got {value}")
@@ -76,7 +78,7 @@ def check_scale(value: object) -> None:
     """``softmax_scale``: None (1/sqrt(head_dim)) or a real number."""
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         fail("softmax_scale", f"expected None or a float, got {type(value).__name__}")
 
 

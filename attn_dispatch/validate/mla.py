@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from ..checks import FLOAT_DTYPES, check_instance, check_int, check_tensor, fail
@@ -73,7 +75,7 @@ def validate_mla_query_for_backend(
             fail("q_rope", f"shape {tuple(q_rope.shape)} does not match q {tuple(q.shape)} in tokens and heads")
         if kv_lora_rank is not None and kv_lora_rank != q.shape[-1]:
             fail("q", f"with q_rope given q is q_nope, whose head dim {q.shape[-1]} differs from kv_lora_rank={kv_lora_rank}")
-    if llama_4_scaling is not None and not isinstance(llama_4_scaling, (int, float, torch.Tensor)):
+    if llama_4_scaling is not None and not isinstance(llama_4_scaling, (numbers.Real, torch.Tensor)):
         fail("llama_4_scaling", f"expected None, a float or a tensor, got {type(llama_4_scaling).__name__}")
     return q_nope, q_rope
 
