@@ -189,9 +189,10 @@ def _native(**kwargs: Any) -> torch.Tensor:
 
 
 def _is_ours(backend: Any) -> bool:
+    """Whether a processor's ``_attention_backend`` selects this backend (None: the active one)."""
     if backend is None:
         backend = _dispatch._AttentionBackendRegistry._active_backend
-    return backend == BACKEND_NAME
+    return backend is ATTN_DISPATCH or backend == BACKEND_NAME
 
 
 def register() -> enum.Enum:
@@ -253,7 +254,7 @@ def enable(pipe_or_model: Any) -> list[torch.nn.Module]:
     models = transformers_of(pipe_or_model)
     for model in models:
         model.set_attention_backend(BACKEND_NAME)
-        scope.install(model, attention_modules(model), is_ours=_is_ours, ops_for=ops_for)
+        scope.install(model, attention_modules(model), backend=ATTN_DISPATCH, is_ours=_is_ours, ops_for=ops_for)
     return models
 
 

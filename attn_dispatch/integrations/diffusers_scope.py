@@ -35,6 +35,7 @@ native attention, which traces without a break.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,7 +52,8 @@ FLASH_DTYPES = (torch.float16, torch.bfloat16)
 class JointMaskRecipe:
     """How a model's processors build their key mask: ``cat([text mask as bool, ones(image tokens)])``.
 
-    ``model`` / ``processor``: class names exported by ``diffusers`` (``diffusers.<name>``).
+    ``model``: a class name exported by ``diffusers``; ``processor``: its stock processor class, by name in
+    ``processor_module``.
     ``text_mask_arg``: the forward argument holding the ``[B, L_txt]`` text mask (None: no mask, no
     metadata). ``image_tokens(model, hidden_states)``: the number of image tokens for this forward.
     """
@@ -149,6 +151,8 @@ class _Installed:
     recipe: JointMaskRecipe | None
     mask_index: int  # positional index of the text-mask argument in forward (self excluded)
     modules: tuple[torch.nn.Module, ...]  # modules with a dispatcher-aware processor
+    processor_cls: type | None  # the recipe's stock processor class
+    backend: Any  # the backend's AttentionBackendName member
     handles: tuple
     is_ours: Callable[[Any], bool]  # backend value -> is it attn_dispatch (set by the backend module)
     ops_for: Callable[[torch.device], Any]  # device -> op group (set by the backend module)
@@ -165,18 +169,21 @@ def recipe_for(model: torch.nn.Module) -> JointMaskRecipe | None:
     return None
 
 
-def install(model: torch.nn.Module, modules, *, is_ours, ops_for) -> None:
-    """Put the scope hooks on ``model`` (idempotent). ``modules``: its attention modules."""
+def install(model: torch.nn.Module, modules, *, backend, is_ours, ops_for) -> None:
+    """Put the scope hooks on ``model`` (idempotent). ``modules``: its attention modules; ``backend``: the
+    backend's enum member; ``is_ours(value)``: whether a processor's backend value selects it;
+    ``ops_for(device)``: the op group there (None: the reference, so no metadata)."""
     if getattr(model, "_attn_dispatch_scope", None) is not None:
         return
     recipe = recipe_for(model)
-    index = -1
+    index, processor_cls = -1, None
     if recipe is not None:
         names = list(inspect.signature(type(model).forward).parameters)[1:]
         index = names.index(recipe.text_mask_arg)
+        processor_cls = getattr(importlib.import_module(recipe.processor_module), recipe.processor)
     pre = model.register_forward_pre_hook(_open_scope, with_kwargs=True)
     post = model.register_forward_hook(_close_scope, with_kwargs=True, always_call=True)
-    model._attn_dispatch_scope = _Installed(recipe, index, tuple(modules), (pre, post), is_ours, ops_for)
+    model._attn_dispatch_scope = _Installed(recipe, index, tuple(modules), processor_cls, backend, (pre, post), is_ours, ops_for)
 
 
 def uninstall(model: torch.nn.Module) -> None:
@@ -214,13 +221,16 @@ def _joint_meta(model: torch.nn.Module, installed: _Installed, args: tuple, kwar
     if not isinstance(text_mask, torch.Tensor) or text_mask.dim() != 2 or not isinstance(hidden_states, torch.Tensor):
         return None
     # Only when the backend would run the fast path in this forward: every processor stock and ours.
+    processor_cls, ours = installed.processor_cls, installed.backend
     for module in installed.modules:
         processor = module.processor
-        if type(processor).__name__ != recipe.processor or type(processor).__module__ != recipe.processor_module:
+        if type(processor) is not processor_cls:
             return None
-        if not installed.is_ours(processor._attention_backend):
+        backend = processor._attention_backend
+        if backend is not ours and not installed.is_ours(backend):  # the identity test settles the usual case
             return None
-    dtype = getattr(model, "dtype", None)
+    # The attention inputs' dtype is the projections' (ModelMixin.dtype walks every module: milliseconds).
+    dtype = next(installed.modules[0].parameters()).dtype
     device = hidden_states.device
     if dtype not in FLASH_DTYPES and not torch.is_autocast_enabled(device.type):
         return None
