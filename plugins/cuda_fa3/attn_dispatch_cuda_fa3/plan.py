@@ -3,7 +3,7 @@
 FA3 checks only the metadata's length, dtype, device and contiguity; a forward scheduled differently from
 the metadata it is handed reads it wrongly, without a word. So the plan keys metadata by the layer's whole
 :class:`AttentionParams` (causal, window, softcap, num_splits, pack_gqa; head dims are plan-wide) and a
-layer asking for params that were not planned is refused (:func:`planned_metadata`).
+layer asking for params that were not planned is refused (:func:`paged_args`).
 
 CUDA graphs, two ways (the calls are the engine's ``ops.make_attention_plan``):
 
@@ -21,12 +21,12 @@ CUDA graphs, two ways (the calls are the engine's ``ops.make_attention_plan``):
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
 from attn_dispatch.checks import fail
-from attn_dispatch.plans import DEFAULT_PARAMS, AttentionParams, AttentionPlan
+from attn_dispatch.plans import AttentionParams, AttentionPlan
 from attn_dispatch.validate import validate_make_attention_plan
 from attn_dispatch_flash import FlashArgs, FlashProvider
 
@@ -71,50 +71,18 @@ def schedule_seqlen_k(provider: FlashProvider, plan: AttentionPlan) -> int:
     return plan.max_seqlen_k
 
 
-def make_plan(
-    provider: FlashProvider,
-    *,
-    original: bool,
-    cache_seqlens: torch.Tensor,
-    page_table: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    page_size: int,
-    num_heads: int,
-    num_kv_heads: int,
-    head_dim: int,
-    head_dim_v: int | None = None,
-    dtype: torch.dtype = torch.bfloat16,
-    layer_params: Sequence[AttentionParams] = (DEFAULT_PARAMS,),
-    static_plan: AttentionPlan | None = None,
-) -> FlashPlan:
-    """``make_attention_plan`` for ``provider``; ``original=True`` is the original path (no metadata)."""
-    head_dim_v, distinct = validate_make_attention_plan(
-        cache_seqlens=cache_seqlens, page_table=page_table, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q,
-        max_seqlen_k=max_seqlen_k, page_size=page_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
-        head_dim=head_dim, head_dim_v=head_dim_v, dtype=dtype, layer_params=layer_params, static_plan=static_plan,
-        dtypes=FLASH_DTYPES,
-    )  # fmt: skip
-    plan = FlashPlan(
-        cache_seqlens=cache_seqlens,
-        page_table=page_table,
-        cu_seqlens_q=cu_seqlens_q,
-        max_seqlen_q=max_seqlen_q,
-        max_seqlen_k=max_seqlen_k,
-        page_size=page_size,
-        num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-        head_dim=head_dim,
-        head_dim_v=head_dim_v,
-        dtype=dtype,
-        provider=provider.name,
-        layer_params=distinct,
-    )
-    precompute = not original and provider.scheduler_metadata is not None
+def make_plan(provider: FlashProvider, *, original: bool, static_plan: AttentionPlan | None, **arguments) -> FlashPlan:
+    """``make_attention_plan`` for ``provider``; ``original=True`` is the original path (no metadata).
+
+    ``arguments``: the op's other arguments, all of them by name (``ops.AttentionOutOps`` passes them on),
+    checked by the op's validator (FlashAttention's dtypes: fp16/bf16) before anything is made.
+    """
+    head_dim_v, distinct = validate_make_attention_plan(**arguments, static_plan=static_plan, dtypes=FLASH_DTYPES)
+    plan = FlashPlan(**{**arguments, "head_dim_v": head_dim_v, "layer_params": distinct}, provider=provider.name)
+    makes_metadata = not original and provider.scheduler_metadata is not None
     if static_plan is not None:
-        return _into_static_plan(provider, plan, static_plan, precompute)
-    if not precompute:
+        return _into_static_plan(provider, plan, static_plan, makes_metadata)
+    if not makes_metadata:
         return plan
     metadata = {params: _scheduler_metadata(provider, plan, params) for params in distinct}
     return _with_metadata(plan, metadata, buffers=metadata)
@@ -147,7 +115,7 @@ def _with_metadata(plan: FlashPlan, metadata: Mapping, buffers: Mapping) -> Flas
     return replace(plan, metadata=dict(metadata), metadata_buffers=dict(buffers))
 
 
-def _into_static_plan(provider: FlashProvider, plan: FlashPlan, static: AttentionPlan, precompute: bool) -> FlashPlan:
+def _into_static_plan(provider: FlashProvider, plan: FlashPlan, static: AttentionPlan, makes_metadata: bool) -> FlashPlan:
     """Write ``plan``'s metadata into ``static``'s persistent buffers (front: fresh; tail: zeros)."""
     if not isinstance(static, FlashPlan) or static.provider != provider.name:
         fail("static_plan", f"must be a plan made by this plugin with provider {provider.name!r}, got {type(static).__name__} from {static.provider!r}")
@@ -175,7 +143,7 @@ def _into_static_plan(provider: FlashProvider, plan: FlashPlan, static: Attentio
                 fail(name, f"{getattr(plan, name)} exceeds the captured plan's {getattr(static, name)}")
         plan = static
     stats.static_refreshes += 1
-    if not precompute:
+    if not makes_metadata:
         return plan
 
     views = {}
