@@ -1,4 +1,4 @@
-"""CPU: the sgl_kernel, upstream FA3 and FA4 adapters of attn_dispatch_flash, against stand-in
+"""CPU: the adapters of attn_dispatch_flash (sgl_kernel, upstream FA3, FA4, vllm's raw ops) against stand-in
 modules with those packages' Python signatures (the H200 run exercises vllm's FA3 for real)."""
 
 from __future__ import annotations
