@@ -247,6 +247,7 @@ def run_model(name, native, ours, inputs_for, settings, args, compile_backend) -
             sync()
             row["compile_warmup_s"] = time.perf_counter() - t0
             row["compiled_ms"] = wall_ms(compiled, args.rounds, args.per_round)
+            row["compiled_gpu_ms"] = {label: gpu_ms(fn, args.profile_iters) for label, fn in compiled.items()}
             with torch.no_grad():
                 row["compiled_correctness"] = error(compiled_models[id(ours)](**masked)[0], ref)
         rows.append(row)
@@ -296,11 +297,11 @@ def fmt(x, digits=2):
 def markdown(rows: list[dict]) -> str:
     out = []
     for row in rows:
-        e, g, c = row["eager_ms"], row["gpu_ms"], row.get("compiled_ms")
+        e, g, c, cg = row["eager_ms"], row["gpu_ms"], row.get("compiled_ms"), row.get("compiled_gpu_ms")
         title = f"### {row['model']}, B={row['batch']}, text {row['text']} (padded {', '.join(map(str, row['padded']))})"
         out += [title, "", "| per forward | native masked | native no mask | attn_dispatch | attn_dispatch / no mask | native masked / attn_dispatch |",
                 "|---|---|---|---|---|---|"]  # fmt: skip
-        for label, t in (("wall, eager (ms)", e), ("wall, compiled (ms)", c), ("GPU time, eager (ms)", g)):
+        for label, t in (("wall, eager (ms)", e), ("wall, compiled (ms)", c), ("GPU time, eager (ms)", g), ("GPU time, compiled (ms)", cg)):
             if t is None or t.get("attn_dispatch") is None:
                 continue
             vs_floor = t["attn_dispatch"] / t["native no mask"]

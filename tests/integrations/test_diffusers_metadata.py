@@ -239,3 +239,30 @@ def test_compiled_model_with_the_plugin_op_matches_native():
         ad.use_ops(None)
         _AttentionBackendRegistry.set_active_backend(AttentionBackendName.NATIVE)
         torch._dynamo.reset()
+
+
+def test_compiled_model_without_recipe_runs_native_attention():
+    """No joint recipe and no tensor identity in traced code: masked calls trace as native, unbroken."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    counting = reference_ops()
+    ad.use_ops(counting)
+    try:
+        torch._dynamo.reset()
+        counters.clear()
+        model, native = tiny_cross(), tiny_cross()
+        ad.enable(model)
+        native.set_attention_backend("native")
+        gen = torch.Generator().manual_seed(0)
+        hidden = torch.randn(2, 10, 64, generator=gen).bfloat16()
+        text = torch.randn(2, 7, 64, generator=gen).bfloat16()
+        mask = _mask([[1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1, 0]])
+        with torch.no_grad():
+            out = torch.compile(model, backend="aot_eager")(hidden, text, mask)
+            assert torch.equal(out, native(hidden, text, mask))
+        assert counting.builds == 0 and not counters["graph_break"]
+    finally:
+        ad.use_ops(None)
+        _AttentionBackendRegistry.set_active_backend(AttentionBackendName.NATIVE)
+        torch._dynamo.reset()
