@@ -1,6 +1,6 @@
 """Activating one plugin: import it, read and check its spec and settings, let it register, in a bounded
 worker thread. Every outcome is an :class:`Attempt`; nothing a plugin does escapes as an exception
-(``KeyboardInterrupt`` excepted: it is re-raised in the caller).
+(``KeyboardInterrupt`` excepted: it is re-raised in the caller; ``SystemExit`` is caught).
 
 The worker thread bounds a plugin that hangs (at import, in a hook) by ``ATTN_DISPATCH_LOAD_TIMEOUT``
 seconds. Python cannot kill a thread: on timeout the plugin is ``failed`` and its thread is left behind
@@ -35,7 +35,8 @@ INVALID_NAME = "invalid-name"  # the entry-point name is not [a-z][a-z0-9_]* or 
 CONFLICT = "conflict"  # every group it offered was already provided by another plugin (named in the reason)
 STATUSES = (ACTIVE, NOT_THIS_ARCH, DISABLED_BY_ENV, MISSING_DEPENDENCY, FAILED, SHADOWED, INVALID_NAME, CONFLICT)
 
-# What a plugin may raise and still leave load() running: everything but KeyboardInterrupt and the like.
+# Caught at each step, to say which step failed; any other BaseException but KeyboardInterrupt is caught
+# around the whole activation (see activate).
 CAUGHT = (Exception, SystemExit)
 
 _state = threading.local()  # .building: the devices whose load this thread is part of (re-entry check)
@@ -83,8 +84,10 @@ def activate(
         _state.building = devices
         try:
             box["attempt"] = attempt(ep, hardware, environ, pm)
-        except BaseException as exc:  # KeyboardInterrupt and the like: handed to the caller
+        except KeyboardInterrupt as exc:  # the user's, not the plugin's: handed to the caller
             box["error"] = exc
+        except BaseException as exc:  # GeneratorExit, a framework's own BaseException, ...
+            box["attempt"] = Attempt(FAILED, f"raised {describe(exc)}")
 
     worker = threading.Thread(target=work, name=f"attn_dispatch plugin {ep.name}", daemon=True)
     worker.start()
