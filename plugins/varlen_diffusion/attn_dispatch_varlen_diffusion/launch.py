@@ -18,6 +18,7 @@ as they are: same results, no launcher to bind.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 import torch
@@ -27,6 +28,8 @@ from triton.runtime.jit import JITFunction
 from . import kernels
 from .kernels import gather_rows, scatter_rows
 
+log = logging.getLogger("attn_dispatch")
+
 
 def _direct_launches(device: torch.device) -> bool:
     """True where a compiled kernel exists to launch directly (a CUDA tensor with Triton compiling)."""
@@ -35,16 +38,27 @@ def _direct_launches(device: torch.device) -> bool:
 
 def _launcher(kernel, grid: int, args: tuple, constexprs: dict, num_warps: int, device: torch.device):
     """Compile ``kernel`` for ``args`` (no launch) and return ``launch(*args)`` on the current stream, or
-    None where Triton handed back no compiled kernel."""
-    compiled = kernel.warmup(*args, **constexprs, num_warps=num_warps, grid=(grid,))
-    if not hasattr(compiled, "_init_handles"):  # a cache hook or async compilation took over: launch as usual
-        return None
-    compiled._init_handles()  # loads the module: the launcher and function handle exist from here on
-    run, function, packed = compiled.run, compiled.function, compiled.packed_metadata
-    from triton.runtime import driver
+    None (the caller then launches through Triton as usual) where Triton hands back no compiled kernel or
+    a launcher this module does not know how to call."""
+    try:
+        compiled = kernel.warmup(*args, **constexprs, num_warps=num_warps, grid=(grid,))
+        if not hasattr(compiled, "_init_handles"):  # a cache hook or async compilation took over
+            return None
+        compiled._init_handles()  # loads the module: the launcher and function handle exist from here on
+        run, function, packed = compiled.run, compiled.function, compiled.packed_metadata
+        from triton.runtime import driver
 
-    get_stream, index = driver.active.get_current_stream, device.index
+        get_stream = driver.active.get_current_stream
+    except Exception as exc:  # noqa: BLE001  (a Triton whose internals moved: keep working, slower)
+        log.warning("varlen_diffusion: cannot bind %s's launcher (%s); launching through Triton", kernel, exc)
+        return None
     tail = tuple(constexprs.values())
+    # The launcher takes every parameter in order, constexprs included (it skips those): check the count.
+    expected = getattr(run, "arg_annotations", None)
+    if expected is not None and len(expected) != len(args) + len(tail):
+        log.warning("varlen_diffusion: %s's launcher takes %d arguments, not %d; launching through Triton", kernel, len(expected), len(args) + len(tail))
+        return None
+    index = device.index
 
     def launch(*call_args) -> None:
         run(grid, 1, 1, get_stream(index), function, packed, None, None, None, *call_args, *tail)
