@@ -107,3 +107,21 @@ def test_unknown_override_lists_known_archs(monkeypatch):
 def test_hardware_is_immutable():
     with pytest.raises(AttributeError):
         hardware.CPU.arch = "sm90"
+
+
+@pytest.mark.parametrize("value", ["sm90:foo", "sm90:", "cpu:x", "sm90 "+"x"])
+def test_override_suffixes_are_for_gfx_only(monkeypatch, value):
+    monkeypatch.setenv("ATTN_DISPATCH_ARCH", value)
+    with pytest.raises(ValueError, match="ATTN_DISPATCH_ARCH="):
+        detect(0)
+
+
+def test_override_applies_to_gpu_devices_only(monkeypatch, no_driver_libs):
+    monkeypatch.setenv("ATTN_DISPATCH_ARCH", "sm90")
+    assert detect(None) == hardware.CPU
+    assert detect(1) == Hardware(vendor="nvidia", arch="sm90", name="simulated by ATTN_DISPATCH_ARCH", index=1)
+
+
+def test_hardware_reads_plainly():
+    assert str(hardware.CPU) == "cpu"
+    assert str(Hardware(vendor="nvidia", arch="sm90", name="NVIDIA H200", index=0)) == "sm90 (NVIDIA H200, nvidia device 0)"
