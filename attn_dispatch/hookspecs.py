@@ -1,21 +1,20 @@
 """The hooks a plugin implements. Both are called once per :func:`attn_dispatch.load`, never per layer.
 
-A plugin is a module (found through the ``attn_dispatch`` entry-point group) with::
+A plugin is a module (found through the ``attn_dispatch`` entry-point group, under a lower-case name)::
 
-    from attn_dispatch import hookimpl, PluginSpec, MissingDependency
+    from attn_dispatch import MissingDependency, PluginSpec, Setting, hookimpl
 
     @hookimpl
     def attn_dispatch_plugin_spec(hardware):
-        return PluginSpec(name="cuda_fa3", archs=("sm90",), requires=("torch",),
-                          settings=(Setting("provider", default=(), kind="list", help="probe order"),))
+        order = Setting("provider", default=(), kind="list", help="providers to try, in order")
+        return PluginSpec(name="cuda_fa3", archs=("sm90",), requires=("torch",), settings=(order,))
 
     @hookimpl
-    def attn_dispatch_register_ops(hardware, register, settings):   # any of the three may be left out
-        provider = probe_fa3(settings["provider"])                     # import-heavy work belongs here, not at module import
+    def attn_dispatch_register_ops(hardware, register, settings):  # any argument may be left out
+        provider = probe_fa3(settings["provider"])  # import-heavy work belongs here, not at module import
         if provider is None:
             raise MissingDependency("no FA3 provider: install sglang-kernel or vllm")
-        register("varlen_attention_out", make_varlen(provider), note=provider.name)
-"""
+        register("varlen_attention_out", make_varlen(provider), note=provider.name)"""
 
 from __future__ import annotations
 
