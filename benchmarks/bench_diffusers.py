@@ -31,6 +31,7 @@ stand-in provider (Triton interpreted), compile with ``aot_eager``; checks the s
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -198,9 +199,9 @@ INJECTED = None  # the op group the smoke run injects (None on CUDA: attn_dispat
 def make_pair(cls, config: dict, layers_key: str, layers: int, device, dtype):
     """Two models with the same random weights: one native, one with attn_dispatch enabled."""
     torch.manual_seed(0)
-    native = cls(**config, **{layers_key: layers}).to(device=device, dtype=dtype).eval()
-    ours = cls(**config, **{layers_key: layers}).to(device=device, dtype=dtype).eval()
-    ours.load_state_dict(native.state_dict())
+    with torch.device(device):  # initialised on the GPU: a full-width CPU init takes tens of seconds
+        native = cls(**config, **{layers_key: layers}).to(dtype=dtype).eval()
+    ours = copy.deepcopy(native)
     native.set_attention_backend("native")
     ad.enable(ours)
     return native, ours
@@ -238,21 +239,39 @@ def run_model(name, native, ours, inputs_for, settings, args, compile_backend) -
             fn(), fn()
         row["eager_ms"] = wall_ms(eager, args.rounds, args.per_round)
         row["gpu_ms"] = {label: gpu_ms(fn, args.profile_iters) for label, fn in eager.items()}
-        if compile_backend is not None and not (args.quick and index > 0):  # --quick: compile B=1 only
-            t0 = time.perf_counter()
-            compiled_models = {id(m): torch.compile(m, backend=compile_backend, dynamic=False) for m in (native, ours)}
-            compiled = {label: call(compiled_models[id(m)], i) for label, (m, i) in forwards.items()}
-            for fn in compiled.values():
-                fn(), fn(), fn()
-            sync()
-            row["compile_warmup_s"] = time.perf_counter() - t0
-            row["compiled_ms"] = wall_ms(compiled, args.rounds, args.per_round)
-            row["compiled_gpu_ms"] = {label: gpu_ms(fn, args.profile_iters) for label, fn in compiled.items()}
-            with torch.no_grad():
-                row["compiled_correctness"] = error(compiled_models[id(ours)](**masked)[0], ref)
+        skip = None
+        if compile_backend is None:
+            skip = "off"
+        elif args.quick and index > 0:
+            skip = "--quick compiles B=1 only"
+        elif time.perf_counter() - START > args.budget_s:
+            skip = f"time budget: {time.perf_counter() - START:.0f} s spent of --budget-s {args.budget_s:.0f}"
+        if skip is None:
+            try:
+                compiled_rows(row, native, ours, forwards, masked, ref, call, compile_backend, args)
+            except Exception as exc:  # keep the eager numbers; say what failed
+                row["compile_error"] = f"{type(exc).__name__}: {exc}"[:500]
+                print(f"compile failed: {row['compile_error']}", file=sys.stderr)
+        else:
+            row["compile_skipped"] = skip
         rows.append(row)
         print(f"[{time.perf_counter() - START:6.1f}s] {name} B={batch} text={text}: done", file=sys.stderr)
     return rows
+
+
+def compiled_rows(row, native, ours, forwards, masked, ref, call, compile_backend, args) -> None:
+    """Compiled wall and GPU time per forward, warm-up time and correctness, into ``row``."""
+    t0 = time.perf_counter()
+    compiled_models = {id(m): torch.compile(m, backend=compile_backend, dynamic=False) for m in (native, ours)}
+    compiled = {label: call(compiled_models[id(m)], i) for label, (m, i) in forwards.items()}
+    for fn in compiled.values():
+        fn(), fn(), fn()
+    sync()
+    row["compile_warmup_s"] = time.perf_counter() - t0
+    row["compiled_ms"] = wall_ms(compiled, args.rounds, args.per_round)
+    row["compiled_gpu_ms"] = {label: gpu_ms(fn, args.profile_iters) for label, fn in compiled.items()}
+    with torch.no_grad():
+        row["compiled_correctness"] = error(compiled_models[id(ours)](**masked)[0], ref)
 
 
 def qwen_inputs(device, dtype, latent_hw: int):
@@ -318,6 +337,10 @@ def markdown(rows: list[dict]) -> str:
         line = (f"\nCorrectness (attn_dispatch vs native masked, eager): max abs err {corr['max_abs_err']:.3g}, mean "
                 f"{corr['mean_abs_err']:.3g}, output max abs {corr['out_max_abs']:.3g}. Metadata builds per forward: "
                 f"{row['builds_per_forward']}.")  # fmt: skip
+        if "compile_error" in row:
+            line += f" Compile failed: {row['compile_error']}."
+        if "compile_skipped" in row and row["compile_skipped"] != "off":
+            line += f" Compiled rows skipped ({row['compile_skipped']})."
         if "compiled_correctness" in row:
             cc = row["compiled_correctness"]
             line += f" Compiled vs native masked eager: max abs err {cc['max_abs_err']:.3g}; compile warm-up {row['compile_warmup_s']:.0f} s."
@@ -333,6 +356,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4, help="transformer blocks (>= 4 for the issue's numbers)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument("--no-prx", action="store_true", help="skip the cross-attention model")
+    parser.add_argument("--budget-s", type=float, default=200.0,
+                        help="skip later compiled rows once this many seconds are spent (keeps the run < 6 min)")
     parser.add_argument("--smoke", action="store_true", help="tiny configs on the CPU stand-in (default without CUDA)")
     ARGS = args = parser.parse_args()
     args.smoke = args.smoke or not CUDA
@@ -366,8 +391,11 @@ def main() -> None:
     del native, ours
     if not args.no_prx:
         prx_config = PRX_SMOKE if args.smoke else PRX
-        native, ours = make_pair(PRXTransformer2DModel, prx_config, "depth", args.layers, device, dtype)
-        rows += run_model("PRX (cross-attention)", native, ours, prx_inputs(device, dtype, latent, prx_config), settings[:1], args, None)
+        try:
+            native, ours = make_pair(PRXTransformer2DModel, prx_config, "depth", args.layers, device, dtype)
+            rows += run_model("PRX (cross-attention)", native, ours, prx_inputs(device, dtype, latent, prx_config), settings[:1], args, None)
+        except Exception as exc:  # keep the Qwen-Image numbers
+            print(f"PRX failed: {type(exc).__name__}: {exc}", file=sys.stderr)
 
     header = (f"attn_dispatch diffusers backend: torch {torch.__version__}, diffusers {__import__('diffusers').__version__}, "
               f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU smoke'}, {args.layers} blocks, bf16; "
