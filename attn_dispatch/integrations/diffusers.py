@@ -14,6 +14,9 @@ What runs where (per ``dispatch_attention_fn`` call):
   in fp16/bf16 with one dtype and device, a head dim that is a multiple of 8 and at most 256, no
   dropout, not causal, no ``return_lse``, no GQA, no context parallelism, and no autograd (no input
   requiring grad with grad enabled);
+  Output: the plugin's contract (valid query rows to FlashAttention tolerance of SDPA; masked query rows
+  as SDPA computes them), except that a batch row with no valid key at all comes out as zeros, where
+  SDPA gives NaN or zeros depending on its kernel;
 - diffusers' native backend, called with exactly the arguments it would have got (so byte-identical):
   everything else, including calls without a mask (SDPA picks its flash kernel itself), float
   (additive) masks, other mask shapes, and devices where ``masked_attention`` resolved to the reference.
