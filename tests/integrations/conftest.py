@@ -1,11 +1,10 @@
-"""Set-up for the integration tests: diffusers must be importable (else they skip), Triton kernels run in
+"""Set-up for the integration tests: without diffusers they are not collected; Triton kernels run in
 the interpreter on a CPU-only machine (set before the plugin's kernels are imported), and the
 varlen_diffusion plugin's CPU stand-in provider is importable by module name."""
 
 import os
 import sys
 
-import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -15,4 +14,7 @@ HERE = os.path.dirname(__file__)
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "..", "plugins", "varlen_diffusion", "tests"))
 
-pytest.importorskip("diffusers")
+try:
+    import diffusers  # noqa: F401
+except ImportError:  # the optional extra is not installed: these tests are not collected
+    collect_ignore_glob = ["test_*.py"]
