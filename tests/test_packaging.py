@@ -140,3 +140,20 @@ def test_the_suite_imports_the_installed_wheels_not_the_checkout(package):
     sources = [(dist / pkg).resolve() for dist in DISTS for pkg in wheels_tool.packages(dist)]
     assert not any(origin.is_relative_to(src) for src in sources), f"{package} comes from the checkout: {origin}"
     assert "site-packages" in origin.parts, f"{package} is not installed: {origin}"
+
+
+def test_triton_was_first_imported_in_interpreter_mode_without_a_gpu():
+    """The root conftest sets TRITON_INTERPRET before anything imports triton. Triton decorates its own
+    library functions (``tl.cdiv``, ...) at import: imported without the variable (as when
+    test_fa3_compile's collection imported torch._inductor first), they stay compiled-mode functions and
+    every interpreted kernel that calls one fails ("Cannot call @triton.jit'd outside of the scope of a
+    kernel"), whatever TRITON_INTERPRET says later."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU runs Triton kernels compiled")
+    standard = pytest.importorskip("triton.language.standard")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    assert isinstance(standard.cdiv, InterpretedFunction), type(standard.cdiv)
