@@ -94,7 +94,7 @@ class AttentionOutOps:
             return out
         try:
             call = plan.layer_calls[(self, params, softmax_scale)]
-        except (AttributeError, KeyError):  # a first call with these params, or not this plugin's plan
+        except (AttributeError, KeyError, TypeError):  # a first call with these params, or bad arguments
             call = self._bind_paged(plan, params, softmax_scale)
         if not fits_plan(q, k_cache, v_cache, out, plan):
             check_paged(q, k_cache, v_cache, out, plan, params, softmax_scale, self.provider.name)

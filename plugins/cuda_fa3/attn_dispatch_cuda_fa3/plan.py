@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
-from attn_dispatch.checks import fail
+from attn_dispatch.checks import check_instance, check_scale, fail
 from attn_dispatch.plans import AttentionParams, AttentionPlan
 from attn_dispatch.validate import validate_make_attention_plan
 from attn_dispatch_flash import FlashArgs, FlashProvider
@@ -164,6 +164,7 @@ def _into_static_plan(provider: FlashProvider, plan: FlashPlan, static: Attentio
 
 def check_plan_is_ours(plan: object, provider_name: str) -> None:
     """ValueError naming ``plan`` unless this plugin made it for ``provider_name``."""
+    check_instance("plan", plan, AttentionPlan, " from make_attention_plan")
     if not isinstance(plan, FlashPlan) or plan.provider != provider_name:
         maker = getattr(plan, "provider", type(plan).__name__)
         fail("plan", f"was made by {maker!r}, not by this plugin's make_attention_plan ({provider_name})")
@@ -174,6 +175,8 @@ def paged_args(plan: FlashPlan, params: AttentionParams, softmax_scale: float | 
     params' scheduling, the metadata made for exactly those. ValueError when the plan is another's or
     ``params`` was not planned (a layer handed another key's metadata would be misscheduled silently)."""
     check_plan_is_ours(plan, provider_name)
+    check_instance("params", params, AttentionParams)
+    check_scale(softmax_scale)
     if params not in plan.layer_params:
         fail("params", f"{params} is not among the plan's layer_params {plan.layer_params}; list it in make_attention_plan(layer_params=...)")
     return FlashArgs(

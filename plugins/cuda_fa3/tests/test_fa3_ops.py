@@ -432,3 +432,33 @@ def test_wrong_rank_q_is_named():
         with pytest.raises(ValueError, match="^q: "):
             ops["paged_attention_out"](bad, batch.k_cache, batch.v_cache, batch.out(), plan=plan)
     assert (out == 7.0).all()
+
+
+@pytest.mark.parametrize(
+    "changes,arg",
+    [
+        (dict(plan=None), "plan"),
+        (dict(plan=(1, 2)), "plan"),
+        (dict(params="causal"), "params"),
+        (dict(params=[True]), "params"),  # unhashable: never reaches the plan's dict as a TypeError
+        (dict(softmax_scale="0.1"), "softmax_scale"),
+    ],
+)
+def test_paged_wrong_types_are_named(changes, arg):
+    ops = build_ops(make_torch_provider()[0])
+    batch = paged_batch(**MIXED, heads=4, kv_heads=2, head_dim=32)
+    kwargs = {"plan": ops["make_attention_plan"](**batch.plan_args), **changes}
+    out = batch.out()
+    with pytest.raises(ValueError, match=f"^{arg}: expected"):
+        ops["paged_attention_out"](batch.q, batch.k_cache, batch.v_cache, out, **kwargs)
+    assert (out == 7.0).all()
+
+
+@pytest.mark.parametrize("changes,arg", [(dict(params=(True, (-1, -1))), "params"), (dict(softmax_scale=[1.0]), "softmax_scale")])
+def test_varlen_wrong_types_are_named(changes, arg):
+    ops = build_ops(make_torch_provider()[0])
+    q, k, v, lens = packed_batch(lens=[5, 9], heads=4, kv_heads=2, head_dim=32)
+    out = torch.full((14, 4, 32), 7.0, dtype=q.dtype)
+    with pytest.raises(ValueError, match=f"^{arg}: expected"):
+        ops["varlen_attention_out"](q, k, v, out, **lens, **changes)
+    assert (out == 7.0).all()
