@@ -247,9 +247,13 @@ def transformers_of(pipe_or_model: Any) -> list[torch.nn.Module]:
     return models
 
 
-def enable(pipe_or_model: Any) -> list[torch.nn.Module]:
+def enable(pipe_or_model: Any, *, reuse_across_forwards: bool = True) -> list[torch.nn.Module]:
     """Use the ``attn_dispatch`` backend in ``pipe_or_model``'s transformer(s) and build each forward's
-    mask metadata once (the scope hooks). Returns the models enabled. Idempotent.
+    mask metadata once (the scope hooks). Returns the models enabled. Idempotent (a second call keeps the
+    first call's hooks and settings).
+
+    ``reuse_across_forwards``: reuse the joint-mask metadata when a later forward passes the same, unwritten
+    text-mask tensor (a pipeline's denoising steps); off: built once in every forward. See ``diffusers_scope``.
 
     Like ``model.set_attention_backend``, this also makes ``attn_dispatch`` diffusers' active backend.
     """
@@ -257,7 +261,10 @@ def enable(pipe_or_model: Any) -> list[torch.nn.Module]:
     models = transformers_of(pipe_or_model)
     for model in models:
         model.set_attention_backend(BACKEND_NAME)
-        scope.install(model, attention_modules(model), backend=ATTN_DISPATCH, is_ours=_is_ours, ops_for=ops_for)
+        scope.install(
+            model, attention_modules(model), backend=ATTN_DISPATCH, is_ours=_is_ours, ops_for=ops_for,
+            reuse_across_forwards=reuse_across_forwards,
+        )  # fmt: skip
     return models
 
 

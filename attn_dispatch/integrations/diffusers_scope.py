@@ -24,7 +24,16 @@ Inside the scope the backend finds a call's metadata in two ways (``lookup``):
 
 Otherwise the backend builds metadata per call (correct; one sync). Never stale: a scope lives for one
 forward only and nothing survives it; a new prompt, a CFG batch or a different text length is a new
-forward with new metadata. Not thread-safe: one transformer forward at a time per process (the scope
+forward with new metadata.
+
+Across forwards (``reuse_across_forwards``, default on): a pipeline passes the same text-mask tensor to
+the transformer at every denoising step (cond and uncond alternate under CFG). The pre-hook keeps the
+joint metadata of the last :data:`MEMO_SIZE` text-mask tensors per model, keyed like rule 2 (storage,
+offset, shape, strides, ``_version``, dtype, device) plus the image-token count, and holds each tensor so
+its memory cannot be reused by another. A repeated, unwritten mask then costs no build and no sync at all.
+Contents can change only through an in-place torch op (which moves ``_version``: rebuilt) or behind
+torch's back (``.data``, numpy or DLPack views, foreign kernels): pass a new tensor then, or
+``enable(..., reuse_across_forwards=False)``. Not thread-safe: one transformer forward at a time per process (the scope
 stack is a module global so torch.compile can read it).
 
 torch.compile: the hooks are ``torch.compiler.disable``d, so they run eagerly around the compiled
@@ -38,7 +47,7 @@ from __future__ import annotations
 import importlib
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -46,6 +55,7 @@ import torch
 from attn_dispatch.plans import MaskMeta
 
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
+MEMO_SIZE = 4  # text masks remembered across forwards per model: cond + uncond (CFG), with room to spare
 
 
 @dataclass(frozen=True)
@@ -156,6 +166,9 @@ class _Installed:
     handles: tuple
     is_ours: Callable[[Any], bool]  # backend value -> is it attn_dispatch (set by the backend module)
     ops_for: Callable[[torch.device], Any]  # device -> op group (set by the backend module)
+    reuse_across_forwards: bool = True
+    # (text mask as passed, op group, its identity key + image tokens, JointMeta), most recent last
+    memo: list = field(default_factory=list)
 
 
 def recipe_for(model: torch.nn.Module) -> JointMaskRecipe | None:
@@ -169,10 +182,11 @@ def recipe_for(model: torch.nn.Module) -> JointMaskRecipe | None:
     return None
 
 
-def install(model: torch.nn.Module, modules, *, backend, is_ours, ops_for) -> None:
+def install(model: torch.nn.Module, modules, *, backend, is_ours, ops_for, reuse_across_forwards: bool = True) -> None:
     """Put the scope hooks on ``model`` (idempotent). ``modules``: its attention modules; ``backend``: the
     backend's enum member; ``is_ours(value)``: whether a processor's backend value selects it;
-    ``ops_for(device)``: the op group there (None: the reference, so no metadata)."""
+    ``ops_for(device)``: the op group there (None: the reference, so no metadata);
+    ``reuse_across_forwards``: keep the joint metadata of the last few text-mask tensors (see module doc)."""
     if getattr(model, "_attn_dispatch_scope", None) is not None:
         return
     recipe = recipe_for(model)
@@ -183,7 +197,9 @@ def install(model: torch.nn.Module, modules, *, backend, is_ours, ops_for) -> No
         processor_cls = getattr(importlib.import_module(recipe.processor_module), recipe.processor)
     pre = model.register_forward_pre_hook(_open_scope, with_kwargs=True)
     post = model.register_forward_hook(_close_scope, with_kwargs=True, always_call=True)
-    model._attn_dispatch_scope = _Installed(recipe, index, tuple(modules), processor_cls, backend, (pre, post), is_ours, ops_for)
+    model._attn_dispatch_scope = _Installed(
+        recipe, index, tuple(modules), processor_cls, backend, (pre, post), is_ours, ops_for, reuse_across_forwards
+    )
 
 
 def uninstall(model: torch.nn.Module) -> None:
@@ -236,11 +252,22 @@ def _joint_meta(model: torch.nn.Module, installed: _Installed, args: tuple, kwar
         return None
     if text_mask.device != device or text_mask.shape[0] != hidden_states.shape[0]:
         return None  # let the model raise its own error
-    text_mask = text_mask if text_mask.dtype == torch.bool else text_mask.to(torch.bool)  # as the model does
-    batch = text_mask.shape[0]
-    image = torch.ones((batch, recipe.image_tokens(model, hidden_states)), dtype=torch.bool, device=device)
-    joint = torch.cat([text_mask, image], dim=1)
     ops = installed.ops_for(device)
     if ops is None:
         return None
-    return JointMeta(batch, joint.shape[1], device, ops.build_mask_meta(joint))
+    image_tokens = recipe.image_tokens(model, hidden_states)
+    key = (_identity(text_mask), image_tokens)
+    memo = installed.memo
+    for i, (held_mask, held_ops, held_key, held) in enumerate(memo):
+        if held_ops is ops and held_key == key:  # the pipeline's same mask tensor, unwritten: same contents
+            memo.append(memo.pop(i))
+            return held
+    batch = text_mask.shape[0]
+    as_bool = text_mask if text_mask.dtype == torch.bool else text_mask.to(torch.bool)  # as the model does
+    image = torch.ones((batch, image_tokens), dtype=torch.bool, device=device)
+    joint = torch.cat([as_bool, image], dim=1)
+    meta = JointMeta(batch, joint.shape[1], device, ops.build_mask_meta(joint))
+    if installed.reuse_across_forwards:
+        memo.append((text_mask, ops, key, meta))  # holding the mask keeps its memory from reuse
+        del memo[:-MEMO_SIZE]
+    return meta

@@ -266,3 +266,46 @@ def test_compiled_model_without_recipe_runs_native_attention():
         ad.use_ops(None)
         _AttentionBackendRegistry.set_active_backend(AttentionBackendName.NATIVE)
         torch._dynamo.reset()
+
+
+def _joint(mask, image_tokens=16):
+    return torch.cat([mask.bool(), torch.ones(mask.shape[0], image_tokens, dtype=torch.bool)], dim=1)
+
+
+def test_a_pipelines_repeated_masks_are_built_once(ops):
+    """Denoising steps pass the same cond / uncond mask tensors again: metadata is reused, and follows
+    any in-place edit."""
+    counting, _ = ops
+    model = tiny_qwen()
+    ad.enable(model)
+    cond = torch.tensor([[1, 1, 1, 1, 1, 0, 0]])  # int64, as the pipeline passes it
+    uncond = torch.tensor([[1, 1, 0, 0, 0, 0, 0]])
+    for step in range(3):
+        for mask in (cond, uncond):
+            inputs = qwen_inputs(mask, seed=step)
+            out, ref = _ours(model, inputs), _native(model, inputs)
+            assert all(torch.equal(m, _joint(mask)) for m in counting.key_masks[-2:])
+            assert (out - ref).abs().max() <= ATOL * ref.abs().max()
+    assert counting.builds == 2
+    cond[0, 5] = 1  # written in place: _version moves
+    _ours(model, qwen_inputs(cond))
+    assert counting.builds == 3 and all(torch.equal(m, _joint(cond)) for m in counting.key_masks[-2:])
+    assert len(model._attn_dispatch_scope.memo) <= diffusers_scope.MEMO_SIZE
+
+
+def test_reuse_across_forwards_can_be_switched_off(ops):
+    counting, _ = ops
+    model = tiny_qwen()
+    ad.enable(model, reuse_across_forwards=False)
+    inputs = qwen_inputs(_mask([[1, 1, 1, 0, 0]]))
+    for _ in range(3):
+        _ours(model, inputs)
+    assert counting.builds == 3
+
+
+def test_memo_is_bounded(ops):
+    model = tiny_qwen()
+    ad.enable(model)
+    for n in range(1, 7):
+        _ours(model, qwen_inputs(_mask([[1] * n + [0] * (7 - n)])))
+    assert ops[0].builds == 6 and len(model._attn_dispatch_scope.memo) == diffusers_scope.MEMO_SIZE
