@@ -31,6 +31,7 @@ import importlib.metadata
 import logging
 import os
 import re
+import sys
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -156,7 +157,7 @@ def device_index(device: object) -> int | None:
 
 
 def _torch_device_type() -> type:
-    torch = __import__("sys").modules.get("torch")  # never import torch just to check an argument
+    torch = sys.modules.get("torch")  # never import torch just to check an argument
     return torch.device if torch is not None else str
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import attn_dispatch_flash as flash_providers
-from attn_dispatch import load, reference
+from attn_dispatch import PluginLoadError, load, reference
 from attn_dispatch.cli import format_info
 from attn_dispatch_cuda_fa3 import AttentionOutOps, stats
 from fa3_batches import paged_batch

@@ -12,9 +12,10 @@ This module imports nothing heavy: Triton and the provider load in ``attn_dispat
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from attn_dispatch import Hardware, MissingDependency, PluginSpec, hookimpl
+from attn_dispatch import Hardware, MissingDependency, PluginSpec, Setting, hookimpl
 
 if TYPE_CHECKING:
     from attn_dispatch_flash import FlashProvider
@@ -22,20 +23,25 @@ if TYPE_CHECKING:
 NAME = "varlen_diffusion"
 ARCHS = ("sm90", "sm100")
 MIN_FA_VERSION = {"sm90": 3, "sm100": 4}  # FA3's kernels are Hopper-only; Blackwell needs FA4
+STRATEGY = Setting(
+    "strategy", default="kv_pack", choices=("kv_pack", "qkv_pack"), help="strategy for general masks (qkv_pack drops masked query rows)"
+)
 
 
 @hookimpl
 def attn_dispatch_plugin_spec(hardware: Hardware) -> PluginSpec:
-    return PluginSpec(name=NAME, archs=ARCHS, requires=("torch", "triton"), description=__doc__.splitlines()[0])
+    return PluginSpec(
+        name=NAME, archs=ARCHS, requires=("torch", "triton"), description=__doc__.splitlines()[0], settings=(STRATEGY,)
+    )
 
 
 @hookimpl
-def attn_dispatch_register_ops(hardware: Hardware, register) -> None:
+def attn_dispatch_register_ops(hardware: Hardware, register, settings: Mapping[str, object]) -> None:
     """Resolve the provider once, then offer both ops of the group bound to it."""
     from .attention import build_ops
 
     provider = probe_provider(hardware.arch)
-    ops = build_ops(provider)
+    ops = build_ops(provider, general_strategy=settings["strategy"])
     register("build_mask_meta", ops.build_mask_meta, note=ops.describe())
     register("masked_attention", ops.masked_attention, note=ops.describe())
 
