@@ -33,7 +33,7 @@ def bind_layer_call(provider: FlashProvider, args: FlashArgs, *, original: bool)
         allocating = provider.bind(args._replace(scheduler_metadata=None))
 
         def alloc_then_copy(q, k, v, out_rows) -> None:
-            out_rows.copy_(allocating(q, k, v, None))
+            _copy_into(out_rows, allocating(q, k, v, None))
 
         return alloc_then_copy
     run = provider.bind(args)
@@ -41,10 +41,18 @@ def bind_layer_call(provider: FlashProvider, args: FlashArgs, *, original: bool)
         return run
 
     def copy_once(q, k, v, out_rows) -> None:
-        out_rows.copy_(run(q, k, v, None))
+        _copy_into(out_rows, run(q, k, v, None))
         stats.out_copies += 1
 
     return copy_once
+
+
+def _copy_into(out_rows: torch.Tensor, result: torch.Tensor) -> None:
+    """``copy_`` would copy across devices without a word; FA3, handed ``out``, refuses one on another
+    device. Raise, so the caller's detailed check names ``out`` (nothing of it written)."""
+    if out_rows.device != result.device:
+        raise RuntimeError(f"out is on {out_rows.device}, the kernel's result on {result.device}")
+    out_rows.copy_(result)
 
 
 def varlen_args(

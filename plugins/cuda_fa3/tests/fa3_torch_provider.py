@@ -73,6 +73,7 @@ def _fa3_host_checks(q, k, v, out, cu_seqlens_q, cu_seqlens_k) -> None:
         torch_check(cu is None or (cu.dtype == torch.int32 and cu.is_contiguous()), "cu_seqlens must have dtype int32")
     if out is not None:
         torch_check(out.dtype == q.dtype, "Output must have the same dtype as inputs")
+        torch_check(out.device == q.device, "Output must be on the same device as inputs")  # CHECK_DEVICE(out)
         torch_check(out.stride(-1) == 1, "Output tensor must have contiguous last dimension")
         torch_check(out.shape == (*q.shape[:-1], v.shape[-1]), "out must have shape (total_q, num_heads, head_size_v)")
 

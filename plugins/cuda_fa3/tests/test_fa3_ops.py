@@ -462,3 +462,16 @@ def test_varlen_wrong_types_are_named(changes, arg):
     with pytest.raises(ValueError, match=f"^{arg}: expected"):
         ops["varlen_attention_out"](q, k, v, out, **lens, **changes)
     assert (out == 7.0).all()
+
+
+@pytest.mark.parametrize("writes_out,original", [(True, False), (False, False), (True, True)], ids=["out=", "copying provider", "original"])
+def test_out_on_another_device_is_named_on_every_path(writes_out, original):
+    """FA3 refuses an `out` on another device; the paths that copy into `out` must not copy across devices."""
+    ops = build_ops(make_torch_provider(writes_out=writes_out)[0], original=original)
+    batch = paged_batch(**MIXED, heads=4, kv_heads=2, head_dim=32)
+    plan = ops["make_attention_plan"](**batch.plan_args)
+    with pytest.raises(ValueError, match="^out: expected device"):
+        ops["paged_attention_out"](batch.q, batch.k_cache, batch.v_cache, batch.out().to("meta"), plan=plan)
+    q, k, v, lens = packed_batch(lens=[5, 9], heads=4, kv_heads=2, head_dim=32)
+    with pytest.raises(ValueError, match="^out: expected device"):
+        ops["varlen_attention_out"](q, k, v, torch.empty(14, 128, dtype=q.dtype, device="meta"), **lens)
