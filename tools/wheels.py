@@ -67,7 +67,7 @@ def build(out_dir: Path, root: Path = ROOT) -> list[Path]:
             raise RuntimeError(f"pip wheel failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
     wheels = []
     for dist in dists:
-        name = _project_name(dist).replace("-", "_")
+        name = project_name(dist).replace("-", "_")
         found = sorted(out_dir.glob(f"{name}-*.whl"))
         if len(found) != 1:
             raise RuntimeError(f"{dist}: expected one wheel named {name}-*.whl in {out_dir}, found {found}")
@@ -83,7 +83,7 @@ def install(wheels: list[Path], python: str = sys.executable) -> None:
     subprocess.run(cmd, check=True)
 
 
-def _project_name(dist: Path) -> str:
+def project_name(dist: Path) -> str:
     """``[project] name`` of ``dist``'s pyproject.toml, read without a TOML parser (3.10 has none)."""
     in_project = False
     for line in (dist / "pyproject.toml").read_text().splitlines():
