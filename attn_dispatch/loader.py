@@ -93,7 +93,8 @@ def activate(
     worker.start()
     worker.join(timeout)
     if worker.is_alive():
-        return Attempt(FAILED, f"timed out after {timeout:g}s importing or registering (ATTN_DISPATCH_LOAD_TIMEOUT); its thread is left running")
+        reason = f"timed out after {timeout:g}s importing or registering (ATTN_DISPATCH_LOAD_TIMEOUT); its thread is left running"
+        return Attempt(FAILED, reason)
     if "error" in box:
         raise box["error"]  # type: ignore[misc]
     return box["attempt"]  # type: ignore[return-value]

@@ -184,6 +184,7 @@ def _build(index: int | None) -> Ops:
     attempts: dict[str, loader.Attempt] = {}
     reports: list[PluginReport] = []
     chosen: dict[str, tuple[Callable, Resolution]] = {}
+    timeout, devices = host["load_timeout"].value, loader.building() | {index}  # hooks see this load's devices
     for name, eps in by_name.items():
         switch = settings.read(settings.SWITCH, settings.plugin_variable(name), environ)
         if switch.problem:
@@ -195,12 +196,12 @@ def _build(index: int | None) -> Ops:
             if status is not None:  # not imported
                 reports.append(_report(ep, status, reason, requested=requested, settings=(switch,)))
                 continue
-            pm = make_plugin_manager()
-            attempt = attempts[name] = loader.activate(ep, hardware, environ, pm, host["load_timeout"].value, loader.building() | {index})
+            attempt = attempts[name] = loader.activate(ep, hardware, environ, make_plugin_manager(), timeout, devices)
             status, reason, taken = _settle(name, attempt, chosen)
-            note = "; ".join(filter(None, [reason, *(f"also exposed by {_dist(o)} {_version(o)} (shadowed)" for o in eps if o is not ep)]))
+            shadows = [f"also exposed by {_dist(other)} {_version(other)} (shadowed)" for other in eps if other is not ep]
             problems += [value.problem for value in attempt.settings if value.problem]
-            reports.append(_report(ep, status, note, attempt.archs, taken, requested, (switch, *attempt.settings)))
+            reason = "; ".join(filter(None, [reason, *shadows]))
+            reports.append(_report(ep, status, reason, attempt.archs, taken, requested, (switch, *attempt.settings)))
 
     declared = {name: (attempts[name].declared if name in attempts else None) for name in valid}
     problems += settings.unknown_variables(environ, declared)
