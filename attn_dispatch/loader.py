@@ -73,11 +73,21 @@ def activate(
     timeout: float,
     devices: frozenset,
 ) -> Attempt:
-    """Run :func:`attempt` in a daemon thread for at most ``timeout`` seconds.
+    """Run :func:`attempt` in a daemon thread for at most ``timeout`` seconds (0: in this thread, unbounded).
 
     ``devices``: the device keys being loaded (the worker inherits them, so a hook that calls
     ``load()`` for one of them is refused instead of deadlocking).
     """
+    if not timeout:  # 0: no bound, run here (a debugger, or a library that must import on the main thread)
+        previous, _state.building = building(), devices
+        try:
+            return attempt(ep, hardware, environ, pm)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:
+            return Attempt(FAILED, f"raised {describe(exc)}")
+        finally:
+            _state.building = previous
     box: dict[str, object] = {}
 
     def work() -> None:

@@ -37,7 +37,7 @@ class Setting:
     """One setting, declared once. Its variable is named by the host (see the module docstring).
 
     ``kind``: ``str`` (stripped; lower-cased when there are ``choices``), ``bool``, ``int``, ``float``,
-    ``seconds`` (a float > 0), ``list`` (comma-separated, stripped, empties dropped: a tuple of str) or
+    ``seconds`` (a float >= 0), ``list`` (comma-separated, stripped, empties dropped: a tuple of str) or
     ``level`` (a logging level name or number). ``choices``: the allowed values of a ``str`` setting, or
     of each item of a ``list`` one; empty allows any. ``default``: the value when unset or unreadable
     (not parsed; None means "not set"). ``help``: one line for ``attn-dispatch info``.
@@ -83,8 +83,8 @@ class Setting:
                 number = int(value) if self.kind == "int" else float(value)
             except ValueError:
                 raise ValueError(f"expected {'an integer' if self.kind == 'int' else 'a number'}") from None
-            if not math.isfinite(number) or (self.kind == "seconds" and number <= 0):
-                raise ValueError("expected a finite number" + (" > 0" if self.kind == "seconds" else ""))
+            if not math.isfinite(number) or (self.kind == "seconds" and number < 0):
+                raise ValueError("expected a finite number" + (" >= 0" if self.kind == "seconds" else ""))
             return number
         if self.kind == "level":
             return parse_level(value)
@@ -158,7 +158,7 @@ HOST_SETTINGS: tuple[Setting, ...] = (
     Setting("plugins", None, "list", help="keep only these plugins (set but empty: none); unset keeps all"),
     Setting("disable", (), "list", help="switch these plugins off"),
     Setting("log_level", logging.WARNING, "level", help="log level of the attn-dispatch CLI"),
-    Setting("load_timeout", 120.0, "seconds", help="seconds one plugin may take to import and register"),
+    Setting("load_timeout", 120.0, "seconds", help="seconds one plugin may take to import and register (0: no bound, in the calling thread)"),
 )
 HOST_VARIABLES = frozenset(host_variable(s.name) for s in HOST_SETTINGS)
 SWITCH = Setting("switch", None, "bool", help="switch this plugin on (1) or off (0), whatever the lists say")

@@ -208,6 +208,14 @@ def test_a_plugin_calling_load_from_its_hook_is_refused_not_deadlocked(monkeypat
     assert "PluginLoadError: load(None) called from a plugin hook" in report.reason
 
 
+@pytest.mark.parametrize("timeout", ["120", "0"])  # 0: hooks run in the calling thread
+def test_re_entry_is_refused_with_or_without_the_worker_thread(monkeypatch, site, timeout):
+    site.plugin("fault_reenter", register="attn_dispatch.load(refresh=True)")
+    report = by_name(within(20, load_cpu, monkeypatch, ATTN_DISPATCH_LOAD_TIMEOUT=timeout))["fault_reenter"]
+    assert report.status == "failed" and "called from a plugin hook" in report.reason
+    assert attn_dispatch.load() is not None  # and the device is not left marked as loading
+
+
 def test_a_plugin_that_hangs_at_import_is_timed_out(monkeypatch, site, gate):
     site.plugin("fault_hang", top="import fault_gate\nfault_gate.EVENT.wait()")
     monkeypatch.setenv("ATTN_DISPATCH_LOAD_TIMEOUT", "0.5")

@@ -46,7 +46,7 @@ def test_parse_by_kind(setting, text, value):
 
 @pytest.mark.parametrize(
     "setting, text",
-    [(Setting("s", "a", choices=("a", "b")), "c"), (Setting("s", 1, "int"), "1.5"), (Setting("s", 1.0, "seconds"), "0"), (Setting("s", 1.0, "seconds"), "nan")],
+    [(Setting("s", "a", choices=("a", "b")), "c"), (Setting("s", 1, "int"), "1.5"), (Setting("s", 1.0, "seconds"), "-1"), (Setting("s", 1.0, "seconds"), "nan")],
 )
 def test_read_unreadable_is_the_default_with_one_line(setting, text):
     value = settings.read(setting, "ATTN_DISPATCH_X_S", {"ATTN_DISPATCH_X_S": text})
