@@ -3,7 +3,7 @@
 Where an operation resolved to the reference itself the check still runs (it proves the reference is
 callable here) and the table says so. Same-kernel paths must match exactly; kernel changes (FA3 vs the
 torch reference) must match within FlashAttention's bf16 tolerance. Every op a plugin provides must also
-refuse the op's bad-input cases (``attn_dispatch.conformance``) as the reference does: a ValueError
+refuse the op's bad-input cases (``attn_dispatch.bad_inputs``) as the reference does: a ValueError
 naming the same argument, with nothing written.
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from . import reference
-from .conformance import CASES, expect_refused
+from .bad_inputs import CASES, expect_refused
 from .ops import OP_NAMES, Ops
 from .plans import DEFAULT_PARAMS, AttentionParams
 

@@ -208,6 +208,12 @@ def make_pair(cls, config: dict, layers_key: str, layers: int, device, dtype):
     torch.manual_seed(0)
     with torch.device(device):  # initialised on the GPU: a full-width CPU init takes tens of seconds
         native = cls(**config, **{layers_key: layers}).to(dtype=dtype).eval()
+        # Zero-initialised gates (adaLN-zero, PRX's) would multiply every attention output by 0, and the
+        # correctness column would compare nothing: give such parameters small random values.
+        with torch.no_grad():
+            for param in native.parameters():
+                if not param.any():
+                    param.normal_(0.0, 0.02)
     ours = copy.deepcopy(native)
     native.set_attention_backend("native")
     ad.enable(ours)

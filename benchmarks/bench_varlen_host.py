@@ -93,8 +93,11 @@ def fa3_python_entry(q, k, v, cu_q, cu_k, seqused_k, max_q, max_k, scale) -> Cal
         from vllm.vllm_flash_attn import flash_attn_varlen_func
     except Exception:  # noqa: BLE001  (vllm absent or its FA3 not loadable)
         return None
+    # The wrapper refuses cu_seqlens_k together with seqused_k (zero_copy's layout), so it is timed on the
+    # padded layout (cu_seqlens_k = b * S_k): the same host work, another key range.
+    cu_k_padded = torch.arange(cu_k.shape[0], dtype=torch.int32, device=q.device) * max_k
     return lambda: flash_attn_varlen_func(
-        q, k, v, max_q, cu_q, max_k, cu_k, seqused_k=seqused_k, softmax_scale=scale, causal=False, fa_version=3
+        q, k, v, max_q, cu_q, max_k, cu_k_padded, softmax_scale=scale, causal=False, fa_version=3
     )
 
 

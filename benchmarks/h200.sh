@@ -37,6 +37,9 @@ for stage in "$@"; do
     diffusers)
       install_tree "$root"
       run diffusers python3 benchmarks/bench_diffusers.py --json "$OUT/diffusers.json" ;;
+    diag)
+      install_tree "$root"
+      run diag python3 benchmarks/diag_diffusers_host.py ;;
     varlen_host)
       install_tree "$root"
       run varlen_host python3 benchmarks/bench_varlen_host.py --out "$OUT" ;;

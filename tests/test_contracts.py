@@ -1,6 +1,6 @@
 """One contract per op: every bad-input case raises ValueError naming the argument, and nothing is written.
 
-The cases (``attn_dispatch.conformance.CASES``) run here on the CPU references and on the plugin ops that
+The cases (``attn_dispatch.bad_inputs.CASES``) run here on the CPU references and on the plugin ops that
 run on a CPU (rocm_nsa's cat-skip, rocm_mxfp4's float path); plugin GPU suites run the same cases on
 their ops, so the reference refuses what the plugins refuse, with the same message.
 """
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from attn_dispatch import AttentionParams, OP_NAMES, reference
-from attn_dispatch.conformance import CASES, expect_refused
+from attn_dispatch.bad_inputs import CASES, expect_refused
 
 REFERENCE = {op: getattr(reference, op) for op in OP_NAMES}
 

@@ -1,4 +1,4 @@
-"""CPU: the host's bad-input cases (``attn_dispatch.conformance``) on this plugin's ops over the torch
+"""CPU: the host's bad-input cases (``attn_dispatch.bad_inputs``) on this plugin's ops over the torch
 stand-in provider: every case raises the ValueError naming the argument the reference names, and nothing
 is written. The GPU suite runs the same cases with the real FA3 (test_fa3_gpu.py)."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from attn_dispatch import OP_NAMES, reference
-from attn_dispatch.conformance import CASES, expect_refused
+from attn_dispatch.bad_inputs import CASES, expect_refused
 from attn_dispatch_cuda_fa3 import build_ops
 from fa3_torch_provider import make_torch_provider
 

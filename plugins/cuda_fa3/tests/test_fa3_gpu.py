@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 from attn_dispatch import OP_NAMES, load, reference
-from attn_dispatch.conformance import CASES as HOST_CASES
-from attn_dispatch.conformance import expect_refused
+from attn_dispatch.bad_inputs import CASES as HOST_CASES
+from attn_dispatch.bad_inputs import expect_refused
 from attn_dispatch_flash import probe
 from attn_dispatch.plans import DEFAULT_PARAMS, AttentionParams
 from attn_dispatch_cuda_fa3 import build_ops, stats
@@ -322,7 +322,7 @@ ATTENTION_OUT_OPS = ("make_attention_plan", "paged_attention_out", "varlen_atten
 @pytest.mark.parametrize("original", [False, True], ids=["optimized", "original"])
 @pytest.mark.parametrize("case", [c for c in HOST_CASES if c.op in ATTENTION_OUT_OPS], ids=lambda c: c.id)
 def test_host_bad_input_cases_are_refused_with_the_real_provider(provider, case, original):
-    """The host's conformance cases (what the CPU reference refuses) on the H200: same argument named."""
+    """The host's bad-input cases (what the CPU reference refuses) on the H200: same argument named."""
     ops = {op: getattr(reference, op) for op in OP_NAMES} | build_ops(provider, original=original)
     expect_refused(ops, case, "cuda", torch.bfloat16)
     torch.cuda.synchronize()
