@@ -39,7 +39,10 @@ try:
     import diffusers
     from diffusers.models import attention_dispatch as _dispatch
 except ImportError as exc:  # pragma: no cover - the extra is not installed
-    raise ImportError("attn_dispatch.integrations.diffusers needs diffusers: pip install 'attn-dispatch[diffusers]'") from exc
+    raise ImportError(
+        "attn_dispatch.integrations.diffusers needs diffusers 0.42.x: pip install 'diffusers==0.42.*'"
+        " (or, in an attn_dispatch checkout, pip install '.[diffusers]')"
+    ) from exc
 
 log = logging.getLogger("attn_dispatch")
 

@@ -59,7 +59,8 @@ def make_attention_plan(
     place and returned (before each replay). Smaller batch: a new plan sharing its buffers is returned
     (to capture a smaller graph against the buffers sized for the largest one). A plan made inside the
     capture needs no ``static_plan``: its metadata is recomputed by every replay.
-    The original path has nothing to precompute; it returns a plan with empty ``metadata``.
+    The original path has nothing to precompute: it returns a plain :class:`AttentionPlan` (a plugin's plan
+    subclass, such as cuda_fa3's ``FlashPlan``, carries its kernels' metadata).
     """
     checked = validate_make_attention_plan(
         cache_seqlens=cache_seqlens, page_table=page_table, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q,

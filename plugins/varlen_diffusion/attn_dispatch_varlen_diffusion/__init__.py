@@ -2,7 +2,8 @@
 kernels, instead of SDPA's slow masked path. Seed PR: sglang #26318.
 
 Registers the ``masked_attention`` op group (``build_mask_meta``, ``masked_attention``) on sm90 (FA3
-through ``attn_dispatch.flash_providers``) and sm100 (FA4 through the same layer, when installed).
+through :mod:`attn_dispatch_flash`, the internal distribution ``plugins/flash``) and sm100 (FA4 through
+the same layer, when installed). Self- and cross-attention (``S_q != S_k``), GQA included.
 Strategies, the row-by-row contract and the fallbacks: :mod:`attn_dispatch_varlen_diffusion.attention`.
 Setting: ``ATTN_DISPATCH_VARLEN_DIFFUSION_STRATEGY=kv_pack|qkv_pack`` (general masks; default kv_pack).
 Tests and benchmarks inject a provider with ``attention.build_ops(provider)``.
