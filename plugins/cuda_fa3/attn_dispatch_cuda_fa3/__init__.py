@@ -58,7 +58,7 @@ def attn_dispatch_register_ops(hardware: Hardware, register, settings: Mapping[s
 
 def resolve_provider(arch: str, order: tuple[str, ...] = ()) -> FlashProvider:
     """The provider for ``arch``, probing ``order`` (the ``provider`` setting) or else the arch's default
-    order; :class:`MissingDependency` with what each candidate said."""
+    order; :class:`attn_dispatch.MissingDependency` with what each candidate said."""
     return require(arch, tuple(order) or None)
 
 

@@ -2,7 +2,7 @@
 
 Everything shape-derived is decided here, once: the route (zero-copy, K/V pack, Q/K/V pack), the
 FlashAttention arguments (``FlashProvider.bind``: vllm's raw op gets its positional arguments laid
-out once), the bound pack/scatter launches (:mod:`launch`), the query offsets ``b * S_q`` for
+out once), the bound pack/scatter launches (:mod:`.launch`), the query offsets ``b * S_q`` for
 cross-attention, and how q/k/v become token rows. The closure then only launches and returns (where
 every output row is written, the FlashAttention op allocates its output itself: one Python-level
 allocation fewer per call): no host sync, nothing that a CUDA graph cannot capture.
