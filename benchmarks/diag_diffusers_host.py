@@ -42,6 +42,71 @@ def enqueue_and_wall(fn, n=30):
     return statistics.median(enq), statistics.median(wall)
 
 
+def host_us(fn, calls=200, rounds=7):
+    """Median host us per call with the GPU kept busy (torch.cuda._sleep), so only host work is timed."""
+    fn()
+    times = []
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        torch.cuda._sleep(int(4e8))
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t0) / calls * 1e6)
+        torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def per_call(model, masked):
+    """Host us per attention call through diffusers' dispatcher (block 0's arguments), and of the scope hooks."""
+    import diffusers.models.transformers.transformer_qwenimage as tq
+    from diffusers.models import attention_dispatch as dispatch
+    from attn_dispatch.integrations import diffusers_scope as scope
+
+    seen = {}
+    real = tq.dispatch_attention_fn
+
+    def record(*a, **k):
+        seen.setdefault("call", (a, k))
+        return real(*a, **k)
+
+    tq.dispatch_attention_fn = record
+    try:
+        with torch.no_grad():
+            model(**masked)
+    finally:
+        tq.dispatch_attention_fn = real
+    a, k = seen["call"]
+    k = dict(k)
+    mask = k.pop("attn_mask")
+    k.pop("backend", None)
+    native = dispatch.AttentionBackendName.NATIVE
+    rows = {
+        "dispatch -> native, no mask": lambda: real(*a, **k, attn_mask=None, backend=native),
+        "dispatch -> native, mask": lambda: real(*a, **k, attn_mask=mask, backend=native),
+    }
+    installed = model._attn_dispatch_scope
+    kwargs = {key: v for key, v in masked.items()}
+    scope._open_scope(model, (), kwargs)
+    rows["dispatch -> attn_dispatch, mask (in scope)"] = lambda: real(*a, **k, attn_mask=mask, backend=ad.ATTN_DISPATCH)
+    results = {}
+    with torch.no_grad():
+        for label, fn in rows.items():
+            results[label] = host_us(fn)
+        scope._close_scope(model, (), kwargs, None)
+
+        def hooks():
+            scope._open_scope(model, (), kwargs)
+            scope._close_scope(model, (), kwargs, None)
+
+        results["scope hooks (open + close), per forward"] = host_us(hooks, calls=50)
+        mask_cat = mask[:, 0, 0, :]
+        results["(for scale) torch.cat of the joint mask"] = host_us(lambda: torch.cat([mask_cat, mask_cat], dim=1))
+    print("| per call (host us, GPU kept busy) | us |\n|---|---|")
+    for label, us in results.items():
+        print(f"| {label} | {us:.1f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=4)
@@ -68,6 +133,8 @@ def main() -> None:
                     return model(**inputs)[0]
             return run
 
+        if name == "Qwen-Image":
+            per_call(ours, masked)
         fns = {"native no mask": fwd(native, unmasked), "native masked": fwd(native, masked), "attn_dispatch": fwd(ours, masked)}
         for fn in fns.values():
             fn(), fn()
