@@ -54,6 +54,8 @@ def format_info(ops: Ops) -> str:
 def _setting_line(value: SettingValue) -> str:
     if isinstance(value.value, tuple):
         shown = ",".join(value.value) or "(none)"
+    elif value.variable.endswith("_LOG_LEVEL") and isinstance(value.value, int):
+        shown = logging.getLevelName(value.value)  # WARNING, not 30 (a custom number shows as "Level 5")
     else:
         shown = "unset" if value.value is None else value.value
     source = "env" if value.source == "env" else "default"
