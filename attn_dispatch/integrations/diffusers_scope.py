@@ -18,7 +18,7 @@ Inside the scope the backend finds a call's metadata in two ways (``lookup``):
    from the same text mask as ``cat([mask, ones])``, so a mask of that shape in this forward has these
    contents;
 2. identity: a mask tensor already seen in this scope (same storage, offset, shape, strides and
-   ``_version``) reuses its metadata. The scope holds a reference to each mask it saw, so a freed mask's
+   ``_version``; never an inference tensor, which has no ``_version``) reuses its metadata. The scope holds a reference to each mask it saw, so a freed mask's
    memory cannot be reused by a new mask with the same address during the scope. Cross-attention models
    pass one mask (or views of it) to every block.
 
@@ -127,6 +127,8 @@ class ForwardScope:
         if torch.compiler.is_compiling():  # no tensor identity in traced code
             return None
         key = _identity(mask)
+        if key is None:
+            return None
         for _, seen_key, meta in self.seen:
             if seen_key == key:
                 return meta
@@ -135,10 +137,17 @@ class ForwardScope:
     def remember(self, mask: torch.Tensor, meta: MaskMeta) -> None:
         """Keep ``meta`` for ``mask`` until the forward ends (eager only)."""
         if not torch.compiler.is_compiling():
-            self.seen.append((mask, _identity(mask), meta))  # the reference keeps mask's memory from reuse
+            key = _identity(mask)
+            if key is not None:
+                self.seen.append((mask, key, meta))  # the reference keeps mask's memory from reuse
 
 
-def _identity(mask: torch.Tensor) -> tuple:
+def _identity(mask: torch.Tensor) -> tuple | None:
+    """What makes two mask tensors the same, unwritten one; None for an inference tensor (made under
+    ``torch.inference_mode``): it has no version counter (``_version`` raises), so an in-place write
+    could not be seen, and it is never reused by identity."""
+    if mask.is_inference():
+        return None
     return (
         mask.untyped_storage().data_ptr(), mask.storage_offset(), tuple(mask.shape), mask.stride(),
         mask._version, mask.dtype, mask.device,
@@ -256,8 +265,10 @@ def _joint_meta(model: torch.nn.Module, installed: _Installed, args: tuple, kwar
     if ops is None:
         return None
     image_tokens = recipe.image_tokens(model, hidden_states)
-    key = (_identity(text_mask), image_tokens)
-    memo = installed.memo
+    identity = _identity(text_mask)
+    reuse = installed.reuse_across_forwards and identity is not None
+    key = (identity, image_tokens)
+    memo = installed.memo if reuse else []
     for i, (held_mask, held_ops, held_key, held) in enumerate(memo):
         if held_ops is ops and held_key == key:  # the pipeline's same mask tensor, unwritten: same contents
             memo.append(memo.pop(i))
@@ -267,7 +278,7 @@ def _joint_meta(model: torch.nn.Module, installed: _Installed, args: tuple, kwar
     image = torch.ones((batch, image_tokens), dtype=torch.bool, device=device)
     joint = torch.cat([as_bool, image], dim=1)
     meta = JointMeta(batch, joint.shape[1], device, ops.build_mask_meta(joint))
-    if installed.reuse_across_forwards:
+    if reuse:
         memo.append((text_mask, ops, key, meta))  # holding the mask keeps its memory from reuse
         del memo[:-MEMO_SIZE]
     return meta

@@ -309,3 +309,22 @@ def test_memo_is_bounded(ops):
     for n in range(1, 7):
         _ours(model, qwen_inputs(_mask([[1] * n + [0] * (7 - n)])))
     assert ops[0].builds == 6 and len(model._attn_dispatch_scope.memo) == diffusers_scope.MEMO_SIZE
+
+
+def test_inference_mode_masks_are_never_reused_by_identity(ops):
+    """Tensors made under torch.inference_mode have no version counter: each forward builds its own
+    metadata (once), so an in-place edit of such a mask is still followed."""
+    counting, _ = ops
+    model = tiny_qwen()
+    ad.enable(model)
+    with torch.inference_mode():
+        mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0]])
+        inputs = qwen_inputs(mask)
+        out = model(**inputs).sample.float()
+        assert counting.builds == 1
+        mask[0, 1:] = 0  # in place, invisible to _version on an inference tensor
+        model(**inputs)
+    assert counting.builds == 2 and all(torch.equal(m, _joint(mask)) for m in counting.key_masks[-2:])
+    assert model._attn_dispatch_scope.memo == []
+    ref = _native(model, qwen_inputs(torch.tensor([[1, 1, 1, 1, 1, 0, 0]])))
+    assert (out - ref).abs().max() <= ATOL * ref.abs().max()
