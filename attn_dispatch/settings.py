@@ -63,7 +63,26 @@ class Setting:
             return f"setting {self.name}: help must be a str"
         if self.choices and self.kind == "str" and self.default is not None and self.default not in self.choices:
             return f"setting {self.name}: default {self.default!r} is not one of {', '.join(self.choices)}"
+        if self.default is not None and not self._default_fits():
+            # The default is reported as is (attn-dispatch info, its --json): a value of another kind
+            # would break the report, so it is refused here, where the plugin is marked failed.
+            return f"setting {self.name}: default {self.default!r} is not a {self.kind} value (or None)"
         return None
+
+    def _default_fits(self) -> bool:
+        """Whether ``default`` is a value :meth:`parse` could return for this kind."""
+        d = self.default
+        number = isinstance(d, (int, float)) and not isinstance(d, bool)
+        if self.kind == "str":
+            return isinstance(d, str)
+        if self.kind == "bool":
+            return isinstance(d, bool)
+        if self.kind in ("int", "level"):
+            return isinstance(d, int) and not isinstance(d, bool) and (self.kind == "int" or d >= 0)
+        if self.kind in ("float", "seconds"):
+            return number and math.isfinite(d) and (self.kind == "float" or d >= 0)
+        # list: a tuple of str, each among the choices when there are some
+        return isinstance(d, tuple) and all(isinstance(i, str) and (not self.choices or i in self.choices) for i in d)
 
     def parse(self, text: str) -> object:
         """The value ``text`` (a variable's content) means; ValueError saying what is accepted."""

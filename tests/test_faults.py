@@ -74,6 +74,10 @@ def gate(monkeypatch):
         ("settings=(Setting('Bad'),)", "setting name 'Bad' is not lower case"),
         ("settings=(Setting('s', default='x', choices=('a', 'b')),)", "default 'x' is not one of a, b"),
         ("settings=(Setting('s', kind='colour'),)", "kind 'colour'"),
+        # a default that is not a value of its kind would break attn-dispatch info (text and --json)
+        ("settings=(Setting('n', default=(1, 2), kind='list'),)", "default (1, 2) is not a list value"),
+        ("settings=(Setting('o', default=object()),)", "is not a str value"),
+        ("settings=(Setting('t', default=-1.0, kind='seconds'),)", "default -1.0 is not a seconds value"),
         ("description=3", "description: expected a str"),
     ],
 )

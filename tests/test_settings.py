@@ -54,6 +54,19 @@ def test_read_unreadable_is_the_default_with_one_line(setting, text):
     assert value.problem.startswith(f"ATTN_DISPATCH_X_S={text!r} is unreadable (") and "\n" not in value.problem
 
 
+@pytest.mark.parametrize(
+    "setting",
+    [Setting("s", 1, "str"), Setting("s", "1", "bool"), Setting("s", True, "int"), Setting("s", float("inf"), "float"),
+     Setting("s", ["x"], "list"), Setting("s", ("z",), "list", choices=("x",)), Setting("s", -10, "level")],
+)  # fmt: skip
+def test_a_default_of_another_kind_is_a_malformed_declaration(setting):
+    assert "is not a" in setting.problem()
+
+
+def test_the_hosts_own_declarations_are_well_formed():
+    assert [s.problem() for s in settings.HOST_SETTINGS + (settings.SWITCH,)] == [None] * (len(settings.HOST_SETTINGS) + 1)
+
+
 def test_read_sources():
     setting = Setting("s", "a", choices=("a", "b"))
     assert settings.read(setting, "V", {}).source == "default"
