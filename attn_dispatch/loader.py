@@ -33,6 +33,7 @@ FAILED = "failed"  # import, hook, spec, settings or registration problem, or ti
 SHADOWED = "shadowed"  # another distribution exposes the same entry-point name: see plugins.py
 INVALID_NAME = "invalid-name"  # the entry-point name is not [a-z][a-z0-9_]* or is a host setting's name
 CONFLICT = "conflict"  # every group it offered was already provided by another plugin (named in the reason)
+DECLINES = (FAILED, MISSING_DEPENDENCY, NOT_THIS_ARCH)  # what PluginUnavailable's subclasses may report
 STATUSES = (ACTIVE, NOT_THIS_ARCH, DISABLED_BY_ENV, MISSING_DEPENDENCY, FAILED, SHADOWED, INVALID_NAME, CONFLICT)
 
 # Caught at each step, to say which step failed; any other BaseException but KeyboardInterrupt is caught
@@ -158,8 +159,9 @@ def attempt(ep: importlib.metadata.EntryPoint, hardware: Hardware, environ: Mapp
     settings = MappingProxyType({key: value.value for key, value in values.items()})
     try:
         pm.hook.attn_dispatch_register_ops(hardware=hardware, register=register, settings=settings)
-    except PluginUnavailable as exc:
-        return Attempt(exc.status, str(exc), **done)
+    except PluginUnavailable as exc:  # a subclass may set any status: only the three declines are taken
+        status = exc.status if exc.status in DECLINES else FAILED
+        return Attempt(status, str(exc) if status == exc.status else f"declined with status {exc.status!r}: {exc}", **done)
     except CAUGHT as exc:
         return Attempt(FAILED, f"attn_dispatch_register_ops raised {describe(exc)}", **done)
     if refused:

@@ -180,6 +180,16 @@ def test_system_exit_from_a_plugin_is_reported(monkeypatch, site, where, parts, 
     assert (report.status, report.reason) == ("failed", reason)
 
 
+@pytest.mark.parametrize("status", ["active", "bogus", None])
+def test_a_decline_with_a_status_of_its_own_is_a_failure(monkeypatch, site, status):
+    top = f"class Odd(attn_dispatch.PluginUnavailable):\n    status = {status!r}\n"
+    site.plugin("fault_odd", top=top, register="raise Odd('nope')")
+    report = by_name(load_cpu(monkeypatch))["fault_odd"]
+    assert (report.status, report.reason) == ("failed", f"declined with status {status!r}: nope")
+    with pytest.raises(PluginLoadError, match="plugin fault_odd failed"):
+        load_cpu(monkeypatch, ATTN_DISPATCH_STRICT="1")
+
+
 def test_a_hookimpl_with_wrong_argument_names_is_reported_as_such(monkeypatch, site):
     site.plugin("fault_args", register_args="hardware, register, device")
     report = by_name(load_cpu(monkeypatch))["fault_args"]
