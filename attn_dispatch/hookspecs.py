@@ -78,7 +78,9 @@ class NotThisArch(PluginUnavailable):
 def attn_dispatch_plugin_spec(hardware: Hardware) -> PluginSpec:
     """Describe the plugin.
 
-    Called: once per load, for every discovered plugin, enabled or not, before any registration.
+    Called: once per load, for every discovered plugin that is imported (not one switched off,
+    shadowed or misnamed: those are never imported), before its registration, in the same bounded
+    worker thread as ``attn_dispatch_register_ops``.
     Gets: the detected :class:`Hardware`.
     Returns: a :class:`PluginSpec`. Must not import heavy or optional libraries.
     """
@@ -89,7 +91,7 @@ def attn_dispatch_register_ops(hardware: Hardware, register: Register, settings:
     """Offer implementations of named operations (see :data:`attn_dispatch.ops.OP_GROUPS`).
 
     Called: once per load, only for plugins that are enabled, target ``hardware.arch`` and whose
-    ``requires`` are importable; in a worker thread bounded by ``ATTN_DISPATCH_LOAD_TIMEOUT``.
+    ``requires`` are findable; in a worker thread bounded by ``ATTN_DISPATCH_LOAD_TIMEOUT``.
     Gets: the detected :class:`Hardware`, the ``register`` callback, and ``settings``: the plugin's
     declared settings as parsed by the host (a read-only mapping, setting name -> value; an unreadable
     variable has already been warned about and replaced by the default). Any argument may be omitted.
