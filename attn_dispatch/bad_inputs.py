@@ -131,9 +131,9 @@ CASES: tuple[BadInput, ...] = (
     _plan_case("plan empty layer_params", "layer_params", layer_params=()),
     _plan_case("plan layer_params not params", "layer_params", layer_params=("causal",)),
     _plan_case("plan static_plan wrong type", "static_plan", static_plan="plan"),
-    _plan_case("plan int64 cache_seqlens", "cache_seqlens", cache_seqlens=torch.tensor([9, 4, 13])),
-    _plan_case("plan page_table rows", "page_table", page_table=torch.zeros(2, 4, dtype=torch.int32)),
-    _plan_case("plan cu_seqlens_q length", "cu_seqlens_q", cu_seqlens_q=torch.tensor([0, 1, 4], dtype=torch.int32)),
+    _plan_case("plan int64 cache_seqlens", "cache_seqlens", cache_seqlens=lambda rand, d: torch.tensor([9, 4, 13], device=d)),
+    _plan_case("plan page_table rows", "page_table", page_table=lambda rand, d: torch.zeros(2, 4, dtype=torch.int32, device=d)),
+    _plan_case("plan cu_seqlens_q length", "cu_seqlens_q", cu_seqlens_q=lambda rand, d: torch.tensor([0, 1, 4], dtype=torch.int32, device=d)),
     # paged_attention_out
     _paged_case("paged params not planned", "params", params=SLIDING),
     _paged_case("paged params wrong type", "params", params="causal"),

@@ -130,3 +130,12 @@ def test_attention_params_refuse_what_no_kernel_schedules(kwargs, field):
 def test_attention_params_window_as_a_list_is_a_hashable_tuple():
     assert AttentionParams(window_size=[8, 0]) == AttentionParams(window_size=(8, 0))
     assert hash(AttentionParams(window_size=[8, 0])) == hash(AttentionParams(window_size=(8, 0)))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
+def test_cases_build_every_tensor_on_the_device_under_test(case):
+    """A case tensor left on the CPU would, on the GPU, be refused for its device before the rule the case
+    is about (the "meta" device stands in for the GPU: building a case needs no kernel)."""
+    args, kwargs = case.build(REFERENCE, torch.device("meta"), torch.bfloat16)
+    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+    assert all(t.device.type == "meta" for t in tensors), [(t.device, tuple(t.shape)) for t in tensors]
