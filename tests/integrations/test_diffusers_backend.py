@@ -220,6 +220,5 @@ def test_key_padding_masks_take_the_fast_path(ops, form):
     native = dispatch_attention_fn(q, k, v, attn_mask=mask, backend=NATIVE)
     ours = dispatch_attention_fn(q, k, v, attn_mask=mask, backend=ad.ATTN_DISPATCH)
     assert counting.calls == 1 and counting.builds == 1
-    if not provider_calls:
-        pytest.xfail("the varlen_diffusion plugin falls back to SDPA for S_q != S_k (no cross-attention yet)")
+    assert len(provider_calls) == 1  # cross-attention runs the plugin, not its SDPA fallback
     torch.testing.assert_close(ours.float(), native.float(), rtol=1e-2, atol=2e-2)
