@@ -166,6 +166,7 @@ CASES: tuple[BadInput, ...] = (
     _varlen_case("varlen k dtype", "k", k=lambda rand, d: rand(10, 2, 8, dt=torch.float32)),
     _varlen_case("varlen v tokens differ from k", "v", v=lambda rand, d: rand(9, 2, 8)),
     _varlen_case("varlen v heads differ from k", "v", v=lambda rand, d: rand(10, 1, 8)),
+    _varlen_case("varlen v head_dim 0", "v", v=lambda rand, d: rand(10, 2, 0)),
     _varlen_case("varlen cu_seqlens_q int64", "cu_seqlens_q", cu_seqlens_q=lambda rand, d: torch.tensor([0, 3, 10], device=d)),
     _varlen_case("varlen cu_seqlens_k length", "cu_seqlens_k", cu_seqlens_k=lambda rand, d: torch.tensor([0, 10], dtype=torch.int32, device=d)),
     _varlen_case("varlen max_seqlen_q=0", "max_seqlen_q", max_seqlen_q=0),

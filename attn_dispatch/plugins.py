@@ -112,9 +112,9 @@ def load(device: object = None, *, refresh: bool = False) -> Ops:
     environment again and rebuilds this device's :class:`Ops` (and logs its problems again); objects
     already handed out keep working unchanged.
 
-    Raises only :class:`PluginLoadError` (strict mode; or called from a plugin's hook for the device being
-    loaded) and ``ValueError`` (``device``, or an unknown ``ATTN_DISPATCH_ARCH``), never because of what a
-    plugin does.
+    Raises only :class:`PluginLoadError` (strict mode; an unreadable ``ATTN_DISPATCH_STRICT``, which
+    cannot be read as off; or called from a plugin's hook for the device being loaded) and ``ValueError``
+    (``device``, or an unknown ``ATTN_DISPATCH_ARCH``), never because of what a plugin does.
     """
     index = device_index(device)
     if index in loader.building():

@@ -152,8 +152,10 @@ def validate_varlen_attention_out(
         fail("q", f"{heads} heads is not a multiple of the {kv_heads} heads of k (GQA groups must divide)")
     if k.shape[2] != head_dim:
         fail("k", f"head_dim {k.shape[2]} differs from q's {head_dim}")
-    if v.shape[:2] != k.shape[:2] or v.shape[2] == 0:
+    if v.shape[:2] != k.shape[:2]:
         fail("v", f"shape {tuple(v.shape)} does not match k's [tokens, kv_heads] {tuple(k.shape[:2])}")
+    if v.shape[2] == 0:
+        fail("v", f"needs head_dim_v > 0, got shape {tuple(v.shape)}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_last_dim_contiguous(name, t)
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
