@@ -267,9 +267,10 @@ def error(out: torch.Tensor, exact: torch.Tensor) -> tuple[float, float]:
     return diff.max().item() if diff.numel() else 0.0, diff.mean().item() if diff.numel() else 0.0
 
 
-def run_case(ops, case: Case, device: str | torch.device = "cuda") -> list[Outcome]:
-    """Every schedule of ``case`` through ``ops`` (paged, then packed), twice each on one plan."""
-    batch = make_batch(case, device)
+def run_case(ops, case: Case, device: str | torch.device = "cuda", batch: Batch | None = None) -> list[Outcome]:
+    """Every schedule of ``case`` through ``ops`` (paged, then packed), twice each on one plan.
+    ``batch``: the inputs, when the caller made them with :func:`make_batch` (to reuse them)."""
+    batch = make_batch(case, device) if batch is None else batch
     tokens, dv = batch.q.shape[0], case.head_dim
     plan = ops.make_attention_plan(**batch.plan_args, layer_params=case.schedules)
     outcomes, references = [], {}
@@ -279,18 +280,32 @@ def run_case(ops, case: Case, device: str | torch.device = "cuda") -> list[Outco
             exact = reference(case, batch, params, upcast=True)
             references[mask] = exact, *error(reference(case, batch, params, upcast=False), exact)
         exact, ref_max, ref_mean = references[mask]
-        calls = {
-            "paged": lambda out: ops.paged_attention_out(batch.q, batch.k_cache, batch.v_cache, out, plan=plan, params=params),
-            "packed": lambda out: ops.varlen_attention_out(batch.q, batch.packed["k"], batch.packed["v"], out, params=params, **{k: w for k, w in batch.packed.items() if k not in ("k", "v")}),
-        }  # fmt: skip
+        calls = {"paged": _paged_call(ops, batch, plan, params), "packed": _packed_call(ops, batch, params)}
         for op, call in calls.items():
             outs = [torch.full((tokens, case.heads * dv), 7.0, dtype=case.dtype, device=device) for _ in range(2)]
             try:
                 for out in outs:
                     call(out)
             except Exception as exc:  # a refusal is a finding too: report it with the configuration
-                outcomes.append(Outcome(case, op, params, math.inf, math.inf, ref_max, ref_mean, False, f"{type(exc).__name__}: {exc}"))
+                raised = f"{type(exc).__name__}: {exc}"
+                outcomes.append(Outcome(case, op, params, math.inf, math.inf, ref_max, ref_mean, False, raised))
                 continue
             max_err, mean_err = error(outs[0].view(tokens, case.heads, dv), exact)
             outcomes.append(Outcome(case, op, params, max_err, mean_err, ref_max, ref_mean, torch.equal(*outs)))
     return outcomes
+
+
+def _paged_call(ops, batch: Batch, plan, params: AttentionParams):
+    def call(out: torch.Tensor) -> None:
+        ops.paged_attention_out(batch.q, batch.k_cache, batch.v_cache, out, plan=plan, params=params)
+
+    return call
+
+
+def _packed_call(ops, batch: Batch, params: AttentionParams):
+    lengths = {k: w for k, w in batch.packed.items() if k not in ("k", "v")}
+
+    def call(out: torch.Tensor) -> None:
+        ops.varlen_attention_out(batch.q, batch.packed["k"], batch.packed["v"], out, params=params, **lengths)
+
+    return call
