@@ -57,7 +57,8 @@ dict lookup. Under ``torch.compile`` the checks trace and the work is one custom
 Syncs: ``build_mask_meta``: one device-to-host copy of three ints per request. ``masked_attention``:
 none; it allocates, launches and returns, so it can be captured in a CUDA graph (sizes come from the
 metadata; the max-seqlen bounds are the padded S_q and S_k). Make the first call for a new call shape
-before capturing (as any warm-up does): binding compiles the pack kernel.
+before capturing (as any warm-up does): binding compiles the pack kernel. A call bound during a capture
+is not cached (cross-attention's ``b * S_q`` offsets made there hold values only after a replay).
 """
 
 from __future__ import annotations
@@ -169,7 +170,9 @@ class VarlenDiffusionAttention:
         scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
         if compiling:
             return custom_ops.call(self._op_index, q, k, v, meta, scale)
-        bound = calls[key] = bind_call(self.provider, meta, q, k, v, scale)
+        bound = bind_call(self.provider, meta, q, k, v, scale)
+        if not _capturing(q):  # bound inside a capture: its tensors (b * S_q) are filled only by replays
+            calls[key] = bound
         return bound(q, k, v)
 
     def _flash_can_run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -189,6 +192,11 @@ class VarlenDiffusionAttention:
             and q.shape[-1] % 8 == 0
             and q.shape[-1] <= MAX_HEAD_DIM
         )
+
+
+def _capturing(q: torch.Tensor) -> bool:
+    """Whether q's CUDA stream is capturing a graph (only asked when binding, never per block)."""
+    return q.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def build_ops(

@@ -159,3 +159,20 @@ def test_bound_call_runs_new_inputs_of_the_same_layout():
         q, k, v = tensors(3, 4, 9, 2, seed=seed)
         check(ops.masked_attention(q, k, v, meta), q, k, v, mask)
     assert len(meta.calls) == 1
+
+
+def test_a_call_bound_during_graph_capture_is_not_cached(monkeypatch):
+    """Tensors made while capturing (b * S_q) hold values only after a replay: such a binding serves the
+    captured call alone, never a later eager call."""
+    from attn_dispatch_varlen_diffusion import attention
+
+    mask = MASKS["general"]
+    ops = ops_for()
+    meta = ops.build_mask_meta(mask)
+    q, k, v = tensors(mask.shape[0], 5, mask.shape[1], 2)
+    monkeypatch.setattr(attention, "_capturing", lambda q: True)
+    check(ops.masked_attention(q, k, v, meta), q, k, v, mask)
+    assert meta.calls == {}
+    monkeypatch.setattr(attention, "_capturing", lambda q: False)
+    check(ops.masked_attention(q, k, v, meta), q, k, v, mask)
+    assert len(meta.calls) == 1
