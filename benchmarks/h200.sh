@@ -2,6 +2,7 @@
 # One device call on the lent H200: set up, then run the named stages in order; logs go to $OUT/<stage>.log.
 #   benchmarks/h200.sh baseline check fa3          (issue 10: before/after, selfcheck, pytest -m cuda)
 #   benchmarks/h200.sh diffusers varlen_host tox   (issue 11 benchmarks; tox -e cuda as written)
+#   benchmarks/h200.sh conformance                  (issue 12: failing configurations against the upstream grids)
 # Needs in carry: .carry (../shared/device/fa3-site.sh, ../shared/device/wheels.sh, .ci/gpu-wheels.sh) and,
 # for the "baseline" stage, .baseline (a `git archive` of the commit to compare against).
 set -uo pipefail
@@ -40,6 +41,9 @@ for stage in "$@"; do
     diag)
       install_tree "$root"
       run diag python3 benchmarks/diag_diffusers_host.py ;;
+    conformance)
+      install_tree "$root"
+      run conformance python3 benchmarks/conformance_report.py ;;
     varlen_host)
       install_tree "$root"
       run varlen_host python3 benchmarks/bench_varlen_host.py --out "$OUT" ;;
