@@ -92,6 +92,7 @@ _guard = threading.Lock()
 _device_locks: dict[int | None, threading.RLock] = {}
 _loaded: dict[int | None, Ops] = {}
 _logged: set[str] = set()
+_generation = 0  # bumped by every build and reset: caches of Ops elsewhere compare it (generation())
 
 
 def _after_fork_in_child() -> None:
@@ -126,6 +127,7 @@ def load(device: object = None, *, refresh: bool = False) -> Ops:
             if refresh:
                 _logged.clear()
             ops = _loaded[index] = _build(index)
+            _bump_generation()
         return ops
 
 
@@ -135,6 +137,19 @@ def reset() -> None:
     with _guard:
         _loaded.clear()
         _logged.clear()
+    _bump_generation()
+
+
+def generation() -> int:
+    """A number that changes whenever a load builds or :func:`reset` forgets: a cache of what ``load()``
+    returned stays valid while it is unchanged (the diffusers backend caches its op group this way)."""
+    return _generation
+
+
+def _bump_generation() -> None:
+    global _generation
+    with _guard:
+        _generation += 1
 
 
 def list_plugins(device: object = None) -> tuple[PluginReport, ...]:

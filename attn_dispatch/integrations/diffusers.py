@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from .. import plugins
 from . import diffusers_scope as scope
 
 try:
@@ -70,7 +71,7 @@ def check_diffusers_version(version: str | None = None) -> None:
 # ---- the op group --------------------------------------------------------------------------------
 
 _injected: Any = None  # an op group set by use_ops (tests, benchmarks); None: attn_dispatch.load(device)
-_by_device: dict[torch.device, Any] = {}
+_by_device: dict[torch.device, tuple[int, Any]] = {}  # device -> (load generation, op group or None)
 
 
 def use_ops(op_group: Any | None) -> None:
@@ -86,16 +87,31 @@ def ops_for(device: torch.device) -> Any | None:
     backend calls diffusers' native attention instead, which computes the same without metadata."""
     if _injected is not None:
         return _injected
-    try:
-        return _by_device[device]
-    except KeyError:
-        pass
-    import attn_dispatch
-
-    ops = attn_dispatch.load(device)
+    cached = _by_device.get(device)
+    if cached is not None and cached[0] == plugins.generation():
+        return cached[1]
+    ops = plugins.load(device)
     resolution = ops.resolutions.get("masked_attention")
-    _by_device[device] = None if resolution is None or resolution.plugin == "reference" else ops
-    return _by_device[device]
+    usable = resolution is not None and resolution.plugin != "reference"
+    if usable and _zeroes_masked_queries(ops):
+        log.warning(
+            "attn_dispatch diffusers backend: masked_attention on %s zeroes masked query rows "
+            "(ATTN_DISPATCH_VARLEN_DIFFUSION_STRATEGY=qkv_pack), which diffusers' attention does not: "
+            "diffusers' native attention runs there; set the strategy to kv_pack for the fast path", device,
+        )  # fmt: skip
+        usable = False
+    # Keyed on the host's load generation: attn_dispatch.reset() or load(refresh=True) reaches the backend.
+    _by_device[device] = (plugins.generation(), ops if usable else None)
+    return _by_device[device][1]
+
+
+def _zeroes_masked_queries(ops: Any) -> bool:
+    """Whether the op group answers masked query rows with zeros (varlen_diffusion's qkv_pack contract).
+    diffusers' processors expect SDPA's rows there, and the op tells self- from cross-attention only by
+    S_q == S_k, so such a group is not used."""
+    implementation = getattr(ops.masked_attention, "__self__", None)
+    strategy = getattr(implementation, "general_strategy", None)
+    return getattr(strategy, "value", strategy) == "qkv_pack"
 
 
 # ---- the backend ----------------------------------------------------------------------------------

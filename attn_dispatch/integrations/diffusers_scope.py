@@ -33,8 +33,10 @@ offset, shape, strides, ``_version``, dtype, device) plus the image-token count,
 its memory cannot be reused by another. A repeated, unwritten mask then costs no build and no sync at all.
 Contents can change only through an in-place torch op (which moves ``_version``: rebuilt) or behind
 torch's back (``.data``, numpy or DLPack views, foreign kernels): pass a new tensor then, or
-``enable(..., reuse_across_forwards=False)``. Not thread-safe: one transformer forward at a time per process (the scope
-stack is a module global so torch.compile can read it).
+``enable(..., reuse_across_forwards=False)``. Threads: each scope records its thread, and eager lookups
+see only their own thread's scopes, so concurrent eager forwards never share metadata. Compiled forwards
+take the innermost scope (the stack is a module global so torch.compile can read it): one compiled
+forward at a time per process.
 
 torch.compile: the hooks are ``torch.compiler.disable``d, so they run eagerly around the compiled
 forward (a graph break before and after the blocks, none inside attention). In traced code only the
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,11 +112,12 @@ class JointMeta:
 class ForwardScope:
     """What one transformer forward knows about its masks. Made by the pre-hook, dropped by the hook."""
 
-    __slots__ = ("model", "joint", "seen")
+    __slots__ = ("model", "joint", "seen", "thread")
 
     def __init__(self, model: torch.nn.Module, joint: JointMeta | None) -> None:
         self.model = model
         self.joint = joint
+        self.thread = threading.get_ident()  # eager lookups see only their own thread's scopes
         self.seen: list[tuple[torch.Tensor, tuple, MaskMeta]] = []
 
     def lookup(self, mask: torch.Tensor) -> MaskMeta | None:
@@ -154,13 +158,21 @@ def _identity(mask: torch.Tensor) -> tuple | None:
     )  # fmt: skip
 
 
-# Innermost scope last. A module global (not threading.local) so that dynamo can read it.
+# Innermost scope last. A module global (not threading.local) so that dynamo can read it; each scope
+# records its thread, so two threads' forwards in eager mode never see each other's metadata.
 _stack: list[ForwardScope] = []
 
 
 def current() -> ForwardScope | None:
-    """The innermost open scope, or None outside every hooked forward."""
-    return _stack[-1] if _stack else None
+    """This thread's innermost open scope, or None outside every hooked forward. Traced code (one
+    forward at a time) takes the innermost scope."""
+    if torch.compiler.is_compiling():
+        return _stack[-1] if _stack else None
+    thread = threading.get_ident()
+    for scope in reversed(_stack):
+        if scope.thread == thread:
+            return scope
+    return None
 
 
 @dataclass(eq=False)
@@ -230,9 +242,13 @@ def _open_scope(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
 
 @torch.compiler.disable
 def _close_scope(model: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-    for i in range(len(_stack) - 1, -1, -1):
+    thread = threading.get_ident()
+    mine = [i for i, scope in enumerate(_stack) if scope.thread == thread]
+    for i in reversed(mine):
         if _stack[i].model is model:
-            del _stack[i:]  # with any inner scope a failed inner forward left behind
+            # with any inner scope of this thread a failed inner forward left behind
+            for j in reversed([j for j in mine if j >= i]):
+                del _stack[j]
             return
 
 

@@ -222,3 +222,41 @@ def test_key_padding_masks_take_the_fast_path(ops, form):
     assert counting.calls == 1 and counting.builds == 1
     assert len(provider_calls) == 1  # cross-attention runs the plugin, not its SDPA fallback
     torch.testing.assert_close(ours.float(), native.float(), rtol=1e-2, atol=2e-2)
+
+
+def test_qkv_pack_strategy_runs_native_attention(monkeypatch, caplog):
+    """An op group that zeroes masked query rows (qkv_pack) is never used: diffusers expects SDPA's rows."""
+    import attn_dispatch
+    import attn_dispatch.integrations.diffusers as ad
+
+    class ZeroingGroup:
+        class _Impl:
+            general_strategy = "qkv_pack"
+
+            def masked_attention(self, *args, **kwargs):  # pragma: no cover - must not be called
+                raise AssertionError("the qkv_pack group must not run")
+
+        masked_attention = _Impl().masked_attention
+        resolutions = {"masked_attention": attn_dispatch.Resolution("masked_attention", "varlen_diffusion", "x")}
+
+    ad.use_ops(None)
+    monkeypatch.setattr(attn_dispatch.plugins, "load", lambda device=None, **kw: ZeroingGroup)
+    with caplog.at_level("WARNING", logger="attn_dispatch"):
+        assert ad.ops_for(torch.device("cpu")) is None
+    assert "qkv_pack" in caplog.text
+
+
+def test_op_group_cache_follows_reset(monkeypatch):
+    """attn_dispatch.reset() reaches the backend: the next call loads again."""
+    import attn_dispatch
+    import attn_dispatch.integrations.diffusers as ad
+
+    ad.use_ops(None)
+    first = ad.ops_for(torch.device("cpu"))
+    loads = []
+    real = attn_dispatch.plugins.load
+    monkeypatch.setattr(attn_dispatch.plugins, "load", lambda device=None, **kw: loads.append(device) or real(device, **kw))
+    assert ad.ops_for(torch.device("cpu")) is first and loads == []
+    attn_dispatch.reset()
+    ad.ops_for(torch.device("cpu"))
+    assert len(loads) == 1

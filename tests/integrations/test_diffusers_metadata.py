@@ -327,3 +327,22 @@ def test_inference_mode_masks_are_never_reused_by_identity(ops):
     assert model._attn_dispatch_scope.memo == []
     ref = _native(model, qwen_inputs(torch.tensor([[1, 1, 1, 1, 1, 0, 0]])))
     assert (out - ref).abs().max() <= ATOL * ref.abs().max()
+
+
+def test_scopes_are_per_thread():
+    """An eager forward in another thread never sees this thread's scope (its metadata could be another mask's)."""
+    import threading
+
+    from attn_dispatch.integrations import diffusers_scope as scope
+
+    mine = scope.ForwardScope(torch.nn.Linear(1, 1), None)
+    scope._stack.append(mine)
+    try:
+        seen = []
+        worker = threading.Thread(target=lambda: seen.append(scope.current()))
+        worker.start()
+        worker.join()
+        assert seen == [None]
+        assert scope.current() is mine
+    finally:
+        scope._stack.remove(mine)
