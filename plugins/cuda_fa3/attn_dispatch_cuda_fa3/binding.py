@@ -15,6 +15,7 @@ import torch
 from attn_dispatch.plans import AttentionParams
 from attn_dispatch_flash import FlashArgs, FlashProvider
 
+from .known_wrong import warn_if_known_wrong
 from .stats import stats
 
 # call(q, k, v, out_rows): attention written into out_rows, [tokens, heads, head_dim_v] (the engine's rows).
@@ -84,7 +85,8 @@ class LastVarlenCall:
         self.provider, self.original = provider, original
         self._last: tuple | None = None
 
-    def get(self, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, params, softmax_scale) -> LayerCall:
+    def get(self, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, params, softmax_scale) -> LayerCall:
+        """The bound call for these lengths; ``q`` and ``k`` are read only when binding (known-wrong check)."""
         last = self._last
         if (
             last is not None and last[0] is cu_seqlens_q and last[1] is cu_seqlens_k and last[2] == max_seqlen_q
@@ -93,6 +95,7 @@ class LastVarlenCall:
             return last[6]
         args = varlen_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, params, softmax_scale)
         call = bind_layer_call(self.provider, args, original=self.original)
+        warn_if_known_wrong(self.provider.name, q.shape[2], q.shape[1], k.shape[1], params)
         self._last = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, params, softmax_scale, call)
         return call
 

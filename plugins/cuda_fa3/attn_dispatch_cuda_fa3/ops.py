@@ -25,6 +25,7 @@ from attn_dispatch_flash import FlashProvider
 from .binding import LastVarlenCall, LayerCall, bind_layer_call, out_rows, varlen_args
 from .checks import check_paged, check_varlen, fits_kernel, fits_plan, name_the_argument
 from .custom_op import call_attention_out, route_number
+from .known_wrong import warn_if_known_wrong
 from .plan import FlashPlan, make_plan, paged_args
 
 
@@ -108,6 +109,7 @@ class AttentionOutOps:
     def _bind_paged(self, plan: FlashPlan, params: AttentionParams, softmax_scale: float | None) -> LayerCall:
         """Bind the layer's call into the plan (ValueError, naming it, for another's plan or unplanned params)."""
         call = bind_layer_call(self.provider, paged_args(plan, params, softmax_scale, self.provider.name), original=self.original)
+        warn_if_known_wrong(self.provider.name, plan.head_dim, plan.num_heads, plan.num_kv_heads, params)
         plan.layer_calls[(self, params, softmax_scale)] = call
         return call
 
@@ -137,7 +139,7 @@ class AttentionOutOps:
             check_varlen(q, k, v, out, *lengths, params, softmax_scale)
         try:  # q's rank is FA3's check: an IndexError here is named by the detailed check too
             scale = q.shape[2] ** -0.5 if softmax_scale is None else softmax_scale
-            call = self._varlen.get(*lengths, params, scale)
+            call = self._varlen.get(q, k, *lengths, params, scale)
             call(q, k, v, out_rows(out, q.shape[0], q.shape[1], v.shape[2]))
         except Exception as exc:
             name_the_argument(exc, check_varlen, q, k, v, out, *lengths, params, softmax_scale)
