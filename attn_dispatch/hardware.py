@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -58,13 +59,14 @@ def normalize_gcn_arch(gcn_arch_name: str) -> str:
     return gcn_arch_name.split(":", 1)[0].strip()
 
 
-def detect(index: int | None = 0) -> Hardware:
+def detect(index: int | None = 0, environ: Mapping[str, str] | None = None) -> Hardware:
     """Describe device ``index`` (an index among the *visible* devices); ``None`` asks for the CPU.
 
     ``ATTN_DISPATCH_ARCH`` simulates an arch for GPU indices only: ``detect(None)`` is always the CPU
-    (the override is still checked, so a typo is a ``ValueError`` whatever the device).
+    (the override is still checked, so a typo is a ``ValueError`` whatever the device). ``environ``: where
+    to read it (``load()`` passes the one snapshot every setting of that load is read from).
     """
-    override = os.environ.get(ARCH_ENV, "").strip()
+    override = (os.environ if environ is None else environ).get(ARCH_ENV, "").strip()
     simulated = _from_override(override, index) if override else None
     if index is None:
         return CPU

@@ -22,7 +22,7 @@ from . import opspecs
 from .hardware import KNOWN_ARCHS, Hardware
 from .hookspecs import PluginSpec, PluginUnavailable
 from .ops import GROUP_OF, OP_GROUPS, OP_NAMES
-from .settings import NAME_RE, Setting, SettingValue, read_plugin
+from .settings import HOST_VARIABLES, NAME_RE, Setting, SettingValue, plugin_variable, read_plugin
 
 # Statuses of a plugin in one load (PluginReport.status).
 ACTIVE = "active"  # provides every op in PluginReport.ops (the reason names groups another plugin kept)
@@ -196,6 +196,9 @@ def spec_problem(spec: object, name: str) -> str | None:
     names = [s.name for s in declared]
     if len(set(names)) != len(names):
         return f"settings: names repeat: {', '.join(names)}"
+    for setting in declared:  # a plugin "load" with a setting "timeout" would read ATTN_DISPATCH_LOAD_TIMEOUT
+        if (variable := plugin_variable(name, setting.name)) in HOST_VARIABLES:
+            return f"settings: {setting.name!r} would read {variable}, a host setting"
     return None
 
 

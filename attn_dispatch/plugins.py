@@ -183,7 +183,7 @@ def _device_lock(index: int | None) -> threading.RLock:
 
 def _build(index: int | None) -> Ops:
     environ = dict(os.environ)  # one snapshot: every setting of this load is read from it
-    hardware = detect(index)
+    hardware = detect(index, environ)
     host = settings.read_host(environ)
     if host["strict"].problem:  # cannot tell whether strict mode is wanted: refuse rather than guess
         raise PluginLoadError(f"{host['strict'].problem.split(';')[0]}; set it to 1 or 0")

@@ -91,6 +91,14 @@ def test_malformed_spec_is_a_failed_plugin_not_a_crash(monkeypatch, site, field,
     assert REAL <= set(by_name(ops))  # the others still load
 
 
+def test_a_setting_that_would_read_a_host_variable_is_refused(monkeypatch, site):
+    """Plugin "load" + setting "timeout" = ATTN_DISPATCH_LOAD_TIMEOUT: the host's, not the plugin's."""
+    site.plugin("load", settings="(Setting('timeout', default='1'),)")
+    report = by_name(load_cpu(monkeypatch))["load"]
+    assert report.status == "failed"
+    assert "would read ATTN_DISPATCH_LOAD_TIMEOUT, a host setting" in report.reason
+
+
 def test_malformed_spec_in_info_is_a_line_not_a_traceback(monkeypatch, site, capsys):
     from attn_dispatch import cli
 

@@ -125,3 +125,11 @@ def test_override_applies_to_gpu_devices_only(monkeypatch, no_driver_libs):
 def test_hardware_reads_plainly():
     assert str(hardware.CPU) == "cpu"
     assert str(Hardware(vendor="nvidia", arch="sm90", name="NVIDIA H200", index=0)) == "sm90 (NVIDIA H200, nvidia device 0)"
+
+
+def test_detect_reads_the_given_environment_snapshot(monkeypatch):
+    """load() reads every setting of one build from one snapshot, the arch override included."""
+    monkeypatch.delenv("ATTN_DISPATCH_ARCH", raising=False)
+    assert detect(0, {"ATTN_DISPATCH_ARCH": "sm90"}).arch == "sm90"
+    monkeypatch.setenv("ATTN_DISPATCH_ARCH", "gfx950")
+    assert detect(0, {}).arch != "gfx950"
