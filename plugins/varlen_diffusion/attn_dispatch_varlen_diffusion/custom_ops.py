@@ -2,15 +2,21 @@
 
 Under ``torch.compile`` the plugin's ``masked_attention`` checks its inputs while Dynamo traces (all
 host checks are on shapes, dtypes and devices, so they trace without a graph break) and then calls this
-op. The op's inputs are q/k/v and the metadata's tensors and scalars, so a graph compiled for one mask
-runs any later mask of the same sizes: Dynamo guards on the scalars (``total`` and the strategy are
-specialized), the tensors are graph inputs. The fake implementation gives the output's shape:
-``[B, S_q, H, D_v]``, contiguous, a new tensor (no aliasing, nothing mutated).
+op. The op's inputs are q/k/v, the metadata's tensors whose shapes are fixed by the mask's ``[B, S_k]``
+(``key_mask``, ``seqlens``, both ``cu_seqlens``, ``inverse``) and its strategy flags. Nothing that
+varies between masks of one strategy goes in as a host value: not ``total`` (Dynamo would guard on the
+int), not the layout (prefix or window: the bound call never reads it), and not ``indices`` or
+``masked`` (their lengths would be guarded, then made dynamic by a recompile). So one graph compiled for
+a mask runs every later mask of the same ``[B, S_k]`` and strategy, whatever its valid count
+(``test_compile``). The fake implementation gives the output's shape: ``[B, S_q, H, D_v]``, contiguous,
+a new tensor (no aliasing, nothing mutated).
 
-Inside, the op finds the metadata object again (by the identity of its tensors, which Inductor passes
-through unchanged) to reuse its bound calls; if it cannot, it rebuilds an equivalent one (correct,
-only slower on the host). The ops object is passed as an index into :data:`_OPS` (a custom op takes no
-Python objects), as cuda_fa3 passes its provider.
+Inside, the op finds the metadata object again by the identity of its tensors alone (Inductor passes
+graph inputs through unchanged), which carries ``total``, ``indices`` and ``masked``, and reuses its
+bound calls. If it cannot (its tensors were copied on the way), it rebuilds an equivalent one from the
+key mask: correct, only slower on the host (device-to-host syncs for the layout, count and indices).
+The ops object is passed as an index into :data:`_OPS` (a custom op takes no Python objects), as
+cuda_fa3 passes its provider.
 """
 
 from __future__ import annotations
@@ -21,13 +27,13 @@ from typing import Optional
 import torch
 
 from .binding import bind_call, call_key
-from .meta import Layout, Strategy, VarlenMaskMeta
+from .meta import Strategy, VarlenMaskMeta, classify
 
 NAMESPACE = "attn_dispatch_varlen_diffusion"
 _OPS: list = []  # VarlenDiffusionAttention objects, by index
 _METAS: dict[int, weakref.ref] = {}  # id(meta.cu_seqlens_k) -> the metadata that owns it
 _REBUILT: dict[tuple, tuple[list, VarlenMaskMeta]] = {}
-_LAYOUTS, _STRATEGIES = list(Layout), list(Strategy)  # the ops' int codes for them, by position
+_STRATEGIES = list(Strategy)  # the op's int codes for them, by position
 
 
 def ops_index(ops: object) -> int:
@@ -49,11 +55,10 @@ def remember(meta: VarlenMaskMeta) -> None:
 
 def call(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: VarlenMaskMeta, scale: float) -> torch.Tensor:
     """What ``masked_attention`` calls while compiling: the op with the metadata spelled out (``index``:
-    the ops object's :func:`ops_index`)."""
+    the ops object's :func:`ops_index`). Reads no attribute sized by the valid count (module doc)."""
     return masked_attention(
-        q, k, v, meta.key_mask, meta.seqlens, meta.cu_seqlens_padded, meta.cu_seqlens_k, meta.indices,
-        meta.inverse, meta.masked, _LAYOUTS.index(meta.layout), _STRATEGIES.index(meta.strategy),
-        meta.zero_masked_queries, meta.total, meta.pack_queries, scale, index,
+        q, k, v, meta.key_mask, meta.seqlens, meta.cu_seqlens_padded, meta.cu_seqlens_k, meta.inverse,
+        _STRATEGIES.index(meta.strategy), meta.zero_masked_queries, meta.pack_queries, scale, index,
     )  # fmt: skip
 
 
@@ -67,21 +72,16 @@ def masked_attention(
     seqlens: torch.Tensor,
     cu_seqlens_padded: torch.Tensor,
     cu_seqlens_k: torch.Tensor,
-    indices: Optional[torch.Tensor],
     inverse: Optional[torch.Tensor],
-    masked: Optional[torch.Tensor],
-    layout: int,
     strategy: int,
     zero_masked_queries: bool,
-    total: int,
     pack_queries: bool,
     softmax_scale: float,
     ops: int,
 ) -> torch.Tensor:
     """The plugin's fast path for inputs already checked by ``masked_attention`` (see the module doc)."""
-    tensors = (key_mask, seqlens, cu_seqlens_padded, cu_seqlens_k, indices, inverse, masked)
-    scalars = (layout, strategy, zero_masked_queries, total, pack_queries)
-    meta = _find(tensors, scalars)
+    tensors = (key_mask, seqlens, cu_seqlens_padded, cu_seqlens_k, inverse)
+    meta = _find(tensors, (strategy, zero_masked_queries, pack_queries))
     owner = _OPS[ops]
     key = call_key(owner, q, k, v, softmax_scale)
     bound = meta.calls.get(key)
@@ -96,33 +96,43 @@ def _masked_attention_fake(q, k, v, *args) -> torch.Tensor:
 
 
 def _find(tensors: tuple, scalars: tuple) -> VarlenMaskMeta:
-    """The metadata these tensors came from, or an equivalent rebuilt one (cached while they live)."""
-    key_mask, seqlens, cu_padded, cu_k, indices, inverse, masked = tensors
-    layout, strategy, zero_masked_queries, total, pack_queries = scalars
+    """The metadata these tensors came from (matched on tensor identity only), or an equivalent one
+    rebuilt from the key mask (cached while its tensors live)."""
+    key_mask, seqlens, cu_padded, cu_k, inverse = tensors
     ref = _METAS.get(id(cu_k))
     meta = ref() if ref is not None else None
-    if meta is not None and all(a is b for a, b in zip(_tensors_of(meta), tensors)) and _scalars_of(meta) == scalars:
+    if meta is not None and all(a is b for a, b in zip(_tensors_of(meta), tensors)):
         return meta
     key = (*map(id, tensors), *scalars)
     hit = _REBUILT.get(key)
     if hit is not None and all(r() is t for r, t in zip(hit[0], tensors) if r is not None):
         return hit[1]
-    meta = VarlenMaskMeta(
-        key_mask=key_mask, layout=_LAYOUTS[layout], strategy=_STRATEGIES[strategy],
-        zero_masked_queries=zero_masked_queries, batch=key_mask.shape[0], seqlen=key_mask.shape[1], total=total,
-        seqlens=seqlens, cu_seqlens_padded=cu_padded, cu_seqlens_k=cu_k, indices=indices,
-        pack_queries=pack_queries, inverse=inverse, masked=masked,
-    )  # fmt: skip
+    meta = _rebuild(tensors, scalars)
     if len(_REBUILT) > 64:
         _REBUILT.clear()
     _REBUILT[key] = ([weakref.ref(t) if t is not None else None for t in tensors], meta)
     return meta
 
 
+def _rebuild(tensors: tuple, scalars: tuple) -> VarlenMaskMeta:
+    """A metadata equal to the one ``tensors`` came from: layout, count and index lists recomputed from
+    the key mask (same values as ``meta.make_mask_meta``'s; syncs, which only this slow path pays)."""
+    key_mask, seqlens, cu_padded, cu_k, inverse = tensors
+    strategy, zero_masked_queries, pack_queries = scalars
+    strategy = _STRATEGIES[strategy]
+    layout, total, _, _ = classify(key_mask)
+    flat_mask = key_mask.reshape(-1)
+    indices = masked = None
+    if strategy is not Strategy.ZERO_COPY:
+        indices = flat_mask.nonzero().squeeze(1).to(torch.int32)
+        if strategy is Strategy.QKV_PACK and not pack_queries:
+            masked = (~flat_mask).nonzero().squeeze(1)  # int64, as make_mask_meta's
+    return VarlenMaskMeta(
+        key_mask=key_mask, layout=layout, strategy=strategy, zero_masked_queries=zero_masked_queries,
+        batch=key_mask.shape[0], seqlen=key_mask.shape[1], total=total, seqlens=seqlens, cu_seqlens_padded=cu_padded,
+        cu_seqlens_k=cu_k, indices=indices, pack_queries=pack_queries, inverse=inverse, masked=masked,
+    )  # fmt: skip
+
+
 def _tensors_of(meta: VarlenMaskMeta) -> tuple:
-    return (meta.key_mask, meta.seqlens, meta.cu_seqlens_padded, meta.cu_seqlens_k, meta.indices, meta.inverse, meta.masked)
-
-
-def _scalars_of(meta: VarlenMaskMeta) -> tuple:
-    layout, strategy = _LAYOUTS.index(meta.layout), _STRATEGIES.index(meta.strategy)
-    return (layout, strategy, meta.zero_masked_queries, meta.total, meta.pack_queries)
+    return (meta.key_mask, meta.seqlens, meta.cu_seqlens_padded, meta.cu_seqlens_k, meta.inverse)

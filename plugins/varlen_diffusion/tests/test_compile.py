@@ -103,8 +103,8 @@ def test_fake_implementation_gives_the_output_shape():
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         fq, fk, fv = (mode.from_tensor(x) for x in (q, k, v))
         out = torch.ops.attn_dispatch_varlen_diffusion.masked_attention(
-            fq, fk, fv, meta.key_mask, meta.seqlens, meta.cu_seqlens_padded, meta.cu_seqlens_k, meta.indices, None,
-            None, 2, 1, False, meta.total, False, 0.25, 0,
+            fq, fk, fv, meta.key_mask, meta.seqlens, meta.cu_seqlens_padded, meta.cu_seqlens_k, None, 1, False, False,
+            0.25, 0,
         )  # fmt: skip
     assert out.shape == (2, 6, H, D) and out.dtype == q.dtype
 
@@ -116,7 +116,85 @@ def test_opcheck():
     meta = ops.build_mask_meta(mask)
     q, k, v = tensors(mask, 6, 2)
     args = (
-        q, k, v, meta.key_mask, meta.seqlens, meta.cu_seqlens_padded, meta.cu_seqlens_k, meta.indices, meta.inverse,
-        meta.masked, 2, 1, False, meta.total, False, 0.25, ops._op_index,
+        q, k, v, meta.key_mask, meta.seqlens, meta.cu_seqlens_padded, meta.cu_seqlens_k, meta.inverse, 1, False,
+        False, 0.25, ops._op_index,
     )  # fmt: skip
     torch.library.opcheck(torch.ops.attn_dispatch_varlen_diffusion.masked_attention.default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def _gaps_mask(valid: int) -> torch.Tensor:
+    """A general ``[2, 16]`` mask: row 0 keeps ``valid`` keys in two runs, row 1 all 16 (total valid + 16)."""
+    return torch.tensor([[True] * 2 + [False] * 2 + [s < valid - 2 for s in range(12)], [True] * 16])
+
+
+def _prefix_mask(valid: int) -> torch.Tensor:
+    return torch.tensor([row("prefix", 16, valid), row("full", 16)])
+
+
+def _prefix_or_window_mask(valid: int) -> torch.Tensor:
+    """Prefix layout for 5 and 11 valid keys, window (left padding) for 7: both zero-copy."""
+    return torch.tensor([row("suffix", 16, 16 - valid) if valid == 7 else row("prefix", 16, valid), row("full", 16)])
+
+
+VALID_COUNTS = (5, 7, 11)
+RECOMPILE_CASES = {  # (mask maker, general strategy, pack_queries, the strategy the metas must get)
+    "kv_pack, general": (_gaps_mask, "kv_pack", None, "kv_pack"),
+    "qkv_pack, general, Q packed": (_gaps_mask, "qkv_pack", True, "qkv_pack"),
+    "qkv_pack, general, Q in place": (_gaps_mask, "qkv_pack", False, "qkv_pack"),
+    "zero_copy, prefix": (_prefix_mask, "kv_pack", None, "zero_copy"),
+    "zero_copy, prefix, zeroing": (_prefix_mask, "qkv_pack", None, "zero_copy"),
+    "zero_copy, prefix and window": (_prefix_or_window_mask, "kv_pack", None, "zero_copy"),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(RECOMPILE_CASES))
+def test_masks_with_other_valid_counts_reuse_one_graph(case, backend):
+    """The valid-token count is no guarded host int: masks of one shape with 5, 7 and 11 valid keys run
+    one compiled graph (a recompile per count would hit Dynamo's limit of 8 and fall back to eager)."""
+    make_mask, general, pack_queries, strategy = RECOMPILE_CASES[case]
+    ops = build_ops(make_torch_provider(), general_strategy=general, device_type="cpu", pack_queries=pack_queries)
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend(backend)(gm, example_inputs)
+
+    def block(q, k, v, meta):
+        return ops.masked_attention(q * 1.5, k, v, meta, softmax_scale=0.25) + 1
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, backend=counting)
+    for valid in VALID_COUNTS:
+        mask = make_mask(valid)
+        meta = ops.build_mask_meta(mask)
+        assert meta.strategy.value == strategy and meta.total == valid + 16
+        q, k, v = tensors(mask, None, H, seed=valid)
+        assert torch.equal(compiled(q, k, v, meta), block(q, k, v, meta)), valid
+    assert len(graphs) == 1, [gm.code for gm in graphs]
+
+
+@pytest.mark.parametrize("case", list(RECOMPILE_CASES))
+def test_op_rebuilds_metadata_it_cannot_find(case):
+    """Tensors that are copies (no metadata owns them): the op rebuilds the count-sized parts from the key
+    mask and computes what eager computes for the original metadata."""
+    make_mask, general, pack_queries, _ = RECOMPILE_CASES[case]
+    ops = build_ops(make_torch_provider(), general_strategy=general, device_type="cpu", pack_queries=pack_queries)
+    from attn_dispatch_varlen_diffusion import custom_ops
+
+    for valid in VALID_COUNTS:
+        mask = make_mask(valid)
+        meta = ops.build_mask_meta(mask)
+        q, k, v = tensors(mask, None, H, seed=valid)
+        copies = [None if t is None else t.clone() for t in custom_ops._tensors_of(meta)]
+        strategy = custom_ops._STRATEGIES.index(meta.strategy)
+        out = torch.ops.attn_dispatch_varlen_diffusion.masked_attention(
+            q, k, v, *copies, strategy, meta.zero_masked_queries, meta.pack_queries, 0.25, ops._op_index
+        )
+        rebuilt = custom_ops._find(tuple(copies), (strategy, meta.zero_masked_queries, meta.pack_queries))
+        assert (rebuilt.layout, rebuilt.total) == (meta.layout, meta.total)
+        for name in ("indices", "masked"):
+            want, got = getattr(meta, name), getattr(rebuilt, name)
+            assert want is got is None or (got.dtype == want.dtype and torch.equal(got, want)), name
+        assert not meta.calls  # the op bound its call on the rebuilt metadata, not on this one
+        assert torch.equal(out, ops.masked_attention(q, k, v, meta, softmax_scale=0.25)), valid
