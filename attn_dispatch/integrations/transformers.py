@@ -1,0 +1,277 @@
+"""An ``attn_dispatch`` attention implementation for transformers (supported: transformers 5.17.x).
+
+Importing this module registers ``"attn_dispatch"`` in transformers' ``AttentionInterface`` and, under
+the same name, a mask function in ``AttentionMaskInterface``, so a stock model takes it with
+``from_config(cfg, attn_implementation="attn_dispatch")``, ``from_pretrained(...,
+attn_implementation="attn_dispatch")`` or ``model.set_attn_implementation("attn_dispatch")``, and its
+attention always gets the padding mask (a custom attention without a mask function gets None).
+
+The mask function is ``sdpa``'s own (``masking_utils.sdpa_mask``, same arguments, same tensor): the
+fallback below must hand ``sdpa`` exactly what it would have got. FlashAttention's 2D mask form would
+not do for that, and the 4D mask alone does not say where the queries sit, so the mask function also
+records, next to the tensor it returns, the 2D padding mask and offsets it was made from
+(``transformers_meta``). The first layer turns that record into unpad indices, ``cu_seqlens`` and max
+lengths with one host sync; every other layer of the forward reuses them (transformers' own
+FlashAttention path unpads, with a sync, in every layer).
+
+What runs where (per layer call):
+
+- the fast path, ``ops.varlen_attention_out`` (``attn_dispatch.load(device)``; cuda_fa3 on sm90), with
+  bottom-right-aligned causal attention (FA3's), ``window_size=(sliding_window - 1, 0)`` and
+  ``softcap``: q/k/v fp16/bf16 of one dtype and device, a head dim that is a multiple of 8 and at most
+  256 (v's the same), query heads a multiple of key heads (GQA), no dropout, no ``output_attentions``, a
+  causal module, no position bias, no autograd, not being compiled, and a mask that is None (no padding)
+  or one this module's mask function made from a plain causal or sliding-window causal pattern whose
+  valid tokens are one run per row (left or right padding, prefill or decode, Dynamic or Static cache).
+  Output rows of padding queries are zeros (``sdpa`` computes something there; no valid token reads it).
+  ``softcap`` is applied (``sdpa`` ignores it; eager applies it).
+- transformers' ``sdpa`` attention function, called with exactly the arguments it would have got (so
+  byte-identical): everything else, including devices where ``varlen_attention_out`` resolved to the
+  reference (unless an op group was injected with :func:`use_ops`).
+
+Any transformers version other than 5.17.x makes the import raise :class:`UnsupportedTransformersVersion`:
+the mask record depends on ``masking_utils`` internals of that version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from .. import plugins
+from ..plans import AttentionParams
+from . import transformers_meta as meta
+
+try:
+    import transformers
+    from transformers import masking_utils
+    from transformers.integrations import sdpa_attention
+    from transformers.modeling_utils import AttentionInterface
+except ImportError as exc:  # pragma: no cover - the extra is not installed
+    raise ImportError(
+        "attn_dispatch.integrations.transformers needs transformers 5.17.x: pip install 'transformers==5.17.*'"
+        " (or, in an attn_dispatch checkout, pip install '.[transformers]')"
+    ) from exc
+
+NAME = "attn_dispatch"
+SUPPORTED_TRANSFORMERS = ("5.17",)  # major.minor series this module was written and tested against
+MAX_HEAD_DIM = 256
+
+
+class UnsupportedTransformersVersion(RuntimeError):
+    """The installed transformers is not one this integration supports (see ``SUPPORTED_TRANSFORMERS``)."""
+
+
+def check_transformers_version(version: str | None = None) -> None:
+    """Raise :class:`UnsupportedTransformersVersion` unless ``version`` (default: installed) is supported."""
+    version = transformers.__version__ if version is None else version
+    if ".".join(version.split(".")[:2]) not in SUPPORTED_TRANSFORMERS:
+        raise UnsupportedTransformersVersion(
+            f"attn_dispatch's transformers integration supports transformers "
+            f"{', '.join(s + '.x' for s in SUPPORTED_TRANSFORMERS)}; transformers {version} is installed. Install a "
+            f"supported version (pip install 'transformers=={SUPPORTED_TRANSFORMERS[-1]}.*') or leave it off."
+        )
+
+
+# ---- the op group --------------------------------------------------------------------------------
+
+_injected: Any = None
+_by_device: dict[torch.device, tuple[int, Any]] = {}
+
+
+def use_ops(op_group: Any | None) -> None:
+    """Use ``op_group`` (anything with ``varlen_attention_out``, or a dict of ops such as
+    ``attn_dispatch_cuda_fa3.build_ops(provider)``) on every device, or None to go back to
+    ``attn_dispatch.load(device)``. The seam for tests (a CPU stand-in provider)."""
+    global _injected
+    _injected = SimpleNamespace(**op_group) if isinstance(op_group, Mapping) else op_group
+    _by_device.clear()
+
+
+def ops_for(device: torch.device) -> Any | None:
+    """The op group for ``device``, or None where ``varlen_attention_out`` is the reference: there the
+    attention calls ``sdpa``, which computes the same without unpadding."""
+    if _injected is not None:
+        return _injected
+    cached = _by_device.get(device)
+    if cached is not None and cached[0] == plugins.generation():
+        return cached[1]
+    ops = plugins.load(device)
+    resolution = ops.resolutions.get("varlen_attention_out")
+    usable = resolution is not None and resolution.plugin != "reference"
+    _by_device[device] = (plugins.generation(), ops if usable else None)
+    return _by_device[device][1]
+
+
+# ---- the mask function ---------------------------------------------------------------------------
+
+
+def attn_dispatch_mask(
+    batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+    mask_function: Any = masking_utils.causal_mask_function, attention_mask: torch.Tensor | None = None, **kwargs: Any,
+) -> torch.Tensor | None:  # fmt: skip
+    """``sdpa_mask`` with the same arguments (so ``sdpa`` can take its result), recording what the mask
+    was made from when its pattern is one the fast path computes (plain or sliding-window causal)."""
+    mask = masking_utils.sdpa_mask(
+        batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
+        mask_function=mask_function, attention_mask=attention_mask, **kwargs,
+    )  # fmt: skip
+    if mask is None or not isinstance(q_length, int) or not isinstance(kv_length, int):
+        return mask
+    known, window = _causal_pattern(mask_function)
+    if known and isinstance(q_offset, (int, torch.Tensor)) and isinstance(kv_offset, int):
+        padding = masking_utils.prepare_padding_mask(attention_mask, kv_length, kv_offset)
+        meta.remember(
+            mask, padding=padding, batch=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+            kv_offset=kv_offset, window=window,
+        )  # fmt: skip
+    return mask
+
+
+def _causal_pattern(mask_function: Any) -> tuple[bool, int | None]:
+    """(True, None) for ``causal_mask_function``; (True, window) for ``sliding_window_causal_mask_function``
+    (read from its closures: 5.17's ``and_masks(sliding_window_overlay(w), causal_mask_function)``);
+    (False, None) for anything else (packed sequences, chunks, custom or/and masks)."""
+    if mask_function is masking_utils.causal_mask_function:
+        return True, None
+    parts = _closure_value(mask_function, "mask_functions")
+    if not isinstance(parts, tuple) or len(parts) != 2 or parts[1] is not masking_utils.causal_mask_function:
+        return False, None
+    overlay = parts[0]
+    if getattr(overlay, "__qualname__", "") != "sliding_window_overlay.<locals>.inner_mask":
+        return False, None
+    window = _closure_value(overlay, "sliding_window")
+    return (True, window) if isinstance(window, int) and window > 0 else (False, None)
+
+
+def _closure_value(function: Any, name: str) -> Any:
+    code, cells = getattr(function, "__code__", None), getattr(function, "__closure__", None)
+    if code is None or not cells or name not in code.co_freevars:
+        return None
+    return cells[code.co_freevars.index(name)].cell_contents
+
+
+# ---- the attention function ------------------------------------------------------------------------
+
+
+def attn_dispatch_attention(
+    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    attention_mask: torch.Tensor | None, **kwargs: Any,
+) -> tuple[torch.Tensor, None]:  # fmt: skip
+    """transformers attention: q ``[B, H, Q, D]``, k/v ``[B, H_kv, K, D]``; returns (``[B, Q, H, D]``,
+    None). See the module doc for when it runs FlashAttention and when ``sdpa``."""
+    ops = _fast_ops(module, query, key, value, kwargs)
+    if ops is not None:
+        window = kwargs.get("sliding_window")
+        if attention_mask is None:
+            return _dense(ops, query, key, value, kwargs, window), None
+        record = meta.lookup(attention_mask)
+        if record is not None and record.window == window and _shapes_match(record, query, key):
+            unpad = meta.metadata(record)
+            if unpad.exact:
+                return _varlen(ops, unpad, query, key, value, kwargs, window), None
+    return sdpa_attention.sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _fast_ops(module, query, key, value, kwargs) -> Any | None:
+    """The op group when this call may take the fast path (the module doc's list, mask aside), else None."""
+    if kwargs.get("output_attentions") or kwargs.get("dropout", 0.0) or kwargs.get("position_bias") is not None:
+        return None
+    if not kwargs.get("is_causal", getattr(module, "is_causal", True)):
+        return None
+    dtype = query.dtype
+    if (dtype is not torch.bfloat16 and dtype is not torch.float16) or key.dtype is not dtype or value.dtype is not dtype:
+        return None
+    if query.dim() != 4 or key.dim() != 4 or value.shape[:3] != key.shape[:3]:
+        return None
+    batch, heads, _, head_dim = query.shape
+    if key.shape[0] != batch or heads % key.shape[1] or key.shape[3] != head_dim or value.shape[3] != head_dim:
+        return None
+    if head_dim % 8 or head_dim > MAX_HEAD_DIM or key.device != query.device or value.device != query.device:
+        return None
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        return None
+    if torch.compiler.is_compiling():  # the first layer's metadata build syncs: keep a traced graph whole
+        return None
+    return ops_for(query.device)
+
+
+def _shapes_match(record: meta.MaskRecord, query: torch.Tensor, key: torch.Tensor) -> bool:
+    return record.batch == query.shape[0] and record.q_length == query.shape[2] and record.kv_length == key.shape[2]
+
+
+def _params(kwargs: dict, window: int | None) -> AttentionParams:
+    return AttentionParams(
+        causal=True, window_size=(window - 1, 0) if window else (-1, -1), softcap=float(kwargs.get("softcap") or 0.0)
+    )
+
+
+def _dense(ops, query, key, value, kwargs, window) -> torch.Tensor:
+    """No mask (no padding): every row full. Like ``sdpa``, a longer key than query with Q > 1 (an empty
+    StaticCache's prefill, top-left causal there) keeps the first Q keys."""
+    batch, heads, q_len, head_dim = query.shape
+    if 1 < q_len < key.shape[2]:
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    cu_q, cu_k = meta.dense_cu_seqlens(query.device, batch, q_len, kv_len)
+    out = query.new_empty(batch, q_len, heads, head_dim)
+    ops.varlen_attention_out(
+        query.transpose(1, 2).reshape(batch * q_len, heads, head_dim),
+        key.transpose(1, 2).reshape(batch * kv_len, kv_heads, head_dim),
+        value.transpose(1, 2).reshape(batch * kv_len, kv_heads, head_dim),
+        out.view(batch * q_len, heads, head_dim),
+        cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=q_len, max_seqlen_k=kv_len,
+        params=_params(kwargs, window), softmax_scale=kwargs.get("scaling"),
+    )  # fmt: skip
+    return out
+
+
+def _varlen(ops, unpad: meta.Meta, query, key, value, kwargs, window) -> torch.Tensor:
+    """Unpad with the forward's indices, run varlen FlashAttention into the forward's output buffer, re-pad."""
+    batch, heads, q_len, head_dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    q = query.transpose(1, 2).reshape(batch * q_len, heads, head_dim).index_select(0, unpad.idx_q)
+    k = key.transpose(1, 2).reshape(batch * kv_len, kv_heads, head_dim).index_select(0, unpad.idx_k)
+    v = value.transpose(1, 2).reshape(batch * kv_len, kv_heads, head_dim).index_select(0, unpad.idx_k)
+    out = unpad.out_buffer(query, heads, head_dim)
+    ops.varlen_attention_out(
+        q, k, v, out, cu_seqlens_q=unpad.cu_seqlens_q, cu_seqlens_k=unpad.cu_seqlens_k,
+        max_seqlen_q=unpad.max_seqlen_q, max_seqlen_k=unpad.max_seqlen_k, params=_params(kwargs, window),
+        softmax_scale=kwargs.get("scaling"),
+    )  # fmt: skip
+    padded = query.new_zeros(batch * q_len, heads, head_dim)
+    padded.index_copy_(0, unpad.idx_q, out)
+    return padded.view(batch, q_len, heads, head_dim)
+
+
+# ---- registration ----------------------------------------------------------------------------------
+
+
+def register() -> str:
+    """Register the attention and its mask function under :data:`NAME` (done on import; idempotent)."""
+    check_transformers_version()
+    AttentionInterface.register(NAME, attn_dispatch_attention)
+    masking_utils.AttentionMaskInterface.register(NAME, attn_dispatch_mask)
+    return NAME
+
+
+register()
+
+stats = meta.stats
+
+__all__ = [
+    "MAX_HEAD_DIM",
+    "NAME",
+    "SUPPORTED_TRANSFORMERS",
+    "UnsupportedTransformersVersion",
+    "attn_dispatch_attention",
+    "attn_dispatch_mask",
+    "check_transformers_version",
+    "ops_for",
+    "register",
+    "stats",
+    "use_ops",
+]

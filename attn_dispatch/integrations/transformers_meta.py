@@ -1,0 +1,157 @@
+"""Per-forward unpadding metadata for the transformers integration (see ``transformers.py``).
+
+transformers builds one attention mask per forward (one per layer type: full and sliding) through the
+registered mask function, and hands that same tensor to every layer. The integration's mask function
+returns exactly what ``sdpa`` gets (so the ``sdpa`` fallback is unchanged) and :func:`remember` records,
+next to the returned tensor, the 2D padding mask and offsets it was made from. The first layer that
+runs the fast path with that mask tensor calls :func:`metadata`, which builds the unpad indices,
+``cu_seqlens`` and max lengths with one host sync; every later layer of the forward finds them on the
+record (no sync, no rebuild). A record matches only the very tensor it was made for (identity) while
+that tensor is unwritten (``_version``), and the newest few records are kept (older forwards' masks
+drop out), so metadata is never stale.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+_RECENT = 8  # masks kept: a forward makes one or two (full, sliding); a few forwards' worth is plenty
+_records: deque[MaskRecord] = deque(maxlen=_RECENT)
+
+
+@dataclass
+class Stats:
+    """Counters for tests: ``builds`` counts metadata builds (each is one host sync)."""
+
+    builds: int = 0
+
+
+stats = Stats()
+
+
+@dataclass
+class Meta:
+    """One forward's unpadding of one mask. ``exact`` False: the batch is not one FlashAttention's
+    bottom-right-aligned causal varlen call computes exactly (a hole inside a row's valid tokens, or valid
+    queries that are not the row's last valid keys); every layer then falls back to ``sdpa``."""
+
+    exact: bool
+    idx_q: torch.Tensor | None = None  # int64 [total_q]: rows of the [B*Q] flattened queries
+    idx_k: torch.Tensor | None = None  # int64 [total_k]: rows of the [B*K] flattened keys
+    cu_seqlens_q: torch.Tensor | None = None  # int32 [B + 1]
+    cu_seqlens_k: torch.Tensor | None = None
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
+    out: dict = field(default_factory=dict)  # (heads, head_dim, dtype) -> [total_q, heads, head_dim] buffer
+
+    def out_buffer(self, like: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+        """The unpadded output buffer every layer writes into (layers re-pad it before the next one runs)."""
+        key = (heads, head_dim, like.dtype)
+        buf = self.out.get(key)
+        if buf is None:
+            buf = self.out[key] = like.new_empty(self.idx_q.numel(), heads, head_dim)
+        return buf
+
+
+@dataclass
+class MaskRecord:
+    """What a mask tensor was made from: ``padding`` is ``prepare_padding_mask``'s [B, >= kv_offset + K]
+    bool mask (None: no padding), indexed by absolute position; ``window`` the sliding window (None: full)."""
+
+    mask: torch.Tensor
+    version: int
+    padding: torch.Tensor | None
+    batch: int
+    q_length: int
+    kv_length: int
+    q_offset: int | torch.Tensor  # StaticCache passes a 0-dim tensor (copied here: the cache updates its own)
+    kv_offset: int
+    window: int | None
+    meta: Meta | None = None
+
+
+def remember(mask: torch.Tensor, **fields) -> None:
+    """Record how ``mask`` was made (called by the mask function, no device work)."""
+    if isinstance(fields.get("q_offset"), torch.Tensor):
+        fields["q_offset"] = fields["q_offset"].clone()
+    _records.appendleft(MaskRecord(mask=mask, version=mask._version, **fields))
+
+
+def lookup(mask: torch.Tensor) -> MaskRecord | None:
+    """The record of this very, unwritten, mask tensor, or None (a mask the integration did not make)."""
+    for record in _records:
+        if record.mask is mask:
+            return record if record.version == mask._version else None
+    return None
+
+
+def metadata(record: MaskRecord) -> Meta:
+    """The record's unpadding metadata, built on first use (one host sync) and reused after."""
+    if record.meta is None:
+        record.meta = _build(record)
+    return record.meta
+
+
+def _build(r: MaskRecord) -> Meta:
+    stats.builds += 1
+    device = r.mask.device
+    kv_pos = torch.arange(r.kv_length, device=device) + r.kv_offset  # absolute positions
+    q_pos = torch.arange(r.q_length, device=device) + r.q_offset  # q_offset: an int, or a StaticCache's 0-dim tensor
+    last = q_pos[-1]  # keys past the last query position are unwritten (StaticCache)
+    if r.padding is None:
+        k_valid = (kv_pos <= last).expand(r.batch, -1)
+        q_valid = torch.ones(r.batch, r.q_length, dtype=torch.bool, device=device)
+    else:
+        padding = r.padding.to(device=device, dtype=torch.bool)
+        k_valid = padding[:, kv_pos] & (kv_pos <= last)
+        q_valid = padding.gather(1, q_pos.expand(r.batch, -1))
+    n_k, first_k, contiguous_k = _runs(k_valid)
+    n_q, first_q, contiguous_q = _runs(q_valid)
+    # Bottom-right alignment is exact when each row's valid keys are one run and its valid queries are the
+    # last tokens of that run (left or right padding, prefill or decode); distances (sliding windows) then
+    # survive packing too.
+    end_k = r.kv_offset + first_k + n_k
+    end_q = r.q_offset + first_q + n_q
+    aligned = contiguous_k & contiguous_q & ((n_q == 0) | (end_k == end_q))
+    summary = torch.stack([n_q.max(), n_k.max(), n_q.sum(), n_k.sum(), aligned.all().long()]).tolist()  # the sync
+    max_q, max_k, total_q, total_k, exact = summary
+    if not exact or total_q == 0:
+        return Meta(exact=False)
+    return Meta(
+        exact=True,
+        idx_q=torch.nonzero_static(q_valid.reshape(-1), size=total_q).squeeze(1),
+        idx_k=torch.nonzero_static(k_valid.reshape(-1), size=total_k).squeeze(1),
+        cu_seqlens_q=F.pad(torch.cumsum(n_q, 0, dtype=torch.int32), (1, 0)),
+        cu_seqlens_k=F.pad(torch.cumsum(n_k, 0, dtype=torch.int32), (1, 0)),
+        max_seqlen_q=max_q,
+        max_seqlen_k=max_k,
+    )
+
+
+def _runs(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of a [B, L] bool mask: count, first valid index (0 if none), and whether the valid entries
+    form one contiguous run. Device ops only."""
+    count = valid.sum(1)
+    first = torch.where(count > 0, valid.int().argmax(1), 0)
+    cols = torch.arange(valid.shape[1], device=valid.device)
+    run = (cols >= first[:, None]) & (cols < (first + count)[:, None])
+    return count, first, (run == valid).all(1)
+
+
+_dense: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def dense_cu_seqlens(device: torch.device, batch: int, q_length: int, kv_length: int):
+    """``cu_seqlens`` for an unpadded batch (every row full): made once per shape, no sync."""
+    key = (device, batch, q_length, kv_length)
+    cached = _dense.get(key)
+    if cached is None:
+        rows = torch.arange(batch + 1, dtype=torch.int32, device=device)
+        if len(_dense) > 64:
+            _dense.clear()
+        cached = _dense[key] = (rows * q_length, rows * kv_length)
+    return cached

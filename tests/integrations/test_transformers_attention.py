@@ -1,0 +1,165 @@
+"""The transformers integration on CPU: a tiny Llama whose attention runs cuda_fa3's ops over the CPU
+torch stand-in provider (FA3's interface and host checks, the reference's math; fp16/bf16 only, as FA3)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import attn_dispatch_cuda_fa3  # noqa: E402
+from fa3_torch_provider import make_torch_provider  # noqa: E402
+from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig  # noqa: E402
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS  # noqa: E402
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
+
+from attn_dispatch.integrations import transformers as integration  # noqa: E402
+
+SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+
+
+@pytest.fixture
+def calls():
+    """Inject cuda_fa3's ops over the stand-in provider; yield its call counters; undo after."""
+    provider, counters = make_torch_provider()
+    integration.use_ops(attn_dispatch_cuda_fa3.build_ops(provider))
+    integration.stats.builds = 0
+    yield counters
+    integration.use_ops(None)
+
+
+def llama(layers: int = 2, dtype: torch.dtype = torch.bfloat16, **extra):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(num_hidden_layers=layers, **SMALL, **extra)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="attn_dispatch", dtype=dtype).eval()
+
+
+def left_padded_batch():
+    """Three prompts of 12, 11 and 7 tokens, left padded to 12 (pad id 0)."""
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 128, (3, 12), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, :1] = 0
+    mask[2, :5] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def logits(model, impl: str, ids, mask, **kwargs):
+    model.set_attn_implementation(impl)
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, **kwargs).logits
+
+
+def test_registered_under_its_name():
+    assert ALL_ATTENTION_FUNCTIONS["attn_dispatch"] is integration.attn_dispatch_attention
+    assert ALL_MASK_ATTENTION_FUNCTIONS["attn_dispatch"] is integration.attn_dispatch_mask
+    model = llama()
+    assert model.config._attn_implementation == "attn_dispatch"
+    model.set_attn_implementation("sdpa")
+    model.set_attn_implementation("attn_dispatch")
+    assert model.config._attn_implementation == "attn_dispatch"
+
+
+def test_padded_prefill_matches_sdpa_on_valid_positions(calls):
+    model, (ids, mask) = llama(), left_padded_batch()
+    ours = logits(model, "attn_dispatch", ids, mask)
+    assert calls.fwd_into_out == 2  # both layers ran FlashAttention, into the output buffer
+    reference = logits(model, "sdpa", ids, mask)
+    valid = mask.bool()
+    torch.testing.assert_close(ours[valid].float(), reference[valid].float(), atol=2e-2, rtol=2e-2)
+    assert torch.equal(ours[:, -1].argmax(-1), reference[:, -1].argmax(-1))
+
+
+def test_padding_is_never_attended(calls):
+    """The mask function hands the attention the padding: what sits in padded slots changes nothing."""
+    model, (ids, mask) = llama(), left_padded_batch()
+    first = logits(model, "attn_dispatch", ids, mask)
+    second = logits(model, "attn_dispatch", ids.masked_fill(mask == 0, 77), mask)
+    assert torch.equal(first[mask.bool()], second[mask.bool()])
+
+
+@pytest.mark.parametrize("cache", [None, "static"])
+def test_greedy_generate_equals_sdpa(calls, cache):
+    model, (ids, mask) = llama(), left_padded_batch()
+    extra = {} if cache is None else {"cache_implementation": cache}
+    results = {}
+    for impl in ("attn_dispatch", "sdpa"):
+        model.set_attn_implementation(impl)
+        results[impl] = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0, **extra
+        )
+    assert calls.fwd == 5 * 2  # prefill and 4 decode steps, 2 layers each, all on the fast path
+    assert torch.equal(results["attn_dispatch"], results["sdpa"])
+
+
+@pytest.mark.parametrize("layers", [2, 4])
+def test_metadata_built_once_per_forward(calls, layers):
+    model, (ids, mask) = llama(layers), left_padded_batch()
+    logits(model, "attn_dispatch", ids, mask)
+    assert (integration.stats.builds, calls.fwd) == (1, layers)  # one build (one sync), reused by each layer
+    logits(model, "attn_dispatch", ids, mask)
+    assert integration.stats.builds == 2  # a new forward, a new mask: built again, never reused stale
+
+
+def test_unpadded_batch_needs_no_metadata(calls):
+    model, (ids, _) = llama(), left_padded_batch()
+    ours = logits(model, "attn_dispatch", ids, torch.ones_like(ids))
+    assert (integration.stats.builds, calls.fwd) == (0, 2)
+    torch.testing.assert_close(ours.float(), logits(model, "sdpa", ids, torch.ones_like(ids)).float(), atol=2e-2, rtol=2e-2)
+
+
+def test_sliding_window_and_softcap_match_eager(calls):
+    """Gemma-2 style: alternating sliding (window 4) and global layers, attention softcap (sdpa ignores it)."""
+    torch.manual_seed(0)
+    cfg = Gemma2Config(num_hidden_layers=2, head_dim=16, sliding_window=4, attn_logit_softcapping=5.0, **SMALL)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="attn_dispatch", dtype=torch.bfloat16).eval()
+    ids, mask = left_padded_batch()
+    ours = logits(model, "attn_dispatch", ids, mask)
+    assert calls.fwd == 2 and integration.stats.builds == 2  # one build per mask (sliding, full)
+    reference = logits(model, "eager", ids, mask)
+    torch.testing.assert_close(ours[mask.bool()].float(), reference[mask.bool()].float(), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize(
+    "case", ["fp32", "output_attentions", "training_dropout", "reference_device"]
+)
+def test_fallbacks_are_sdpa_byte_for_byte(calls, case):
+    ids, mask = left_padded_batch()
+    model = llama(dtype=torch.float32 if case == "fp32" else torch.bfloat16, attention_dropout=0.5)
+    kwargs = {"output_attentions": True} if case == "output_attentions" else {}
+    if case == "training_dropout":
+        model.train()
+    if case == "reference_device":
+        integration.use_ops(None)  # CPU: varlen_attention_out is the reference, so sdpa runs
+    results = {}
+    for impl in ("attn_dispatch", "sdpa"):
+        model.set_attn_implementation(impl)
+        torch.manual_seed(3)  # the same dropout draws for both
+        with torch.no_grad():
+            results[impl] = model(input_ids=ids, attention_mask=mask, **kwargs).logits
+    assert calls.fwd == 0
+    assert torch.equal(results["attn_dispatch"], results["sdpa"])
+
+
+def test_an_unknown_mask_pattern_falls_back(calls):
+    """A 4D mask this module did not make (here: the caller's own) goes to sdpa unchanged."""
+    model, (ids, mask) = llama(), left_padded_batch()
+    custom = torch.ones(3, 1, 12, 12, dtype=torch.bool).tril()
+    results = {impl: logits(model, impl, ids, custom) for impl in ("attn_dispatch", "sdpa")}
+    assert calls.fwd == 0
+    assert torch.equal(results["attn_dispatch"], results["sdpa"])
+
+
+def test_version_check():
+    integration.check_transformers_version("5.17.0")
+    integration.check_transformers_version("5.17.9")
+    for version in ("5.16.2", "5.18.0", "4.57.1"):
+        with pytest.raises(integration.UnsupportedTransformersVersion, match=version):
+            integration.check_transformers_version(version)
+
+
+def test_import_on_another_version_raises(monkeypatch):
+    monkeypatch.setattr(transformers, "__version__", "5.18.0")
+    with pytest.raises(integration.UnsupportedTransformersVersion, match="5.17.x"):
+        integration.register()
