@@ -102,6 +102,27 @@ def test_metadata_built_once_per_forward(calls, layers):
     assert integration.stats.builds == 2  # a new forward, a new mask: built again, never reused stale
 
 
+def test_right_padded_batch_matches_sdpa(calls):
+    model, (ids, _) = llama(), left_padded_batch()
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0
+    ours = logits(model, "attn_dispatch", ids, mask)
+    assert calls.fwd == 2
+    reference = logits(model, "sdpa", ids, mask)
+    torch.testing.assert_close(ours[mask.bool()].float(), reference[mask.bool()].float(), atol=2e-2, rtol=2e-2)
+
+
+def test_a_hole_in_a_row_falls_back_for_the_whole_forward(calls):
+    """Valid tokens that are not one run per row are no bottom-right causal varlen batch: sdpa, unchanged,
+    and the decision is made once (one build) for every layer."""
+    model, (ids, _) = llama(), left_padded_batch()
+    mask = torch.ones_like(ids)
+    mask[0, 4:6] = 0
+    results = {impl: logits(model, impl, ids, mask) for impl in ("attn_dispatch", "sdpa")}
+    assert (calls.fwd, integration.stats.builds) == (0, 1)
+    assert torch.equal(results["attn_dispatch"], results["sdpa"])
+
+
 def test_unpadded_batch_needs_no_metadata(calls):
     model, (ids, _) = llama(), left_padded_batch()
     ours = logits(model, "attn_dispatch", ids, torch.ones_like(ids))
