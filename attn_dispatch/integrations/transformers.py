@@ -232,10 +232,9 @@ def _dense(ops, query, key, value, kwargs, window) -> torch.Tensor:
 def _varlen(ops, unpad: meta.Meta, query, key, value, kwargs, window) -> torch.Tensor:
     """Unpad with the forward's indices, run varlen FlashAttention into the forward's output buffer, re-pad."""
     batch, heads, q_len, head_dim = query.shape
-    kv_heads, kv_len = key.shape[1], key.shape[2]
-    q = query.transpose(1, 2).reshape(batch * q_len, heads, head_dim).index_select(0, unpad.idx_q)
-    k = key.transpose(1, 2).reshape(batch * kv_len, kv_heads, head_dim).index_select(0, unpad.idx_k)
-    v = value.transpose(1, 2).reshape(batch * kv_len, kv_heads, head_dim).index_select(0, unpad.idx_k)
+    q = query.transpose(1, 2)[unpad.rows_q]  # [total_q, H, D]: one gather from the [B, Q, H, D] view
+    k = key.transpose(1, 2)[unpad.rows_k]
+    v = value.transpose(1, 2)[unpad.rows_k]
     out = unpad.out_buffer(query, heads, head_dim)
     ops.varlen_attention_out(
         q, k, v, out, cu_seqlens_q=unpad.cu_seqlens_q, cu_seqlens_k=unpad.cu_seqlens_k,

@@ -42,6 +42,8 @@ class Meta:
     exact: bool
     idx_q: torch.Tensor | None = None  # int64 [total_q]: rows of the [B*Q] flattened queries
     idx_k: torch.Tensor | None = None  # int64 [total_k]: rows of the [B*K] flattened keys
+    rows_q: tuple | None = None  # (batch, position) int64 index pair of idx_q: gathers [B, Q, H, D] views in one copy
+    rows_k: tuple | None = None
     cu_seqlens_q: torch.Tensor | None = None  # int32 [B + 1]
     cu_seqlens_k: torch.Tensor | None = None
     max_seqlen_q: int = 0
@@ -121,10 +123,14 @@ def _build(r: MaskRecord) -> Meta:
     max_q, max_k, total_q, total_k, exact = summary
     if not exact or total_q == 0:
         return Meta(exact=False)
+    idx_q = torch.nonzero_static(q_valid.reshape(-1), size=total_q).squeeze(1)
+    idx_k = torch.nonzero_static(k_valid.reshape(-1), size=total_k).squeeze(1)
     return Meta(
         exact=True,
-        idx_q=torch.nonzero_static(q_valid.reshape(-1), size=total_q).squeeze(1),
-        idx_k=torch.nonzero_static(k_valid.reshape(-1), size=total_k).squeeze(1),
+        idx_q=idx_q,
+        idx_k=idx_k,
+        rows_q=(idx_q // r.q_length, idx_q % r.q_length),
+        rows_k=(idx_k // r.kv_length, idx_k % r.kv_length),
         cu_seqlens_q=F.pad(torch.cumsum(n_q, 0, dtype=torch.int32), (1, 0)),
         cu_seqlens_k=F.pad(torch.cumsum(n_k, 0, dtype=torch.int32), (1, 0)),
         max_seqlen_q=max_q,

@@ -184,3 +184,16 @@ def test_import_on_another_version_raises(monkeypatch):
     monkeypatch.setattr(transformers, "__version__", "5.18.0")
     with pytest.raises(integration.UnsupportedTransformersVersion, match="5.17.x"):
         integration.register()
+
+
+def test_a_written_mask_is_not_looked_up():
+    """Metadata follows the mask tensor's identity and version: an in-place write makes it unknown (sdpa)."""
+    from attn_dispatch.integrations import transformers_meta
+
+    _, padding = left_padded_batch()
+    mask = integration.attn_dispatch_mask(batch_size=3, q_length=12, kv_length=12, attention_mask=padding.bool())
+    record = transformers_meta.lookup(mask)
+    assert record is not None and (record.q_offset, record.kv_offset, record.window) == (0, 0, None)
+    assert transformers_meta.lookup(mask.clone()) is None
+    mask[0, 0, 0, 0] = True
+    assert transformers_meta.lookup(mask) is None
