@@ -65,7 +65,7 @@ class MaskRecord:
     bool mask (None: no padding), indexed by absolute position; ``window`` the sliding window (None: full)."""
 
     mask: torch.Tensor
-    version: int
+    version: int | None  # None for an inference tensor (no version counter)
     padding: torch.Tensor | None
     batch: int
     q_length: int
@@ -80,15 +80,22 @@ def remember(mask: torch.Tensor, **fields) -> None:
     """Record how ``mask`` was made (called by the mask function, no device work)."""
     if isinstance(fields.get("q_offset"), torch.Tensor):
         fields["q_offset"] = fields["q_offset"].clone()
-    _records.appendleft(MaskRecord(mask=mask, version=mask._version, **fields))
+    _records.appendleft(MaskRecord(mask=mask, version=_version_of(mask), **fields))
 
 
 def lookup(mask: torch.Tensor) -> MaskRecord | None:
     """The record of this very, unwritten, mask tensor, or None (a mask the integration did not make)."""
     for record in _records:
         if record.mask is mask:
-            return record if record.version == mask._version else None
+            return record if record.version == _version_of(mask) else None
     return None
+
+
+def _version_of(mask: torch.Tensor) -> int | None:
+    """``mask._version``; None for a tensor made under ``torch.inference_mode()``, which has no version
+    counter (reading it raises). Such a mask is matched by identity alone: the record holds it, so its
+    memory is not reused, and it is made and read within one forward."""
+    return None if mask.is_inference() else mask._version
 
 
 def metadata(record: MaskRecord) -> Meta:

@@ -197,3 +197,13 @@ def test_a_written_mask_is_not_looked_up():
     assert transformers_meta.lookup(mask.clone()) is None
     mask[0, 0, 0, 0] = True
     assert transformers_meta.lookup(mask) is None
+
+
+def test_inference_mode_forward_runs_the_fast_path(calls):
+    """Masks made under torch.inference_mode() have no version counter; the forward must not crash on it."""
+    model, (ids, mask) = llama(), left_padded_batch()
+    model.set_attn_implementation("attn_dispatch")
+    with torch.inference_mode():
+        ours = model(input_ids=ids, attention_mask=mask).logits
+    assert calls.fwd == 2  # both layers on the fast path
+    assert torch.equal(ours, logits(model, "attn_dispatch", ids, mask))
