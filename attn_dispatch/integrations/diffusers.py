@@ -28,13 +28,12 @@ Any diffusers version other than 0.42.x makes the import (and :func:`enable`) ra
 from __future__ import annotations
 
 import enum
-import logging
 from typing import Any
 
 import torch
 
-from .. import plugins
 from . import diffusers_scope as scope
+from .common import OpGroups, check_series
 
 try:
     import diffusers
@@ -45,7 +44,6 @@ except ImportError as exc:  # pragma: no cover - the extra is not installed
         " (or, in an attn_dispatch checkout, pip install '.[diffusers]')"
     ) from exc
 
-log = logging.getLogger("attn_dispatch")
 
 BACKEND_NAME = "attn_dispatch"
 SUPPORTED_DIFFUSERS = ("0.42",)  # major.minor series this module was written and tested against
@@ -59,50 +57,35 @@ class UnsupportedDiffusersVersion(RuntimeError):
 def check_diffusers_version(version: str | None = None) -> None:
     """Raise :class:`UnsupportedDiffusersVersion` unless ``version`` (default: installed) is supported."""
     version = diffusers.__version__ if version is None else version
-    series = ".".join(version.split(".")[:2])
-    if series not in SUPPORTED_DIFFUSERS:
-        raise UnsupportedDiffusersVersion(
-            f"attn_dispatch's diffusers backend supports diffusers {', '.join(s + '.x' for s in SUPPORTED_DIFFUSERS)}; "
-            f"diffusers {version} is installed. Install a supported version (pip install 'diffusers=={SUPPORTED_DIFFUSERS[-1]}.*') "
-            "or leave the backend off; it is not enabled."
-        )
+    check_series("diffusers", version, SUPPORTED_DIFFUSERS, UnsupportedDiffusersVersion, "leave the backend off; it is not enabled.")
 
 
 # ---- the op group --------------------------------------------------------------------------------
 
-_injected: Any = None  # an op group set by use_ops (tests, benchmarks); None: attn_dispatch.load(device)
-_by_device: dict[torch.device, tuple[int, Any]] = {}  # device -> (load generation, op group or None)
+
+def _refuse(ops: Any) -> str | None:
+    if _zeroes_masked_queries(ops):
+        return (
+            "masked_attention zeroes masked query rows (ATTN_DISPATCH_VARLEN_DIFFUSION_STRATEGY=qkv_pack), which "
+            "diffusers' attention does not: diffusers' native attention runs there; set the strategy to kv_pack "
+            "for the fast path"
+        )
+    return None
+
+
+_groups = OpGroups("masked_attention", refuse=_refuse)
 
 
 def use_ops(op_group: Any | None) -> None:
     """Use ``op_group`` (anything with ``build_mask_meta`` and ``masked_attention``) on every device, or
     None to go back to ``attn_dispatch.load(device)``. The seam for tests (a CPU stand-in provider)."""
-    global _injected
-    _injected = op_group
-    _by_device.clear()
+    _groups.use(op_group)
 
 
 def ops_for(device: torch.device) -> Any | None:
-    """The op group for ``device``, or None where ``masked_attention`` is the reference (SDPA): there the
-    backend calls diffusers' native attention instead, which computes the same without metadata."""
-    if _injected is not None:
-        return _injected
-    cached = _by_device.get(device)
-    if cached is not None and cached[0] == plugins.generation():
-        return cached[1]
-    ops = plugins.load(device)
-    resolution = ops.resolutions.get("masked_attention")
-    usable = resolution is not None and resolution.plugin != "reference"
-    if usable and _zeroes_masked_queries(ops):
-        log.warning(
-            "attn_dispatch diffusers backend: masked_attention on %s zeroes masked query rows "
-            "(ATTN_DISPATCH_VARLEN_DIFFUSION_STRATEGY=qkv_pack), which diffusers' attention does not: "
-            "diffusers' native attention runs there; set the strategy to kv_pack for the fast path", device,
-        )  # fmt: skip
-        usable = False
-    # Keyed on the host's load generation: attn_dispatch.reset() or load(refresh=True) reaches the backend.
-    _by_device[device] = (plugins.generation(), ops if usable else None)
-    return _by_device[device][1]
+    """The op group for ``device``, or None where ``masked_attention`` is the reference (SDPA), or the group
+    zeroes masked query rows: there the backend calls diffusers' native attention instead."""
+    return _groups.get(device)
 
 
 def _zeroes_masked_queries(ops: Any) -> bool:

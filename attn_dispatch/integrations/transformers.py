@@ -41,9 +41,9 @@ from typing import Any
 
 import torch
 
-from .. import plugins
 from ..plans import AttentionParams
 from . import transformers_meta as meta
+from .common import OpGroups, check_series
 
 try:
     import transformers
@@ -68,42 +68,25 @@ class UnsupportedTransformersVersion(RuntimeError):
 def check_transformers_version(version: str | None = None) -> None:
     """Raise :class:`UnsupportedTransformersVersion` unless ``version`` (default: installed) is supported."""
     version = transformers.__version__ if version is None else version
-    if ".".join(version.split(".")[:2]) not in SUPPORTED_TRANSFORMERS:
-        raise UnsupportedTransformersVersion(
-            f"attn_dispatch's transformers integration supports transformers "
-            f"{', '.join(s + '.x' for s in SUPPORTED_TRANSFORMERS)}; transformers {version} is installed. Install a "
-            f"supported version (pip install 'transformers=={SUPPORTED_TRANSFORMERS[-1]}.*') or leave it off."
-        )
+    check_series("transformers", version, SUPPORTED_TRANSFORMERS, UnsupportedTransformersVersion, "leave it off.")
 
 
 # ---- the op group --------------------------------------------------------------------------------
 
-_injected: Any = None
-_by_device: dict[torch.device, tuple[int, Any]] = {}
+_groups = OpGroups("varlen_attention_out")
 
 
 def use_ops(op_group: Any | None) -> None:
     """Use ``op_group`` (anything with ``varlen_attention_out``, or a dict of ops such as
     ``attn_dispatch_cuda_fa3.build_ops(provider)``) on every device, or None to go back to
     ``attn_dispatch.load(device)``. The seam for tests (a CPU stand-in provider)."""
-    global _injected
-    _injected = SimpleNamespace(**op_group) if isinstance(op_group, Mapping) else op_group
-    _by_device.clear()
+    _groups.use(SimpleNamespace(**op_group) if isinstance(op_group, Mapping) else op_group)
 
 
 def ops_for(device: torch.device) -> Any | None:
     """The op group for ``device``, or None where ``varlen_attention_out`` is the reference: there the
     attention calls ``sdpa``, which computes the same without unpadding."""
-    if _injected is not None:
-        return _injected
-    cached = _by_device.get(device)
-    if cached is not None and cached[0] == plugins.generation():
-        return cached[1]
-    ops = plugins.load(device)
-    resolution = ops.resolutions.get("varlen_attention_out")
-    usable = resolution is not None and resolution.plugin != "reference"
-    _by_device[device] = (plugins.generation(), ops if usable else None)
-    return _by_device[device][1]
+    return _groups.get(device)
 
 
 # ---- the mask function ---------------------------------------------------------------------------
