@@ -14,19 +14,9 @@ import pytest
 import attn_dispatch
 from attn_dispatch import PluginLoadError, reference
 from fault_dists import site  # noqa: F401  (fixture)
+from loading import by_name, load_cpu
 
 REAL = {"cuda_fa3", "rocm_mxfp4", "rocm_nsa", "varlen_diffusion"}
-
-
-def by_name(ops):
-    return {report.name: report for report in ops.plugins}
-
-
-def load_cpu(monkeypatch, **env):
-    monkeypatch.setenv("ATTN_DISPATCH_ARCH", "cpu")
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    return attn_dispatch.load(refresh=True)
 
 
 def within(seconds: float, fn, *args, **kwargs):

@@ -6,6 +6,7 @@ import torch
 
 import attn_dispatch
 import fake_plugins
+from loading import by_name, load_cpu
 from attn_dispatch import plugins, reference
 
 REAL_PLUGINS = {"cuda_fa3", "rocm_mxfp4", "rocm_nsa", "varlen_diffusion"}
@@ -16,17 +17,6 @@ def add_entry_points(monkeypatch, **fakes: str):
     real = importlib.metadata.entry_points(group=plugins.ENTRY_POINT_GROUP)
     extra = [importlib.metadata.EntryPoint(name, value, plugins.ENTRY_POINT_GROUP) for name, value in fakes.items()]
     monkeypatch.setattr(plugins, "entry_points", lambda: sorted([*real, *extra], key=lambda ep: ep.name))
-
-
-def by_name(ops):
-    return {report.name: report for report in ops.plugins}
-
-
-def load_cpu(monkeypatch, **env):
-    monkeypatch.setenv("ATTN_DISPATCH_ARCH", "cpu")
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    return attn_dispatch.load(refresh=True)
 
 
 def test_discovers_the_four_real_plugins_and_a_test_plugin(monkeypatch):
