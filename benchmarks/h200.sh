@@ -44,6 +44,9 @@ for stage in "$@"; do
     conformance)
       install_tree "$root"
       run conformance python3 benchmarks/conformance_report.py ;;
+    guard)
+      install_tree "$root"
+      run guard python3 benchmarks/diag_fa3_guard.py ;;
     varlen_host)
       install_tree "$root"
       run varlen_host python3 benchmarks/bench_varlen_host.py --out "$OUT" ;;

@@ -100,8 +100,16 @@ def make_torch_provider(
             raise NotImplementedError("seqused_q")
         params = AttentionParams(causal=causal, window_size=tuple(window_size), softcap=softcap, num_splits=num_splits, pack_gqa=pack_gqa)
         tokens, heads, head_dim = q.shape
-        target = out if out is not None else torch.empty(tokens, heads, v.shape[-1], dtype=q.dtype, device=q.device)
+        # FA3 writes any out whose last dim is contiguous (a head slice, say); the reference wants it whole.
+        target = out if out is not None and out.is_contiguous() else torch.empty(tokens, heads, v.shape[-1], dtype=q.dtype, device=q.device)
         calls.fwd_into_out += out is not None
+        _compute(q, k, v, target, page_table, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, params, softmax_scale, scheduler_metadata, heads, head_dim)
+        if out is not None and target is not out:
+            out.copy_(target)
+        return target if out is None else out
+
+    def _compute(q, k, v, target, page_table, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, params, softmax_scale, scheduler_metadata, heads, head_dim):
+        causal, window_size, softcap, num_splits, pack_gqa = params.causal, params.window_size, params.softcap, params.num_splits, params.pack_gqa
         if page_table is None:
             if scheduler_metadata is not None:
                 raise NotImplementedError("varlen with scheduler_metadata")
@@ -109,7 +117,7 @@ def make_torch_provider(
                 q, k, v, target, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                 max_seqlen_k=max_seqlen_k, params=params, softmax_scale=softmax_scale,
             )  # fmt: skip
-            return target
+            return
         page_size = k.shape[1]
         if scheduler_metadata is not None:
             calls.fwd_with_metadata += 1
@@ -128,7 +136,6 @@ def make_torch_provider(
             head_dim=head_dim, head_dim_v=v.shape[-1], dtype=q.dtype, layer_params=(params,),
         )  # fmt: skip
         reference.paged_attention_out(q, k, v, target, plan=plan, params=params, softmax_scale=softmax_scale)
-        return target
 
     provider = FlashProvider(
         name, 3, fwd, scheduler_metadata if metadata else None, writes_out=writes_out, has_seqused_q=False,
