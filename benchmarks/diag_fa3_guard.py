@@ -78,7 +78,7 @@ def random_case(rng: random.Random, index: int, head_dim: int, heads: int, kv_he
         q_lens.append(lq)
         k_lens.append(lq + rng.choice((0, rng.randint(0, 1500))))
     page = rng.choice((1, 16, 128))
-    pages = sum(-(-n // page) for n in k_lens) * 2 + 8
+    pages = b * -(-max(k_lens) // page) + 8  # randperm tables: one page per slot
     params = AttentionParams(causal=causal, window_size=window)
     return cg.Case("stress", tuple(q_lens), tuple(k_lens), heads, kv_heads, head_dim, page, pages,
                    rng.choice((torch.bfloat16, torch.float16)), (params,), False, index)
