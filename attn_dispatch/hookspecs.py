@@ -94,7 +94,10 @@ def attn_dispatch_register_ops(hardware: Hardware, register: Register, settings:
     ``requires`` are findable; in a worker thread bounded by ``ATTN_DISPATCH_LOAD_TIMEOUT``.
     Gets: the detected :class:`Hardware`, the ``register`` callback, and ``settings``: the plugin's
     declared settings as parsed by the host (a read-only mapping, setting name -> value; an unreadable
-    variable has already been warned about and replaced by the default). Any argument may be omitted.
+    variable has already been warned about and replaced by the default), plus ``settings["strict"]``:
+    the host's ``ATTN_DISPATCH_STRICT`` (a plugin may not declare a setting of that name), for problems a
+    plugin meets after load, such as a configuration it knows its kernel gets wrong. Any argument may be
+    omitted.
     ``register`` refuses an implementation whose signature differs from the op's spec: the plugin is
     then ``failed`` with the reason. Calling :func:`attn_dispatch.load` for the device being loaded
     raises :class:`attn_dispatch.PluginLoadError` (the plugin is marked ``failed``).

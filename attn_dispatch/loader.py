@@ -22,7 +22,9 @@ from . import opspecs
 from .hardware import KNOWN_ARCHS, Hardware
 from .hookspecs import PluginSpec, PluginUnavailable
 from .ops import GROUP_OF, OP_GROUPS, OP_NAMES
-from .settings import HOST_VARIABLES, NAME_RE, Setting, SettingValue, plugin_variable, read_plugin
+from .settings import HOST_VARIABLES, NAME_RE, Setting, SettingValue, plugin_variable, read_host, read_plugin
+
+STRICT = "strict"  # the key under which register_ops' settings carry ATTN_DISPATCH_STRICT
 
 # Statuses of a plugin in one load (PluginReport.status).
 ACTIVE = "active"  # provides every op in PluginReport.ops (the reason names groups another plugin kept)
@@ -156,7 +158,8 @@ def attempt(ep: importlib.metadata.EntryPoint, hardware: Hardware, environ: Mapp
         else:
             staged[op] = (implementation, str(note))
 
-    settings = MappingProxyType({key: value.value for key, value in values.items()})
+    # Plus the host's strict mode, for errors only a plugin can see later (a guarded configuration, say).
+    settings = MappingProxyType({**{key: value.value for key, value in values.items()}, STRICT: _strict(environ)})
     try:
         pm.hook.attn_dispatch_register_ops(hardware=hardware, register=register, settings=settings)
     except PluginUnavailable as exc:  # a subclass may set any status: only the three declines are taken
@@ -196,10 +199,16 @@ def spec_problem(spec: object, name: str) -> str | None:
     names = [s.name for s in declared]
     if len(set(names)) != len(names):
         return f"settings: names repeat: {', '.join(names)}"
+    if STRICT in names:
+        return f"settings: {STRICT!r} is reserved: register_ops receives the host's strict mode under that name"
     for setting in declared:  # a plugin "load" with a setting "timeout" would read ATTN_DISPATCH_LOAD_TIMEOUT
         if (variable := plugin_variable(name, setting.name)) in HOST_VARIABLES:
             return f"settings: {setting.name!r} would read {variable}, a host setting"
     return None
+
+
+def _strict(environ: Mapping[str, str]) -> bool:
+    return bool(read_host(environ)[STRICT].value)  # load() has already refused an unreadable value
 
 
 def valid_name(name: str) -> bool:

@@ -123,5 +123,59 @@ def main() -> None:
         print(f"time {key}: {ms * 1000:.1f} us")
 
 
+
+
+def per_sequence(provider, case: cg.Case) -> None:
+    """One failing case in detail: each sequence's error in the batch, then each sequence run alone, and
+    vllm's FA2 on the same batch when the wheel has it."""
+    batch = cg.make_batch(case)
+    params = case.schedules[0]
+    exact = cg.reference(case, batch, params, upcast=True)
+    ref = cg.reference(case, batch, params, upcast=False)
+    (call, k, v) = routes(provider, case, batch, params)[("packed", case.heads)]
+    o = torch.full_like(batch.q, 7.0)
+    call(batch.q, k, v, o)
+    cu_q = [0, *torch.tensor(case.q_lens).cumsum(0).tolist()]
+    cu_k = [0, *torch.tensor(case.k_lens).cumsum(0).tolist()]
+    print(f"case {case.describe()}")
+    fa2 = None
+    try:
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+        fa2 = flash_attn_varlen_func(batch.q, k, v, max(case.q_lens), batch.packed["cu_seqlens_q"], max(case.k_lens),
+                                     cu_seqlens_k=batch.packed["cu_seqlens_k"], softmax_scale=case.head_dim**-0.5,
+                                     causal=params.causal, window_size=list(params.window_size), fa_version=2)
+    except Exception as exc:  # noqa: BLE001
+        print(f"  fa2: {type(exc).__name__}: {str(exc)[:200]}")
+    for b, (lq, lk) in enumerate(zip(case.q_lens, case.k_lens)):
+        s = slice(cu_q[b], cu_q[b + 1])
+        ref_err = (ref[s].float() - exact[s]).abs().max().item()
+        err = (o[s].float() - exact[s]).abs().max().item()
+        solo = cg.Case("solo", (lq,), (lk,), case.heads, case.kv_heads, case.head_dim, 1, 1, case.dtype, case.schedules, False, 0)
+        args = FlashArgs(cu_seqlens_q=torch.tensor([0, lq], dtype=torch.int32, device="cuda"),
+                         cu_seqlens_k=torch.tensor([0, lk], dtype=torch.int32, device="cuda"), max_seqlen_q=lq,
+                         max_seqlen_k=lk, softmax_scale=case.head_dim**-0.5, causal=params.causal,
+                         window_size=params.window_size)
+        so = provider.bind(args)(batch.q[s], k[cu_k[b]:cu_k[b + 1]], v[cu_k[b]:cu_k[b + 1]], torch.empty_like(batch.q[s]))
+        solo_err = (so.float() - exact[s]).abs().max().item()
+        fa2_err = (fa2[s].float() - exact[s]).abs().max().item() if fa2 is not None else float("nan")
+        flag = " <-- WRONG" if err > 2 * ref_err + 1e-5 else ""
+        print(f"  seq {b}: q={lq} k={lk} err {err:.3g} alone {solo_err:.3g} fa2 {fa2_err:.3g} (ref {ref_err:.3g}){flag}")
+    del solo
+
+
+def details() -> None:
+    provider = resolve_provider("sm90")
+    rng = random.Random(0)
+    shown = 0
+    for index, (d, h, hk, window, causal) in enumerate(
+        [(256, 8, 8, (255, 255), False), (128, 16, 16, (1000, 0), True), (256, 32, 8, (300, 0), True)] * 4, start=1000
+    ):
+        case = random_case(rng, index, d, h, hk, window, causal)
+        if not all(ok for ok, _ in check(provider, case).values()) and shown < 5:
+            per_sequence(provider, case)
+            shown += 1
+
+
 if __name__ == "__main__":
-    main()
+    details() if sys.argv[1:] == ["--details"] else main()

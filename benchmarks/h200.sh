@@ -46,7 +46,7 @@ for stage in "$@"; do
       run conformance python3 benchmarks/conformance_report.py ;;
     guard)
       install_tree "$root"
-      run guard python3 benchmarks/diag_fa3_guard.py ;;
+      run guard python3 benchmarks/diag_fa3_guard.py "${GUARD_ARGS:-}" ;;
     varlen_host)
       install_tree "$root"
       run varlen_host python3 benchmarks/bench_varlen_host.py --out "$OUT" ;;

@@ -73,6 +73,27 @@ def test_read_sources():
     assert (settings.read(setting, "V", {"V": "b"}).value, settings.read(setting, "V", {"V": "b"}).source) == ("b", "env")
 
 
+def test_strict_mode_reaches_the_register_hook_and_is_a_reserved_name(monkeypatch, site):
+    site.plugin(
+        "fault_strict",
+        register_args="hardware, register, settings",
+        register="import fault_strict_seen\nfault_strict_seen.SEEN = dict(settings)",
+        top="import types; sys.modules.setdefault('fault_strict_seen', types.ModuleType('fault_strict_seen'))",
+    )
+    site.plugin("fault_claims_strict", settings="(Setting('strict', default=False, kind='bool'),)")
+    monkeypatch.setenv("ATTN_DISPATCH_ARCH", "cpu")
+    monkeypatch.setenv("ATTN_DISPATCH_STRICT", "1")
+    monkeypatch.setenv("ATTN_DISPATCH_PLUGINS", "fault_strict")
+    attn_dispatch.load(refresh=True)
+    import fault_strict_seen
+
+    assert fault_strict_seen.SEEN == {"strict": True}
+    monkeypatch.delenv("ATTN_DISPATCH_STRICT")
+    monkeypatch.setenv("ATTN_DISPATCH_PLUGINS", "fault_claims_strict")
+    report = next(r for r in attn_dispatch.load(refresh=True).plugins if r.name == "fault_claims_strict")
+    assert report.status == "failed" and "'strict' is reserved" in report.reason
+
+
 def test_plugin_settings_reach_the_register_hook_parsed(monkeypatch, site):
     site.plugin(
         "fault_cfg",
@@ -87,7 +108,7 @@ def test_plugin_settings_reach_the_register_hook_parsed(monkeypatch, site):
     ops = attn_dispatch.load(refresh=True)
     import fault_cfg_seen
 
-    assert fault_cfg_seen.SEEN == {"mode": "b", "depth": 2, "fast": True}
+    assert fault_cfg_seen.SEEN == {"mode": "b", "depth": 2, "fast": True, "strict": False}  # plus the host's strict mode
     report = next(r for r in ops.plugins if r.name == "fault_cfg")
     shown = {v.variable: (v.value, v.source) for v in report.settings}
     assert shown == {

@@ -14,6 +14,11 @@ Settings (declared in the spec, read and reported by the host, handed to ``attn_
   (alloc + copy into ``out``, metadata per layer) for A/B runs; ``optimized`` (the default) otherwise.
 
 ``stats`` counts the copies into ``out`` a provider without ``out=`` forces (see :mod:`.stats`).
+
+Known-wrong guard (:mod:`.known_wrong`): a layer whose configuration the installed provider build is
+known to answer wrongly is bound to a dense torch route instead, logged once per class and counted
+(``stats.guarded_bindings``); under ``ATTN_DISPATCH_STRICT=1`` binding it raises
+:class:`KnownWrongConfiguration`. ``attn-dispatch info`` names the classes that cover the provider.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from collections.abc import Mapping
 from attn_dispatch import Hardware, PluginSpec, Setting, hookimpl
 from attn_dispatch_flash import FlashProvider, require
 
+from . import known_wrong
+from .known_wrong import KnownWrongConfiguration
 from .ops import AttentionOutOps, build_ops
 from .plan import FlashPlan
 from .stats import Stats, stats
@@ -38,7 +45,7 @@ SETTINGS = (
     Setting("path", default="optimized", choices=PATHS, help="original: the pre-optimization path (A/B runs)"),
 )
 
-__all__ = ["AttentionOutOps", "FlashPlan", "Stats", "build_ops", "resolve_provider", "stats"]
+__all__ = ["AttentionOutOps", "FlashPlan", "KnownWrongConfiguration", "Stats", "build_ops", "resolve_provider", "stats"]
 
 
 @hookimpl
@@ -52,7 +59,7 @@ def attn_dispatch_register_ops(hardware: Hardware, register, settings: Mapping[s
     provider = resolve_provider(hardware.arch, settings["provider"])
     original = settings["path"] == "original"
     note = describe(provider, original)
-    for op, implementation in build_ops(provider, original=original).items():
+    for op, implementation in build_ops(provider, original=original, strict=settings.get("strict", False)).items():
         register(op, implementation, note=note)
 
 
@@ -65,10 +72,15 @@ def resolve_provider(arch: str, order: tuple[str, ...] = ()) -> FlashProvider:
 def describe(provider: FlashProvider, original: bool) -> str:
     """The one line ``attn-dispatch info`` shows next to each op."""
     if original:
-        return f"{provider.describe()}; original path: alloc + copy into out, scheduling per layer"
+        return f"{provider.describe()}; original path: alloc + copy into out, scheduling per layer{guarded(provider)}"
     if provider.writes_out:
         writes = "writes into out (0 copies)"
     else:
         writes = "1 copy into out per call (counted: attn_dispatch_cuda_fa3.stats.out_copies)"
     schedule = "metadata once per batch" if provider.scheduler_metadata is not None else "kernel-side scheduling"
-    return f"{provider.describe()}; {writes}; {schedule}"
+    return f"{provider.describe()}; {writes}; {schedule}{guarded(provider)}"
+
+
+def guarded(provider: FlashProvider) -> str:
+    """The known-wrong classes that cover ``provider`` (rerouted when a layer's call is bound), for the note."""
+    return "".join(f"; {entry.describe(provider)}" for entry in known_wrong.classes_for(provider))

@@ -15,21 +15,30 @@ import torch
 from attn_dispatch.plans import AttentionParams
 from attn_dispatch_flash import FlashArgs, FlashProvider
 
-from .known_wrong import warn_if_known_wrong
+from .known_wrong import Layer, guard
 from .stats import stats
 
 # call(q, k, v, out_rows): attention written into out_rows, [tokens, heads, head_dim_v] (the engine's rows).
 LayerCall = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], object]
 
 
-def bind_layer_call(provider: FlashProvider, args: FlashArgs, *, original: bool) -> LayerCall:
+def bind_layer_call(
+    provider: FlashProvider, args: FlashArgs, *, original: bool, shape: tuple[int, int, int], strict: bool = False
+) -> LayerCall:
     """The provider's call with ``args`` fixed, writing into ``out_rows``.
+
+    ``shape`` is the layer's ``(heads, kv_heads, head_dim)``: with ``args``, what the known-wrong guard
+    looks up (:mod:`.known_wrong`). A listed layer gets the dense torch route on both paths (the original
+    path's kernel is the same wrong one), or :class:`~.known_wrong.KnownWrongConfiguration` when ``strict``.
 
     ``original`` is the pre-optimization path on the same kernels: the kernel allocates its output and
     schedules itself (any metadata in ``args`` is dropped), and the result is copied into ``out_rows``.
     Otherwise the provider writes into ``out_rows``, or, when it cannot (``writes_out=False``), its result
     is copied once and that copy is counted in ``stats.out_copies``.
     """
+    guarded = guard(provider, args, Layer.of(args, *shape), strict=strict)
+    if guarded is not None:
+        return guarded
     if original:
         allocating = provider.bind(args._replace(scheduler_metadata=None))
 
@@ -81,12 +90,13 @@ class LastVarlenCall:
     call are stored as one tuple, so a thread never reads one without the other.
     """
 
-    def __init__(self, provider: FlashProvider, original: bool) -> None:
-        self.provider, self.original = provider, original
+    def __init__(self, provider: FlashProvider, original: bool, strict: bool = False) -> None:
+        self.provider, self.original, self.strict = provider, original, strict
         self._last: tuple | None = None
 
     def get(self, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, params, softmax_scale) -> LayerCall:
-        """The bound call for these lengths; ``q`` and ``k`` are read only when binding (known-wrong check)."""
+        """The bound call for these lengths; ``q`` and ``k`` are read only when binding (their shapes, for
+        the known-wrong guard)."""
         last = self._last
         if (
             last is not None and last[0] is cu_seqlens_q and last[1] is cu_seqlens_k and last[2] == max_seqlen_q
@@ -94,8 +104,8 @@ class LastVarlenCall:
         ):  # fmt: skip
             return last[6]
         args = varlen_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, params, softmax_scale)
-        call = bind_layer_call(self.provider, args, original=self.original)
-        warn_if_known_wrong(self.provider.name, q.shape[2], q.shape[1], k.shape[1], params)
+        shape = (q.shape[1], k.shape[1], q.shape[2])
+        call = bind_layer_call(self.provider, args, original=self.original, shape=shape, strict=self.strict)
         self._last = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, params, softmax_scale, call)
         return call
 

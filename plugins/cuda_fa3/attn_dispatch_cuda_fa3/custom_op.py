@@ -7,8 +7,8 @@ arguments, bound with :func:`.binding.bind_layer_call` and called. Eagerly the o
 bound call directly, which saves the dispatcher's overhead for custom ops (150 µs per call seen on a CPU
 test host outside inference mode).
 
-An op schema takes plain values only, so the provider and path travel as a route number: an index into
-this module's list of the (provider, original) pairs that ops objects were built for.
+An op schema takes plain values only, so the provider, path and strict mode travel as a route number: an
+index into this module's list of the (provider, original, strict) triples that ops objects were built for.
 """
 
 from __future__ import annotations
@@ -22,15 +22,15 @@ from .binding import bind_layer_call
 
 OP_NAMESPACE = "attn_dispatch_cuda_fa3"
 
-_routes: list[tuple[FlashProvider, bool]] = []
+_routes: list[tuple[FlashProvider, bool, bool]] = []
 
 
-def route_number(provider: FlashProvider, original: bool) -> int:
-    """The number the custom op knows ``(provider, original)`` by (registered on first use)."""
-    for number, (known, known_original) in enumerate(_routes):
-        if known is provider and known_original == original:
+def route_number(provider: FlashProvider, original: bool, strict: bool = False) -> int:
+    """The number the custom op knows ``(provider, original, strict)`` by (registered on first use)."""
+    for number, (known, known_original, known_strict) in enumerate(_routes):
+        if known is provider and known_original == original and known_strict == strict:
             return number
-    _routes.append((provider, original))
+    _routes.append((provider, original, strict))
     return len(_routes) - 1
 
 
@@ -68,15 +68,16 @@ def _attention_out(
     route: int,
 ) -> None:
     """Attention written into the first ``q.shape[0]`` rows of the engine's ``out``."""
-    provider, original = _routes[route]
+    provider, original, strict = _routes[route]
     args = FlashArgs(
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_q=seqused_q, seqused_k=seqused_k,
         page_table=page_table, scheduler_metadata=scheduler_metadata, max_seqlen_q=max_seqlen_q,
         max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale, causal=causal, window_size=(window_left, window_right),
         softcap=softcap, num_splits=num_splits, pack_gqa=pack_gqa,
     )  # fmt: skip
-    tokens, heads, _ = q.shape
-    bind_layer_call(provider, args, original=original)(q, k, v, out[:tokens].view(tokens, heads, v.shape[-1]))
+    tokens, heads, head_dim = q.shape
+    call = bind_layer_call(provider, args, original=original, shape=(heads, k.shape[-2], head_dim), strict=strict)
+    call(q, k, v, out[:tokens].view(tokens, heads, v.shape[-1]))
 
 
 attention_out = torch.library.custom_op(f"{OP_NAMESPACE}::attention_out", mutates_args={"out"})(_attention_out)

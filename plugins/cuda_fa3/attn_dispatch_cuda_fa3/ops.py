@@ -25,7 +25,6 @@ from attn_dispatch_flash import FlashProvider
 from .binding import LastVarlenCall, LayerCall, bind_layer_call, out_rows, varlen_args
 from .checks import check_paged, check_varlen, fits_kernel, fits_plan, name_the_argument
 from .custom_op import call_attention_out, route_number
-from .known_wrong import warn_if_known_wrong
 from .plan import FlashPlan, make_plan, paged_args
 
 
@@ -35,13 +34,16 @@ class AttentionOutOps:
     Signatures and semantics are those of ``attn_dispatch.reference.attention``. ``original=True`` gives the
     pre-optimization path on the same kernels (alloc + copy into ``out``, FA3 scheduling itself in every
     layer), for byte-identity tests and benchmarks (setting ``ATTN_DISPATCH_CUDA_FA3_PATH=original``).
+    ``strict`` (the host's ``ATTN_DISPATCH_STRICT``): binding a layer that the known-wrong table lists
+    (:mod:`.known_wrong`) raises instead of taking the dense torch route.
     """
 
-    def __init__(self, provider: FlashProvider, *, original: bool = False) -> None:
+    def __init__(self, provider: FlashProvider, *, original: bool = False, strict: bool = False) -> None:
         self.provider = provider
         self.original = original
-        self._route = route_number(provider, original)
-        self._varlen = LastVarlenCall(provider, original)
+        self.strict = strict
+        self._route = route_number(provider, original, strict)
+        self._varlen = LastVarlenCall(provider, original, strict)
 
     def make_attention_plan(
         self,
@@ -108,8 +110,9 @@ class AttentionOutOps:
 
     def _bind_paged(self, plan: FlashPlan, params: AttentionParams, softmax_scale: float | None) -> LayerCall:
         """Bind the layer's call into the plan (ValueError, naming it, for another's plan or unplanned params)."""
-        call = bind_layer_call(self.provider, paged_args(plan, params, softmax_scale, self.provider.name), original=self.original)
-        warn_if_known_wrong(self.provider.name, plan.head_dim, plan.num_heads, plan.num_kv_heads, params)
+        args = paged_args(plan, params, softmax_scale, self.provider.name)
+        shape = (plan.num_heads, plan.num_kv_heads, plan.head_dim)
+        call = bind_layer_call(self.provider, args, original=self.original, shape=shape, strict=self.strict)
         plan.layer_calls[(self, params, softmax_scale)] = call
         return call
 
@@ -154,6 +157,6 @@ class AttentionOutOps:
         }
 
 
-def build_ops(provider: FlashProvider, *, original: bool = False) -> dict[str, Callable]:
+def build_ops(provider: FlashProvider, *, original: bool = False, strict: bool = False) -> dict[str, Callable]:
     """The op dict the plugin registers, for ``provider``: the seam tests and benchmarks use."""
-    return AttentionOutOps(provider, original=original).as_dict()
+    return AttentionOutOps(provider, original=original, strict=strict).as_dict()

@@ -16,13 +16,14 @@ class Stats:
     The original path's copy is by design and is not counted.
     ``metadata_builds``: scheduler-metadata tensors computed (one ``prepare_varlen_num_blocks`` each).
     ``static_refreshes``: plans refreshed into a static plan's persistent buffers (CUDA-graph steps).
-    ``known_wrong_bindings``: layer calls bound for a configuration :mod:`.known_wrong` lists (warned once).
+    ``guarded_bindings``: layer calls bound to the dense torch route because :mod:`.known_wrong` lists the
+    configuration for the installed provider (logged once per class).
     """
 
     out_copies: int = 0
     metadata_builds: int = 0
     static_refreshes: int = 0
-    known_wrong_bindings: int = 0
+    guarded_bindings: int = 0
 
     def reset(self) -> None:
         for f in fields(self):

@@ -23,6 +23,12 @@ Grids (values read from the upstream files; the code here is ours):
   plan (metadata reuse). Not covered: new_kv/rotary/leftpad/batch_idx (our ops take no appended KV),
   fp8, attention_chunk, d != 128 for this grid.
 
+- ``window-sweep`` (ours, issue 12): the windows the grids above barely touch. Causal (w, 0) and two-sided
+  (w, w) windows of widths 31 to 1000 (sliding-window models use 128 to 4096), head dims 64/128/256, MHA and
+  GQA, one long sequence and ragged batches of 4, prefill (up to 700 queries) and decode (one query per
+  sequence), bf16, page size 16. vllm 0.33.0's FA3 answers some of its prefill configurations wrongly:
+  ``known_wrong.py`` reroutes that class, and this family proves the reroute and the decode exemption.
+
 Every case also runs ``varlen_attention_out`` on the same keys packed contiguously (non-paged prefill).
 
 Yardstick (FlashAttention's): with ``ref`` the fp32 torch reference and ``pt`` the same reference run in the
@@ -45,7 +51,7 @@ from dataclasses import dataclass
 import torch
 from attn_dispatch.plans import AttentionParams
 
-SAMPLE = {"vllm-decode": 240, "vllm-varlen": 200, "fa3-kvcache": 160}  # configurations per family by default
+SAMPLE = {"vllm-decode": 240, "vllm-varlen": 200, "fa3-kvcache": 160, "window-sweep": 120}  # configurations per family by default
 
 
 @dataclass(frozen=True)
@@ -126,9 +132,26 @@ def _fa3_cases() -> list[Case]:
     return cases
 
 
+def _window_cases() -> list[Case]:
+    cases = []
+    batches = {
+        "one": ((651,), (651,)),
+        "ragged": ((396, 1, 165, 700), (632, 300, 1150, 700)),
+        "decode": ((1, 1, 1, 1), (1328, 18, 463, 1000)),
+    }
+    for index, (width, two_sided, d, heads, batch) in enumerate(itertools.product(
+        (31, 100, 176, 255, 300, 500, 1000), (False, True), (64, 128, 256), ((8, 8), (16, 4)), batches,
+    )):  # fmt: skip
+        q_lens, k_lens = batches[batch]
+        params = AttentionParams(causal=not two_sided, window_size=(width, width if two_sided else 0))
+        pages = len(k_lens) * -(-max(k_lens) // 16) + 4
+        cases.append(Case("window-sweep", q_lens, k_lens, *heads, d, 16, pages, torch.bfloat16, (params,), False, index))
+    return cases
+
+
 def cases(family: str | None = None) -> list[Case]:
     """The configurations to run: a seeded sample per family, or all under ATTN_DISPATCH_CONFORMANCE=full."""
-    every = {**_vllm_cases(), "fa3-kvcache": _fa3_cases()}
+    every = {**_vllm_cases(), "fa3-kvcache": _fa3_cases(), "window-sweep": _window_cases()}
     full = os.environ.get("ATTN_DISPATCH_CONFORMANCE", "") == "full"
     chosen = []
     for name, grid in every.items():
@@ -141,7 +164,7 @@ def cases(family: str | None = None) -> list[Case]:
 
 def grid_sizes() -> dict[str, int]:
     """Full product size of each family (after upstream's own skips)."""
-    return {**{k: len(v) for k, v in _vllm_cases().items()}, "fa3-kvcache": len(_fa3_cases())}
+    return {**{k: len(v) for k, v in _vllm_cases().items()}, "fa3-kvcache": len(_fa3_cases()), "window-sweep": len(_window_cases())}
 
 
 @dataclass

@@ -66,10 +66,14 @@ def paged_batch(
     return PagedBatch(q, k_cache, v_cache, plan_args, tokens)
 
 
-def packed_batch(*, lens: list[int], heads: int, kv_heads: int, head_dim: int, dtype=torch.bfloat16, device="cpu", seed: int = 0):
-    """(q, k, v, varlen keyword arguments) for causal self-attention over packed sequences."""
+def packed_batch(
+    *, lens: list[int], heads: int, kv_heads: int, head_dim: int, dtype=torch.bfloat16, device="cpu", seed: int = 0,
+    k_lens: list[int] | None = None,
+):  # fmt: skip
+    """(q, k, v, varlen keyword arguments) over packed sequences: self-attention, or ``k_lens`` keys each."""
     g = torch.Generator(device=device).manual_seed(seed)
-    total = sum(lens)
-    q, k, v = (torch.randn(total, h, head_dim, generator=g, device=device).to(dtype) for h in (heads, kv_heads, kv_heads))
-    cu = cumulative(lens, device)
-    return q, k, v, dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max(lens), max_seqlen_k=max(lens))
+    k_lens = lens if k_lens is None else k_lens
+    q = torch.randn(sum(lens), heads, head_dim, generator=g, device=device).to(dtype)
+    k, v = (torch.randn(sum(k_lens), kv_heads, head_dim, generator=g, device=device).to(dtype) for _ in range(2))
+    lengths = dict(cu_seqlens_q=cumulative(lens, device), cu_seqlens_k=cumulative(k_lens, device))
+    return q, k, v, dict(**lengths, max_seqlen_q=max(lens), max_seqlen_k=max(k_lens))

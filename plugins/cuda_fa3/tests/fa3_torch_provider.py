@@ -79,7 +79,8 @@ def _fa3_host_checks(q, k, v, out, cu_seqlens_q, cu_seqlens_k) -> None:
 
 
 def make_torch_provider(
-    *, writes_out: bool = True, metadata: bool = True, name: str = "torch_fa3", paged_seqlen_k_from_page_table: bool = False
+    *, writes_out: bool = True, metadata: bool = True, name: str = "torch_fa3", paged_seqlen_k_from_page_table: bool = False,
+    version: str = "",
 ) -> tuple[FlashProvider, Calls]:
     calls = Calls()
 
@@ -139,6 +140,6 @@ def make_torch_provider(
 
     provider = FlashProvider(
         name, 3, fwd, scheduler_metadata if metadata else None, writes_out=writes_out, has_seqused_q=False,
-        paged_seqlen_k_from_page_table=paged_seqlen_k_from_page_table,
+        paged_seqlen_k_from_page_table=paged_seqlen_k_from_page_table, version=version,
     )  # fmt: skip
     return provider, calls

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from importlib import metadata
 
 import torch
 
@@ -24,10 +25,21 @@ def vllm_fa3() -> FlashProvider:
     and costs less host time per call (the wrapper adds an allocation and three stride checks)."""
     from vllm.vllm_flash_attn import get_scheduler_metadata as vllm_metadata  # noqa: F401  (proves FA3 is there)
 
-    return raw_fa3_ops_provider("vllm_fa3", torch.ops._vllm_fa3_C)
+    return raw_fa3_ops_provider("vllm_fa3", torch.ops._vllm_fa3_C, version=distribution_version("vllm"))
 
 
-def raw_fa3_ops_provider(name: str, ops) -> FlashProvider:
+def distribution_version(*names: str) -> str:
+    """The version of the first installed distribution among ``names``, or "" (a build run from a source
+    tree has no distribution metadata)."""
+    for name in names:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return ""
+
+
+def raw_fa3_ops_provider(name: str, ops, version: str = "") -> FlashProvider:
     """A provider over FA3's raw ops ``ops.fwd`` and ``ops.get_scheduler_metadata`` (vllm's schema: 37 and 23
     positional arguments). Binding lays the 37 arguments out once; a layer's call then passes only its
     tensors. Separate from the import so the argument layout can be tested without a GPU."""
@@ -60,7 +72,9 @@ def raw_fa3_ops_provider(name: str, ops) -> FlashProvider:
             page_size, 0, causal, window_size[0], window_size[1], softcap > 0, num_splits, pack_gqa, 0,
         )  # fmt: skip
 
-    return FlashProvider.from_binder(name, 3, bind_args, scheduler_metadata, writes_out=True, has_seqused_q=True)
+    return FlashProvider.from_binder(
+        name, 3, bind_args, scheduler_metadata, writes_out=True, has_seqused_q=True, version=version
+    )  # fmt: skip
 
 
 def sgl_kernel() -> FlashProvider:
@@ -82,6 +96,7 @@ def sgl_kernel() -> FlashProvider:
     return FlashProvider.from_binder(
         "sgl_kernel", 3, bind_args, fa3_style_metadata(metadata), writes_out=True, has_seqused_q=True,
         paged_seqlen_k_from_page_table=True,  # flash_attn_with_kvcache passes no max_seqlen_k
+        version=distribution_version("sglang-kernel", "sgl-kernel"),
     )  # fmt: skip
 
 
@@ -101,6 +116,7 @@ def upstream_fa3() -> FlashProvider:
         "flash_attn_interface", 3, bind_args, fa3_style_metadata(upstream.get_scheduler_metadata),
         writes_out=False, has_seqused_q=True,
         paged_seqlen_k_from_page_table=True,  # flash_attn_with_kvcache passes no max_seqlen_k
+        version=distribution_version("flash_attn_3", "flash-attn-3"),
     )  # fmt: skip
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .args import FlashArgs
-from .fa3 import require_keywords
+from .fa3 import distribution_version, require_keywords
 from .provider import BoundCall, FlashProvider
 
 
@@ -32,4 +32,6 @@ def fa4() -> FlashProvider:
 
         return call
 
-    return FlashProvider.from_binder("fa4", 4, bind_args, None, writes_out=True, has_seqused_q=True)
+    return FlashProvider.from_binder(
+        "fa4", 4, bind_args, None, writes_out=True, has_seqused_q=True, version=distribution_version("flash-attn-4")
+    )  # fmt: skip

@@ -43,6 +43,9 @@ class FlashProvider:
     False, the ``max_seqlen_k`` it is given (vllm's raw op); True, ``page_table.shape[1] * page_size``,
     because the package's paged entry point takes no ``max_seqlen_k`` (sgl_kernel, upstream FA3). Make the
     metadata with that length.
+
+    ``version``: the installed distribution's version (``vllm``'s for ``vllm_fa3``), "" when unknown;
+    what known-wrong tables key on (a fixed build must not be slowed down by a guard for an old one).
     """
 
     name: str
@@ -53,6 +56,7 @@ class FlashProvider:
     has_seqused_q: bool
     paged_seqlen_k_from_page_table: bool = False
     bind_args: Callable[[FlashArgs], BoundCall] | None = None
+    version: str = ""
 
     @classmethod
     def from_binder(
@@ -79,8 +83,9 @@ class FlashProvider:
 
     def describe(self) -> str:
         caps = ["out=" if self.writes_out else "copy into out"]
+        name = f"{self.name} {self.version}" if self.version else self.name
         if self.scheduler_metadata is not None:
             caps.append("scheduler metadata")
         if self.has_seqused_q:
             caps.append("seqused_q")
-        return f"{self.name} (FA{self.fa_version}: {', '.join(caps)})"
+        return f"{name} (FA{self.fa_version}: {', '.join(caps)})"
