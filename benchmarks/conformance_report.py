@@ -1,6 +1,6 @@
 """The conformance grid (plugins/cuda_fa3/tests/conformance_grid.py) outside pytest, as one markdown table.
 
-    python3 benchmarks/conformance_report.py [--full] [--family vllm-decode|vllm-varlen|fa3-kvcache]
+    python3 benchmarks/conformance_report.py [--full] [--family NAME] [--unguarded]
 
 One row per failing run (configuration, op, schedule): our max/mean error against the fp32 torch reference,
 the provider's own Python API on the same paged inputs where it can be called
@@ -8,7 +8,8 @@ the provider's own Python API on the same paged inputs where it can be called
 that run lets the kernel choose), and the low-precision reference's own error (the yardstick: ours may be
 at most 2x its max + 1e-5 and 1.5x its mean). Then a summary count per family and op. Progress goes to
 stderr. The default seeded sample finishes in a few minutes on one H200; ``--full`` runs every
-configuration. Without a CUDA device it says so and exits 0.
+configuration. ``--unguarded`` empties cuda_fa3's known-wrong table first: the "before" of the guard, every
+layer on the kernel. Without a CUDA device it says so and exits 0.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def report(grid, ops, chosen, device, fn, keywords) -> tuple[list[str], list[str
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--full", action="store_true", help="every configuration, not the seeded sample")
-    parser.add_argument("--family", choices=("vllm-decode", "vllm-varlen", "fa3-kvcache"), default=None)
+    parser.add_argument("--family", choices=("vllm-decode", "vllm-varlen", "fa3-kvcache", "window-sweep"), default=None)
+    parser.add_argument("--unguarded", action="store_true", help="empty the known-wrong table: every layer on the kernel")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("conformance_report: no CUDA device here; run it on an sm90 GPU with an FA3 provider (nothing to do).")
@@ -98,6 +100,10 @@ def main() -> int:
         os.environ["ATTN_DISPATCH_CONFORMANCE"] = "full"
     import attn_dispatch
     import conformance_grid as grid
+    from attn_dispatch_cuda_fa3 import known_wrong, stats
+
+    if args.unguarded:
+        known_wrong.TABLE = ()
 
     ops = attn_dispatch.load("cuda")
     print(ops.summary(), file=sys.stderr)
@@ -116,6 +122,8 @@ def main() -> int:
     print("\n".join(rows) if rows else "| (none failing) | | | | |")
     print("\nSummary:")
     print("\n".join(summary))
+    table = "emptied (--unguarded)" if args.unguarded else f"{len(known_wrong.TABLE)} classes"
+    print(f"- known-wrong table {table}; layer calls bound to the dense route: {stats.guarded_bindings}")
     return 0
 
 

@@ -2,7 +2,7 @@
 # One device call on the lent H200: set up, then run the named stages in order; logs go to $OUT/<stage>.log.
 #   benchmarks/h200.sh baseline check fa3          (issue 10: before/after, selfcheck, pytest -m cuda)
 #   benchmarks/h200.sh diffusers varlen_host tox   (issue 11 benchmarks; tox -e cuda as written)
-#   benchmarks/h200.sh conformance                  (issue 12: failing configurations against the upstream grids)
+#   benchmarks/h200.sh conformance                  (issue 12: the full grids without and with the known-wrong guard)
 # Needs in carry: .carry (../shared/device/fa3-site.sh, ../shared/device/wheels.sh, .ci/gpu-wheels.sh) and,
 # for the "baseline" stage, .baseline (a `git archive` of the commit to compare against).
 set -uo pipefail
@@ -43,7 +43,9 @@ for stage in "$@"; do
       run diag python3 benchmarks/diag_diffusers_host.py ;;
     conformance)
       install_tree "$root"
-      run conformance python3 benchmarks/conformance_report.py ;;
+      run conformance python3 benchmarks/conformance_report.py --full --unguarded
+      run conformance python3 benchmarks/conformance_report.py --full
+      run conformance python3 benchmarks/diag_fa3_sweep.py ;;
     guard)
       install_tree "$root"
       run guard python3 benchmarks/diag_fa3_guard.py "${GUARD_ARGS:-}" ;;
