@@ -35,8 +35,8 @@ Yardstick (FlashAttention's): with ``ref`` the fp32 torch reference and ``pt`` t
 inputs' dtype (scores, softmax and P @ V in low precision, FlashAttention's ``upcast=False, reorder_ops=True``),
 ours passes when ``max|ours - ref| <= 2 * max|pt - ref| + 1e-5`` and ``mean|ours - ref| <= 1.5 * mean|pt - ref|``.
 
-The full products are 1440 (vllm-decode), 640 (vllm-varlen) and 450 (fa3-kvcache, each with 9 schedules)
-configurations; a seeded sample of each (:data:`SAMPLE`: 240/200/160) runs by default, every axis value
+The full products are 1440 (vllm-decode), 640 (vllm-varlen), 450 (fa3-kvcache, each with 9 schedules) and
+252 (window-sweep) configurations; a seeded sample of each (:data:`SAMPLE`: 240/200/160/120) runs by default, every axis value
 still appearing. ``ATTN_DISPATCH_CONFORMANCE=full`` runs every configuration.
 """
 

@@ -101,7 +101,9 @@ PACK_PAD_SHAPES = (
     Shape("bs1_zero_txt", 1, 64, 128, 4, 64, (0,)),
 )
 # test_varlen_uspattn_equivalence.py, full list (nightly): the same tuples as the pack/pad ones of these names.
-USPATTN_SHAPES = tuple(s for s in PACK_PAD_SHAPES if s.name in ("small_c2", "prod_c2", "all_valid_b1", "zero_txt_one_batch"))
+USPATTN_SHAPES = tuple(
+    s for s in PACK_PAD_SHAPES if s.name in ("small_c2", "prod_c2", "all_valid_b1", "zero_txt_one_batch")
+)
 
 
 @dataclass(frozen=True)
@@ -176,7 +178,10 @@ class Case:
 def text_image_rows(shape: Shape) -> tuple[Runs, ...]:
     """Upstream's ``_build_mask`` as runs: valid text ``0..n``, then every image token."""
     total = shape.s_txt + shape.s_img
-    return tuple(((0, total),) if n == shape.s_txt else (((0, n),) if n else ()) + ((shape.s_txt, total),) for n in shape.valid_txt)
+    return tuple(
+        ((0, total),) if n == shape.s_txt else (((0, n),) if n else ()) + ((shape.s_txt, total),)
+        for n in shape.valid_txt
+    )
 
 
 def rows_of(mask: torch.Tensor) -> tuple[Runs, ...]:
@@ -195,7 +200,9 @@ def rows_of(mask: torch.Tensor) -> tuple[Runs, ...]:
 
 
 def _from_shape(shape: Shape, source: str, **kw) -> Case:
-    return Case(shape.name, source, text_image_rows(shape), shape.s_txt + shape.s_img, shape.heads, shape.head_dim, **kw)
+    return Case(
+        shape.name, source, text_image_rows(shape), shape.s_txt + shape.s_img, shape.heads, shape.head_dim, **kw
+    )
 
 
 def _bernoulli_rows(batch: int, seqlen: int, p: float, seed: int) -> tuple[Runs, ...]:
@@ -244,7 +251,17 @@ def cross_attention_cases() -> list[Case]:
     for s in USPATTN_SHAPES:
         text = tuple(((0, n),) if n else () for n in s.valid_txt)
         cases.append(Case(f"{s.name}_img_over_txt", OURS, text, s.s_txt, s.heads, s.head_dim, seqlen_q=s.s_img))
-        cases.append(Case(f"{s.name}_img_over_joint", OURS, text_image_rows(s), s.s_txt + s.s_img, s.heads, s.head_dim, seqlen_q=s.s_img))
+        cases.append(
+            Case(
+                f"{s.name}_img_over_joint",
+                OURS,
+                text_image_rows(s),
+                s.s_txt + s.s_img,
+                s.heads,
+                s.head_dim,
+                seqlen_q=s.s_img,
+            )
+        )
     small, zero_txt = PACK_PAD_SHAPES[0], PACK_PAD_SHAPES[5]
     cases += [
         Case("gqa_img_over_txt", OURS, (((0, 32),), ()), 64, 8, 128, kv_heads=2, seqlen_q=small.s_img),
@@ -322,7 +339,9 @@ def make_qkv(case: Case, dtype: torch.dtype, device: torch.device | str, salt: s
         assert not case.cross and h_kv == h, "qkv_slices: self-attention without GQA"
         return randn(b, case.seqlen, 3, h, d).unbind(2)
     if case.layout == "heads_first":
-        return randn(b, h, case.q_len, d).transpose(1, 2), *(randn(b, h_kv, case.seqlen, d).transpose(1, 2) for _ in range(2))
+        return randn(b, h, case.q_len, d).transpose(1, 2), *(
+            randn(b, h_kv, case.seqlen, d).transpose(1, 2) for _ in range(2)
+        )
     assert case.layout == "contiguous", case.layout
     return randn(b, case.q_len, h, d), *(randn(b, case.seqlen, h_kv, d) for _ in range(2))
 
@@ -375,7 +394,9 @@ def attention_problems(out: torch.Tensor, ref: torch.Tensor, zero_rows: torch.Te
         rows = got[zero_rows]
         if not torch.equal(rows, torch.zeros_like(rows)):
             bad = (rows != 0).flatten(1).any(dim=1).sum().item()
-            problems.append(f"{bad} of {rows.shape[0]} rows that must be exactly zero are not (NaN: {rows.isnan().any().item()})")
+            problems.append(
+                f"{bad} of {rows.shape[0]} rows that must be exactly zero are not (NaN: {rows.isnan().any().item()})"
+            )
     live = ~zero_rows
     if live.any():
         rtol, atol = TOLERANCE[dtype]

@@ -59,7 +59,11 @@ def build_variants(provider, device_type: str, loaded: dict | None = None) -> di
     return {
         v.name: loaded.get(v.name)
         or build_ops(
-            provider, general_strategy=v.strategy, zero_copy=v.zero_copy, pack_queries=v.pack_queries, device_type=device_type
+            provider,
+            general_strategy=v.strategy,
+            zero_copy=v.zero_copy,
+            pack_queries=v.pack_queries,
+            device_type=device_type,
         )
         for v in VARIANTS
     }
@@ -100,11 +104,10 @@ def run_pack(case: Case, dtype: torch.dtype, device: str) -> list[str]:
     failures = []
     for name, group in (("Q/K/V", (q, k, v)), ("K/V", (k, v))):
         want = torch_gather(group, indices)
-        runs = [("gather_rows", lambda: gather_rows(group, indices))]
+        results = {"gather_rows": gather_rows(group, indices)}
         if device != "cpu":
-            runs.append(("bind_gather", lambda: bind_gather(group, indices)(*group)))
-        for how, launch in runs:
-            got = launch()
+            results["bind_gather"] = bind_gather(group, indices)(*group)
+        for how, got in results.items():
             if got.shape != want.shape or not torch.equal(bits(got), bits(want)):
                 failures.append(f"{how} of {name}: differs from index_select")
     batch, seqlen = mask.shape
@@ -112,11 +115,10 @@ def run_pack(case: Case, dtype: torch.dtype, device: str) -> list[str]:
     packed = torch.randn(indices.numel(), case.heads, case.head_dim, generator=gen, dtype=dtype, device=device)
     inverse = inverse_of(indices, batch * seqlen)
     want = torch_scatter(packed, indices, batch, seqlen)
-    runs = [("scatter_rows", lambda: scatter_rows(packed, inverse, batch, seqlen))]
+    results = {"scatter_rows": scatter_rows(packed, inverse, batch, seqlen)}
     if device != "cpu":
-        runs.append(("bind_scatter", lambda: bind_scatter(packed, inverse, batch, seqlen)(packed)))
-    for how, launch in runs:
-        got = launch()
+        results["bind_scatter"] = bind_scatter(packed, inverse, batch, seqlen)(packed)
+    for how, got in results.items():
         if got.shape != want.shape or not torch.equal(bits(got), bits(want)):
             failures.append(f"{how}: differs from zeros + index_copy_")
         elif not torch.equal(bits(got[~mask]), bits(torch.zeros_like(got[~mask]))):
@@ -138,9 +140,10 @@ def run_meta(variants: dict, case: Case, device: str) -> list[str]:
 def gpu_variants():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    import attn_dispatch
     from attn_dispatch_varlen_diffusion import NAME
     from attn_dispatch_varlen_diffusion.attention import STRATEGY_ENV
+
+    import attn_dispatch
 
     loaded, provider = {}, None
     try:
