@@ -1,0 +1,206 @@
+"""cuda_fa3 inside transformers (issue 13): ``attn_implementation="attn_dispatch"`` against the built-in
+implementations, in real model configurations with random weights (nothing downloaded), on one GPU.
+
+    python3 benchmarks/bench_transformers.py [--models llama,gemma2] [--new-tokens 128] [--json PATH]
+
+Models: a Llama-3.2-1B-like config (16 layers, 32/8 heads of 64) and a Gemma-2-2B-like config (26 layers,
+8/4 heads of 256, sliding window 4096 on every other layer, attention softcap 50), bf16. Batch: 8 prompts
+of 128 to 2048 tokens, left padded to 2048 (mostly padding, as a serving batch is).
+
+Per model, for each implementation (the reference first: ``sdpa`` for Llama; ``eager`` for Gemma-2,
+whose softcap ``sdpa`` ignores):
+- prefill forward: wall ms (median of interleaved rounds, synchronised), GPU ms (profiler: all kernels,
+  and the attention kernels alone), last-token logits against the reference (max abs error, argmax);
+- ``generate``: greedy, ``--new-tokens`` tokens, tokens/s, and whether the first two generated tokens
+  (the prefill's argmax and the first decode step's) equal the reference's;
+- ``generate_batch`` (paged continuous batching), where the implementation is registered: seconds for
+  the 8 requests x 64 new tokens (first call included), and whether the tokens equal ``paged|sdpa``'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, Gemma2Config, GenerationConfig, LlamaConfig
+
+import attn_dispatch.integrations.transformers as ad_transformers
+
+PROMPT_LENS = [128, 402, 676, 950, 1224, 1498, 1772, 2048]
+ATTENTION_KERNELS = ("flash", "fmha", "attention", "sdpa", "cudnn", "softmax")
+
+
+def llama_config() -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=64, max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=True,
+    )  # fmt: skip
+
+
+def gemma2_config() -> Gemma2Config:
+    return Gemma2Config(
+        vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=256, sliding_window=4096, attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0, max_position_embeddings=8192,
+    )  # fmt: skip
+
+
+MODELS = {"llama": (llama_config, "sdpa", ("sdpa", "attn_dispatch")), "gemma2": (gemma2_config, "eager", ("eager", "sdpa", "attn_dispatch"))}
+
+
+def padded_batch(vocab: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    width = max(PROMPT_LENS)
+    ids = torch.zeros(len(PROMPT_LENS), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(PROMPT_LENS):
+        ids[row, width - n :] = torch.randint(3, vocab, (n,), generator=g)
+        mask[row, width - n :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn, rounds: int) -> float:
+    times = []
+    for _ in range(rounds):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def gpu_ms(fn, reps: int = 3) -> tuple[float, float]:
+    """(all kernels, attention kernels) ms per call, from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if not torch.cuda.is_available():
+        return 0.0, 0.0
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    total = attention = 0.0
+    for event in prof.key_averages():
+        us = getattr(event, "device_time_total", getattr(event, "cuda_time_total", 0.0))
+        if event.key.startswith("ProfilerStep") or us <= 0 or getattr(event, "device_type", None) is None:
+            continue
+        if str(event.device_type).endswith("CUDA"):
+            total += us
+            if any(word in event.key.lower() for word in ATTENTION_KERNELS):
+                attention += us
+    return total / reps / 1e3, attention / reps / 1e3
+
+
+def tiny(config):
+    """``--tiny``: the same architecture at a size a CPU runs in seconds (a smoke test of this script)."""
+    config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.vocab_size = 2, 64, 128, 512
+    config.num_attention_heads, config.num_key_value_heads, config.head_dim = 4, 2, 16
+    return config
+
+
+def bench_model(name: str, new_tokens: int, rounds: int, device: str, small: bool) -> dict:
+    make_config, reference, implementations = MODELS[name]
+    torch.manual_seed(0)
+    config = tiny(make_config()) if small else make_config()
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=reference)
+    model.eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    ids, mask = padded_batch(model.config.vocab_size, device)
+    rows: dict[str, dict] = {impl: {} for impl in implementations}
+    logits, tokens = {}, {}
+    with torch.inference_mode():
+        for impl in implementations:
+            model.set_attn_implementation(impl)
+            logits[impl] = model(ids, attention_mask=mask).logits[:, -1].float()
+        walls: dict[str, list[float]] = {impl: [] for impl in implementations}
+        for _ in range(rounds):  # interleaved: drift hits every implementation alike
+            for impl in implementations:
+                model.set_attn_implementation(impl)
+                walls[impl].append(timed(lambda: model(ids, attention_mask=mask), 1))
+        for impl in implementations:
+            model.set_attn_implementation(impl)
+            row = rows[impl]
+            row["prefill_wall_ms"] = statistics.median(walls[impl])
+            row["prefill_gpu_ms"], row["prefill_attention_gpu_ms"] = gpu_ms(lambda: model(ids, attention_mask=mask))
+            diff = (logits[impl] - logits[reference]).abs()
+            row["logits_max_abs_err"] = diff.max().item()
+            row["logits_scale"] = logits[reference].abs().max().item()
+            row["argmax_equal"] = bool(torch.equal(logits[impl].argmax(-1), logits[reference].argmax(-1)))
+            config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+            model.generate(ids, attention_mask=mask, generation_config=GenerationConfig(max_new_tokens=2, do_sample=False, pad_token_id=0))
+            sync()
+            t0 = time.perf_counter()
+            out = model.generate(ids, attention_mask=mask, generation_config=config)
+            sync()
+            seconds = time.perf_counter() - t0
+            tokens[impl] = out[:, ids.shape[1] :]
+            row["generate_tokens_per_s"] = tokens[impl].numel() / seconds
+            row["first_two_tokens_equal"] = bool(torch.equal(tokens[impl][:, :2], tokens[reference][:, :2]))
+            row["all_tokens_equal_rows"] = int((tokens[impl] == tokens[reference]).all(dim=1).sum())
+        if name == "llama":
+            rows["paged"] = bench_paged(model, ids, mask)
+    return rows
+
+
+def bench_paged(model, ids, mask) -> dict:
+    """generate_batch with each paged implementation registered here; tokens compared with paged|sdpa."""
+    prompts = [row[m.bool()].tolist() for row, m in zip(ids.cpu(), mask.cpu())]
+    config = GenerationConfig(max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=0, eos_token_id=None)
+    results, outputs = {}, {}
+    for impl in ("paged|sdpa", "paged|eager", "paged|attn_dispatch"):
+        try:
+            model.set_attn_implementation(impl)
+            sync()
+            t0 = time.perf_counter()
+            done = model.generate_batch(inputs=prompts, generation_config=config)
+            sync()
+            seconds = time.perf_counter() - t0
+        except Exception as exc:  # noqa: BLE001  (report, keep benchmarking)
+            results[impl] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            continue
+        outputs[impl] = [done[key].generated_tokens for key in sorted(done, key=lambda k: int(k.split("_")[-1]) if k.split("_")[-1].isdigit() else k)]
+        results[impl] = {"seconds": seconds}
+    for impl, toks in outputs.items():
+        if "paged|sdpa" in outputs:
+            results[impl]["requests_equal_to_paged_sdpa"] = sum(a == b for a, b in zip(toks, outputs["paged|sdpa"]))
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="llama,gemma2")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="tiny configs (a CPU smoke test of this script)")
+    args = parser.parse_args()
+    ops = ad_transformers.ops_for(torch.device(args.device))
+    print(f"attn_dispatch ops on cuda: {ops}")
+    report = {}
+    for name in args.models.split(","):
+        rows = bench_model(name, args.new_tokens, args.rounds, args.device, args.tiny)
+        report[name] = rows
+        print(f"\n## {name}")
+        print(json.dumps(rows, indent=1))
+    print(f"\nmetadata stats: {ad_transformers.stats}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
