@@ -163,6 +163,21 @@ def rows_for(provider, device, *, batch, seqlen_q, key_mask, heads, kv_heads, he
             return ops.masked_attention(q, k, v, meta)
 
         add(f"masked_attention {name} (binding every call)", unbound)
+
+    # K/V read in place as one-row pages instead of gathered (build_ops(key_pages=True)): host and GPU time.
+    paths = {}
+    for key_pages in (False, True):
+        ops = build_ops(provider, general_strategy="kv_pack", zero_copy=False, device_type=device, key_pages=key_pages)
+        meta = ops.build_mask_meta(key_mask)
+        paths[key_pages] = lambda ops=ops, meta=meta: ops.masked_attention(q, k, v, meta)
+    add("masked_attention kv_pack, K/V as pages", paths[True])
+    if CUDA:
+        from triton.testing import do_bench
+
+        gpu = {key_pages: do_bench(fn, warmup=25, rep=200) * 1e3 for key_pages, fn in paths.items()}
+        equal = torch.equal(paths[False](), paths[True]())
+        print(f"  {label:28s} GPU us per call: kv_pack gather {gpu[False]:.1f}, K/V as pages {gpu[True]:.1f}; equal={equal}", flush=True)
+        rows.append({"shape": label, "row": "GPU us: kv_pack gather / K/V as pages", "host_us": gpu[False], "pages_gpu_us": gpu[True], "gpu_bound": False})
     return rows
 
 

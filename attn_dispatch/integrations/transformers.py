@@ -43,6 +43,7 @@ import torch
 
 from ..plans import AttentionParams
 from . import transformers_meta as meta
+from . import transformers_paged
 from .common import OpGroups, check_series
 
 try:
@@ -237,6 +238,7 @@ def register() -> str:
     check_transformers_version()
     AttentionInterface.register(NAME, attn_dispatch_attention)
     masking_utils.AttentionMaskInterface.register(NAME, attn_dispatch_mask)
+    transformers_paged.register(AttentionInterface)  # "paged|attn_dispatch": continuous batching
     return NAME
 
 

@@ -112,6 +112,7 @@ class VarlenDiffusionAttention:
         zero_copy: bool = True,
         device_type: str = "cuda",
         pack_queries: bool | None = None,
+        key_pages: bool = False,
     ) -> None:
         if general_strategy not in GENERAL_STRATEGIES:
             raise ValueError(f"general_strategy: expected kv_pack or qkv_pack, got {general_strategy!r}")
@@ -120,6 +121,7 @@ class VarlenDiffusionAttention:
         self.zero_copy = zero_copy
         self.device_type = device_type
         self.pack_queries = pack_queries
+        self.key_pages = key_pages
         # Zero-copy under the zeroing contract leaves masked query rows to a zeroed `out`.
         self._zero_copy_skips_queries = provider.has_seqused_q and provider.writes_out
         self._op_index = custom_ops.ops_index(self)  # how the compiled path's custom op names this object
@@ -170,7 +172,7 @@ class VarlenDiffusionAttention:
         scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
         if compiling:
             return custom_ops.call(self._op_index, q, k, v, meta, scale)
-        bound = bind_call(self.provider, meta, q, k, v, scale)
+        bound = bind_call(self.provider, meta, q, k, v, scale, key_pages=self.key_pages)
         if not _capturing(q):  # bound inside a capture: its tensors (b * S_q) are filled only by replays
             calls[key] = bound
         return bound(q, k, v)
@@ -206,6 +208,7 @@ def build_ops(
     zero_copy: bool = True,
     device_type: str = "cuda",
     pack_queries: bool | None = None,
+    key_pages: bool = False,
 ) -> VarlenDiffusionAttention:
     """The op group over ``provider`` (the injection seam for tests and benchmarks).
 
@@ -213,8 +216,11 @@ def build_ops(
     packs even prefix/window masks (to compare strategies). ``device_type``: where q must live for the
     fast path ("cpu" only with a CPU stand-in provider and ``TRITON_INTERPRET=1``). ``pack_queries``
     (``qkv_pack``): None lets the cost model decide per mask; True or False forces (tests, benchmarks).
+    ``key_pages``: packed strategies read K/V in place as one-row pages instead of gathering them
+    (``binding._bind_key_pages``; an A/B option until measured on the target).
     """
     strategy = strategy_from_env() if general_strategy is None else Strategy(general_strategy)
     return VarlenDiffusionAttention(
-        provider, general_strategy=strategy, zero_copy=zero_copy, device_type=device_type, pack_queries=pack_queries
-    )
+        provider, general_strategy=strategy, zero_copy=zero_copy, device_type=device_type, pack_queries=pack_queries,
+        key_pages=key_pages,
+    )  # fmt: skip

@@ -59,9 +59,13 @@ def _rows_of(x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def bind_call(
-    provider, meta: VarlenMaskMeta, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    provider, meta: VarlenMaskMeta, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+    key_pages: bool = False,
 ) -> BoundCall:
     """``call(q, k, v) -> [B, S_q, H, D_v]`` for tensors matching these in :func:`call_key`.
+
+    ``key_pages``: packed strategies read K/V in place as one-row pages (``meta.page_table``) instead of
+    gathering them (one launch fewer per call; same keys in the same order).
 
     Preconditions (checked by the caller): q ``[B, S_q, H, D]``, k/v ``[B, S_k, H_kv, D]`` (``H_kv``
     divides ``H``), the key mask ``[B, S_k]`` on q's device, a dtype and head dim FlashAttention takes.
@@ -95,10 +99,12 @@ def bind_call(
         cu_q_padded = torch.arange(batch + 1, dtype=torch.int32, device=device) * seqlen_q
 
     if meta.strategy is not Strategy.ZERO_COPY:  # kv_pack, or qkv_pack with Q in place
-        gather_kv = bind_gather((k, v), meta.indices)
-        run = flash(cu_q_padded, meta.cu_seqlens_k, seqlen_q)
         n_masked = meta.batch * meta.seqlen - meta.total
         masked = meta.masked if self_attention and meta.masked is not None and n_masked else None
+        if key_pages and _viewable(k) and _viewable(v):
+            return _bind_key_pages(provider, meta, rows_q, cu_q_padded, seqlen_q, seqlen_k, scale, masked, out_shape)
+        gather_kv = bind_gather((k, v), meta.indices)
+        run = flash(cu_q_padded, meta.cu_seqlens_k, seqlen_q)
 
         def kv_pack(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             k_p, v_p = gather_kv(k, v).unbind(0)  # one op for both views
@@ -125,6 +131,27 @@ def bind_call(
         return run(rows_q(q), rows_k(k), rows_v(v), None).reshape(out_shape)
 
     return zero_copy
+
+
+def _viewable(x: torch.Tensor) -> bool:
+    return x.stride(3) == 1 and x.stride(0) == x.shape[1] * x.stride(1)
+
+
+def _bind_key_pages(provider, meta, rows_q, cu_q, seqlen_q, seqlen_k, scale, masked, out_shape) -> BoundCall:
+    """K/V read in place through ``meta.page_table`` (pages of one row: ``[B * S_k, 1, H_kv, D]`` views)."""
+    run = provider.bind(
+        cu_seqlens_q=cu_q, seqused_k=meta.seqlens, page_table=meta.page_table, max_seqlen_q=seqlen_q,
+        max_seqlen_k=seqlen_k, softmax_scale=scale, causal=False,
+    )  # fmt: skip
+
+    def key_pages(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        pages = (k.shape[0] * k.shape[1], 1, k.shape[2], k.shape[3])
+        out = run(rows_q(q), k.view(pages), v.view(pages), None)
+        if masked is not None:
+            out.index_fill_(0, masked, 0)
+        return out.reshape(out_shape)
+
+    return key_pages
 
 
 def _bind_packed_queries(meta, q, k, v, flash, empty) -> BoundCall:

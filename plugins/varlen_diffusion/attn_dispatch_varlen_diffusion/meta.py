@@ -43,6 +43,8 @@ class VarlenMaskMeta(MaskMeta):
     ``cu_seqlens_k``: zero-copy: ``b * S + run start`` (the padded tensor's own rows, read with
     ``seqlens`` as seqused); packed strategies: the prefix sum of ``seqlens`` over the packed rows.
     ``indices``: flat ``b * S + s`` of each valid token, in order (packed strategies only).
+    ``page_table`` (packed strategies): ``[B, S]``, row b's valid flat indices first (the rest 0): the
+    keys as one-row pages of the padded tensor, for FlashAttention's paged read (no K/V gather).
     ``pack_queries`` (``qkv_pack`` only): Q is packed too and ``inverse`` holds each padded token's packed
     position, -1 where masked (the scatter's map); otherwise Q stays in place, as in ``kv_pack``, and
     ``masked`` (int64) lists the flat positions of masked tokens, whose output rows are zeroed.
@@ -60,6 +62,7 @@ class VarlenMaskMeta(MaskMeta):
     cu_seqlens_padded: torch.Tensor  # [B + 1]: b * S
     cu_seqlens_k: torch.Tensor  # [B + 1]
     indices: torch.Tensor | None = None  # [total]
+    page_table: torch.Tensor | None = None  # [B, S]
     pack_queries: bool = False
     inverse: torch.Tensor | None = None  # [B * S]
     masked: torch.Tensor | None = None  # [B * S - total]
@@ -129,7 +132,7 @@ def make_mask_meta(
         strategy = general_strategy
 
     cu_seqlens_padded = torch.arange(batch + 1, dtype=torch.int32, device=device) * seqlen
-    indices = inverse = masked = None
+    indices = inverse = masked = page_table = None
     pack_queries = strategy is Strategy.QKV_PACK and (
         packing_queries_pays(batch, seqlen, total) if pack_queries is None else pack_queries
     )
@@ -145,6 +148,11 @@ def make_mask_meta(
         slots = torch.where(flat_mask, packed_pos, total).long()
         flat = torch.arange(batch * seqlen, dtype=torch.int32, device=device)
         indices = torch.empty(total + 1, dtype=torch.int32, device=device).scatter_(0, slots, flat)[:total]
+        # Row b's k-th valid key goes to column k of row b: b * S + (packed position - row b's start).
+        row_start = cu_seqlens_k[:-1].repeat_interleave(seqlen)
+        cells = torch.where(flat_mask, flat - flat % seqlen + packed_pos - row_start, batch * seqlen).long()
+        page_table = torch.zeros(batch * seqlen + 1, dtype=torch.int32, device=device).scatter_(0, cells, flat)
+        page_table = page_table[:-1].view(batch, seqlen)
         if pack_queries:
             inverse = torch.where(flat_mask, packed_pos, -1)
         elif strategy is Strategy.QKV_PACK:
@@ -156,4 +164,5 @@ def make_mask_meta(
         key_mask=key_mask, layout=layout, strategy=strategy, zero_masked_queries=zero_masked_queries,
         batch=batch, seqlen=seqlen, total=total, seqlens=seqlens, cu_seqlens_padded=cu_seqlens_padded,
         cu_seqlens_k=cu_seqlens_k, indices=indices, pack_queries=pack_queries, inverse=inverse, masked=masked,
+        page_table=page_table,
     )  # fmt: skip

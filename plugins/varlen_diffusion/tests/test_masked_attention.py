@@ -36,10 +36,10 @@ def sdpa(q, k, v, mask):
     return original.masked_attention(q, k, v, original.build_mask_meta(mask)).float()
 
 
-def ops_for(general: str, *, zero_copy: bool = True, pack_queries: bool | None = None, **caps):
+def ops_for(general: str, *, zero_copy: bool = True, pack_queries: bool | None = None, key_pages: bool = False, **caps):
     return build_ops(
         make_torch_provider(**caps), general_strategy=general, zero_copy=zero_copy, device_type="cpu",
-        pack_queries=pack_queries,
+        pack_queries=pack_queries, key_pages=key_pages,
     )  # fmt: skip
 
 
@@ -93,6 +93,22 @@ def test_zero_copy_and_packed_strategies_agree_exactly(mask):
         assert torch.equal(results[Strategy.ZERO_COPY, "kv_pack", None], kv_pack)
         for pack_queries in (True, False):
             assert torch.equal(results[Strategy.ZERO_COPY, "qkv_pack", pack_queries], results[Strategy.QKV_PACK, "qkv_pack", pack_queries])
+
+
+@settings(max_examples=15, deadline=None)
+@given(mask=key_masks(), general=st.sampled_from(["kv_pack", "qkv_pack"]), cross=st.booleans())
+def test_key_pages_read_the_same_keys_as_the_gather(mask, general, cross):
+    """K/V read in place as one-row pages (no gather) give the gather's bytes: same keys, same order."""
+    q, k, v = qkv(*mask.shape, fused=True)
+    if cross:
+        q = qkv(mask.shape[0], mask.shape[1] + 3, seed=1)[0]
+    outs = []
+    for key_pages in (False, True):
+        ops = ops_for(general, zero_copy=False, pack_queries=False, key_pages=key_pages)
+        outs.append(ops.masked_attention(q, k, v, ops.build_mask_meta(mask)))
+        if mask.any():
+            assert ops.provider.fwd.paged_calls == [key_pages]
+    assert torch.equal(*outs)
 
 
 def test_all_masked_row_is_zeros():

@@ -25,18 +25,26 @@ needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="CPU kernel tests
 
 def make_torch_provider(*, has_seqused_q: bool = True, writes_out: bool = True, name: str = "torch_varlen") -> FlashProvider:
     calls: list[dict] = []
+    paged_calls: list[bool] = []  # per call: were K/V read as pages
 
     def fwd(
         q, k, v, *, out=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None, seqused_k=None,
         max_seqlen_q, max_seqlen_k, page_table=None, softmax_scale, causal, window_size=(-1, -1),
         softcap=0.0, scheduler_metadata=None, num_splits=0, pack_gqa=None,
     ):  # fmt: skip
-        assert not causal and page_table is None and tuple(window_size) == (-1, -1) and softcap == 0.0
+        assert not causal and tuple(window_size) == (-1, -1) and softcap == 0.0
+        if page_table is not None:  # paged K/V: [pages, page_size, H_kv, D]; each sequence's keys via its row
+            assert cu_seqlens_k is None and seqused_k is not None and k.dim() == v.dim() == 4
+            page_size, used = k.shape[1], seqused_k.tolist()
+            rows = [page_table[b, : -(-n // page_size)].long() for b, n in enumerate(used)]
+            k, v = (torch.cat([x[r].flatten(0, 1)[:n] for r, n in zip(rows, used)]) for x in (k, v))
+            cu_seqlens_k = torch.tensor([0, *torch.tensor(used).cumsum(0).tolist()], dtype=torch.int32)
         assert q.dim() == k.dim() == v.dim() == 3 and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
         assert cu_seqlens_q.dtype == cu_seqlens_k.dtype == torch.int32
         assert has_seqused_q or seqused_q is None, "this provider has no seqused_q"
         assert writes_out or out is None, "this provider cannot write into out"
         calls.append({"seqused_q": seqused_q is not None, "seqused_k": seqused_k is not None, "out": out is not None})
+        paged_calls.append(page_table is not None)
         if out is None:
             out = torch.full_like(q, float("nan"), memory_format=torch.contiguous_format)
         assert q.shape[1] % k.shape[1] == 0 and k.shape == v.shape, "GQA: K/V heads must divide Q heads"
@@ -60,4 +68,5 @@ def make_torch_provider(*, has_seqused_q: bool = True, writes_out: bool = True, 
         return out
 
     fwd.calls = calls  # what each call passed, for tests that check the route taken
+    fwd.paged_calls = paged_calls
     return FlashProvider(name, 3, fwd, None, writes_out=writes_out, has_seqused_q=has_seqused_q)
