@@ -2,6 +2,7 @@
 # One device call on the lent H200: set up, then run the named stages in order; logs go to $OUT/<stage>.log.
 #   benchmarks/h200.sh baseline check fa3          (issue 10: before/after, selfcheck, pytest -m cuda)
 #   benchmarks/h200.sh diffusers varlen_host tox   (issue 11 benchmarks; tox -e cuda as written)
+#   benchmarks/h200.sh transformers                 (issue 13: Llama- and Gemma-2-like models, sdpa/eager vs attn_dispatch)
 #   benchmarks/h200.sh conformance                  (issue 12: the full grids without and with the known-wrong guard)
 # Needs in carry: .carry (../shared/device/fa3-site.sh, ../shared/device/wheels.sh, .ci/gpu-wheels.sh) and,
 # for the "baseline" stage, .baseline (a `git archive` of the commit to compare against).
@@ -49,6 +50,9 @@ for stage in "$@"; do
     guard)
       install_tree "$root"
       run guard python3 benchmarks/diag_fa3_guard.py "${GUARD_ARGS:-}" ;;
+    transformers)
+      install_tree "$root"
+      run transformers python3 benchmarks/bench_transformers.py --json "$OUT/transformers.json" ;;
     varlen_host)
       install_tree "$root"
       run varlen_host python3 benchmarks/bench_varlen_host.py --out "$OUT" ;;
