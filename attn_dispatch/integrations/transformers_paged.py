@@ -92,7 +92,12 @@ def _current_step(kwargs: dict) -> _Step:
     global _step
     cu, write_index = kwargs["cu_seq_lens_q"], kwargs["write_index"]
     step = _step
-    if step is None or step.cu_seq_lens_q is not cu or step.write_index is not write_index or step.version != _version(cu):
+    if (
+        step is None
+        or step.cu_seq_lens_q is not cu
+        or step.write_index is not write_index
+        or step.version != _version(cu)
+    ):
         step = _step = _Step(cu, write_index, _version(cu))
     return step
 
