@@ -48,7 +48,8 @@ def gemma2_config() -> Gemma2Config:
     )  # fmt: skip
 
 
-MODELS = {"llama": (llama_config, "sdpa", ("sdpa", "attn_dispatch")), "gemma2": (gemma2_config, "eager", ("eager", "sdpa", "attn_dispatch"))}
+# (config, the reference the bars compare with, implementations run); eager is the ground truth in both.
+MODELS = {"llama": (llama_config, "sdpa", ("sdpa", "eager", "attn_dispatch")), "gemma2": (gemma2_config, "eager", ("eager", "sdpa", "attn_dispatch"))}
 
 
 def padded_batch(vocab: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,10 +136,11 @@ def bench_model(name: str, new_tokens: int, rounds: int, device: str, small: boo
             row = rows[impl]
             row["prefill_wall_ms"] = statistics.median(walls[impl])
             row["prefill_gpu_ms"], row["prefill_attention_gpu_ms"] = gpu_ms(lambda: model(ids, attention_mask=mask))
-            diff = (logits[impl] - logits[reference]).abs()
-            row["logits_max_abs_err"] = diff.max().item()
+            for ref in dict.fromkeys((reference, "eager")):
+                diff = (logits[impl] - logits[ref]).abs()
+                row[f"logits_max_abs_err_vs_{ref}"] = diff.max().item()
+                row[f"argmax_equal_vs_{ref}"] = bool(torch.equal(logits[impl].argmax(-1), logits[ref].argmax(-1)))
             row["logits_scale"] = logits[reference].abs().max().item()
-            row["argmax_equal"] = bool(torch.equal(logits[impl].argmax(-1), logits[reference].argmax(-1)))
             config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
             model.generate(ids, attention_mask=mask, generation_config=GenerationConfig(max_new_tokens=2, do_sample=False, pad_token_id=0))
             sync()
@@ -148,10 +150,13 @@ def bench_model(name: str, new_tokens: int, rounds: int, device: str, small: boo
             seconds = time.perf_counter() - t0
             tokens[impl] = out[:, ids.shape[1] :]
             row["generate_tokens_per_s"] = tokens[impl].numel() / seconds
-            row["first_two_tokens_equal"] = bool(torch.equal(tokens[impl][:, :2], tokens[reference][:, :2]))
-            row["all_tokens_equal_rows"] = int((tokens[impl] == tokens[reference]).all(dim=1).sum())
-        if name == "llama":
-            rows["paged"] = bench_paged(model, ids, mask)
+        for impl in implementations:
+            for ref in dict.fromkeys((reference, "eager")):
+                rows[impl][f"first_token_rows_equal_vs_{ref}"] = int((tokens[impl][:, 0] == tokens[ref][:, 0]).sum())
+                rows[impl][f"second_token_rows_equal_vs_{ref}"] = int((tokens[impl][:, 1] == tokens[ref][:, 1]).sum())
+                rows[impl][f"all_tokens_rows_equal_vs_{ref}"] = int((tokens[impl] == tokens[ref]).all(dim=1).sum())
+    if name == "llama":  # generate_batch runs in its own thread: outside inference mode
+        rows["paged"] = bench_paged(model, ids.clone(), mask.clone())
     return rows
 
 
@@ -172,11 +177,34 @@ def bench_paged(model, ids, mask) -> dict:
             results[impl] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             continue
         outputs[impl] = [done[key].generated_tokens for key in sorted(done, key=lambda k: int(k.split("_")[-1]) if k.split("_")[-1].isdigit() else k)]
-        results[impl] = {"seconds": seconds}
+        errors = [done[key].error for key in done if done[key].error]
+        results[impl] = {"seconds": seconds, "generated_tokens": sum(map(len, outputs[impl])), "errors": errors[:1]}
     for impl, toks in outputs.items():
         if "paged|sdpa" in outputs:
             results[impl]["requests_equal_to_paged_sdpa"] = sum(a == b for a, b in zip(toks, outputs["paged|sdpa"]))
     return results
+
+
+def kernel_check(device: str) -> list[str]:
+    """The Llama batch's attention shapes through ``ops`` against the fp32 torch reference (the conformance
+    suite's yardstick): the prefill (8 sequences, 32/8 heads of 64, causal) and one decode step."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "cuda_fa3" / "tests"))
+    import attn_dispatch
+    import conformance_grid as cg
+    from attn_dispatch import AttentionParams
+
+    ops, lines = attn_dispatch.load(device), []
+    causal = (AttentionParams(causal=True),)
+    for label, q_lens, k_lens in (("prefill", PROMPT_LENS, PROMPT_LENS), ("decode", [1] * 8, [n + 1 for n in PROMPT_LENS])):
+        pages = len(k_lens) * -(-max(k_lens) // 16) + 4
+        case = cg.Case(f"llama-{label}", tuple(q_lens), tuple(k_lens), 32, 8, 64, 16, pages, torch.bfloat16, causal, False, 0)
+        with torch.inference_mode():
+            lines += [("ok   " if o.ok else "WRONG ") + o.line() for o in cg.run_case(ops, case, device)]
+    print("\n".join(lines))
+    return lines
 
 
 def main() -> None:
@@ -190,7 +218,7 @@ def main() -> None:
     args = parser.parse_args()
     ops = ad_transformers.ops_for(torch.device(args.device))
     print(f"attn_dispatch ops on cuda: {ops}")
-    report = {}
+    report = {"kernel_check": kernel_check(args.device)} if args.device == "cuda" else {}
     for name in args.models.split(","):
         rows = bench_model(name, args.new_tokens, args.rounds, args.device, args.tiny)
         report[name] = rows
