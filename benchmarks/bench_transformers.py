@@ -181,8 +181,14 @@ def bench_paged(model, ids, mask) -> dict:
         results[impl] = {"seconds": seconds, "generated_tokens": sum(map(len, outputs[impl])), "errors": errors[:1]}
     for impl, toks in outputs.items():
         if "paged|sdpa" in outputs:
-            results[impl]["requests_equal_to_paged_sdpa"] = sum(a == b for a, b in zip(toks, outputs["paged|sdpa"]))
+            theirs = outputs["paged|sdpa"]
+            results[impl]["requests_equal_to_paged_sdpa"] = sum(a == b for a, b in zip(toks, theirs))
+            results[impl]["common_prefix_with_paged_sdpa"] = [_common_prefix(a, b) for a, b in zip(toks, theirs)]
     return results
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def kernel_check(device: str) -> list[str]:
@@ -215,9 +221,18 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny configs (a CPU smoke test of this script)")
+    parser.add_argument("--paged-only", action="store_true", help="only generate_batch (Llama)")
     args = parser.parse_args()
     ops = ad_transformers.ops_for(torch.device(args.device))
     print(f"attn_dispatch ops on cuda: {ops}")
+    if args.paged_only:
+        torch.manual_seed(0)
+        config = tiny(llama_config()) if args.tiny else llama_config()
+        with torch.device(args.device):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+        ids, mask = padded_batch(model.config.vocab_size, args.device)
+        print(json.dumps(bench_paged(model.eval(), ids, mask), indent=1))
+        return
     report = {"kernel_check": kernel_check(args.device)} if args.device == "cuda" else {}
     for name in args.models.split(","):
         rows = bench_model(name, args.new_tokens, args.rounds, args.device, args.tiny)
