@@ -17,7 +17,8 @@ class Stats:
     ``metadata_builds``: scheduler-metadata tensors computed (one ``prepare_varlen_num_blocks`` each).
     ``static_refreshes``: plans refreshed into a static plan's persistent buffers (CUDA-graph steps).
     ``guarded_bindings``: layer calls bound to the dense torch route because :mod:`.known_wrong` lists the
-    configuration for the installed provider (logged once per class).
+    configuration for the installed provider (logged once per class). Under torch.compile the custom op
+    binds in its body, so there every call of such a layer counts.
     """
 
     out_copies: int = 0

@@ -102,15 +102,26 @@ def make_torch_provider(
         params = AttentionParams(causal=causal, window_size=tuple(window_size), softcap=softcap, num_splits=num_splits, pack_gqa=pack_gqa)
         tokens, heads, head_dim = q.shape
         # FA3 writes any out whose last dim is contiguous (a head slice, say); the reference wants it whole.
-        target = out if out is not None and out.is_contiguous() else torch.empty(tokens, heads, v.shape[-1], dtype=q.dtype, device=q.device)
+        whole = out is not None and out.is_contiguous()
+        target = out if whole else torch.empty(tokens, heads, v.shape[-1], dtype=q.dtype, device=q.device)
         calls.fwd_into_out += out is not None
-        _compute(q, k, v, target, page_table, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, params, softmax_scale, scheduler_metadata, heads, head_dim)
-        if out is not None and target is not out:
+        _compute(
+            q, k, v, target, page_table=page_table, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+            seqused_k=seqused_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, params=params,
+            softmax_scale=softmax_scale, scheduler_metadata=scheduler_metadata,
+        )  # fmt: skip
+        if out is not None and not whole:
             out.copy_(target)
         return target if out is None else out
 
-    def _compute(q, k, v, target, page_table, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, params, softmax_scale, scheduler_metadata, heads, head_dim):
-        causal, window_size, softcap, num_splits, pack_gqa = params.causal, params.window_size, params.softcap, params.num_splits, params.pack_gqa
+    def _compute(
+        q, k, v, target, *, page_table, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, params,
+        softmax_scale, scheduler_metadata,
+    ):  # fmt: skip
+        """The reference's answer into ``target`` (contiguous), checking the metadata as FA3 would read it."""
+        tokens, heads, head_dim = q.shape
+        causal, window_size, softcap = params.causal, params.window_size, params.softcap
+        num_splits, pack_gqa = params.num_splits, params.pack_gqa
         if page_table is None:
             if scheduler_metadata is not None:
                 raise NotImplementedError("varlen with scheduler_metadata")
