@@ -80,6 +80,21 @@ def test_paged_matches_gathered_contiguous_attention(params):
     assert (out[sum(q_lens):] == 9.0).all()
 
 
+def test_paged_ignores_cache_slots_past_each_sequence():
+    """Slots never written (an engine's torch.empty cache can hold NaN there) do not reach the answer: a
+    zero probability times NaN would be NaN. FlashAttention never reads them either."""
+    cache_lens, q_lens = [9, 4, 13], [1, 3, 1]
+    q, k_cache, v_cache, plan = paged_inputs(cache_lens, q_lens)
+    clean = reference.paged_attention_out(q, k_cache, v_cache, torch.empty(5, 4, 8), plan=plan)
+    for b, n in enumerate(cache_lens):
+        flat = plan.page_table[b].long()[:, None] * k_cache.shape[1] + torch.arange(k_cache.shape[1])
+        unwritten = flat.reshape(-1)[n:]
+        k_cache.view(-1, 2, 8)[unwritten] = float("nan")
+        v_cache.view(-1, 2, 8)[unwritten] = float("nan")
+    dirty = reference.paged_attention_out(q, k_cache, v_cache, torch.empty(5, 4, 8), plan=plan)
+    assert torch.equal(dirty, clean)
+
+
 def test_plan_is_plain_data_with_no_metadata():
     _, _, _, plan = paged_inputs([9, 4], [1, 1])
     assert not hasattr(plan, "metadata") and plan.provider == "reference" and plan.batch_size == 2

@@ -26,8 +26,8 @@ page), ``cache_seqlens = diff(cu_seq_lens_k)``, ``cu_seqlens_q = cu_seq_lens_q``
 the step's first layer (per layer group and distinct params) and reused by its other layers. Each layer
 writes its new k/v into the slots ``write_index`` names (as ``cache.update`` does), then runs
 ``paged_attention_out`` (bottom-right causal, ``softcap``) into one output buffer per step. The step is
-recognised by the identity of its ``cu_seq_lens_q`` and ``write_index`` objects (held, so never reused) and
-``cu_seq_lens_q``'s version counter.
+recognised by its first layer (a layer index at or below the last one seen), or by new ``cu_seq_lens_q`` /
+``write_index`` objects (held, so never reused) or a new version of ``cu_seq_lens_q``.
 
 Not exact, so ``paged|sdpa`` runs with exactly the arguments it would have got (the mask, which continuous
 batching does not build for this name, is rebuilt on the device as its ``build_attention_mask`` makes it,
@@ -76,6 +76,7 @@ class _Step:
     cu_seq_lens_q: torch.Tensor
     write_index: list
     version: int | None
+    last_layer: int = -1  # the newest layer index seen in this step
     plans: dict = field(default_factory=dict)  # (group, params) -> plan
     outs: dict = field(default_factory=dict)  # (tokens, heads, head_dim, dtype) -> [tokens, heads, head_dim]
     masks: dict = field(default_factory=dict)  # (layer type, kv length) -> the mask paged|sdpa would get
@@ -88,17 +89,22 @@ def _version(t: torch.Tensor) -> int | None:
     return None if t.is_inference() else t._version
 
 
-def _current_step(kwargs: dict) -> _Step:
+def _current_step(kwargs: dict, layer_idx: int) -> _Step:
+    """The step this layer call belongs to. A layer index at or below the last one seen starts a new step
+    (layers run in order, once per forward), whatever the tensors: continuous batching may hand a later
+    step the same input tensors refilled in place, which under inference mode have no version counter."""
     global _step
     cu, write_index = kwargs["cu_seq_lens_q"], kwargs["write_index"]
     step = _step
     if (
         step is None
+        or layer_idx <= step.last_layer
         or step.cu_seq_lens_q is not cu
         or step.write_index is not write_index
         or step.version != _version(cu)
     ):
         step = _step = _Step(cu, write_index, _version(cu))
+    step.last_layer = layer_idx
     return step
 
 
@@ -110,7 +116,7 @@ def attention(
     cache = kwargs.get("cache")
     if cache is None:
         raise ValueError(f"`{NAME}` was called without a paged attention cache: it serves continuous batching only")
-    step = _current_step(kwargs)
+    step = _current_step(kwargs, module.layer_idx)
     ops = _fast_ops(module, query, key, value, cache, kwargs)
     if ops is None:
         stats.fallback += 1

@@ -106,6 +106,10 @@ def paged_attention_out(
     keys = max_pages * plan.page_size
     k = k_cache[plan.page_table.long()].reshape(batch, keys, plan.num_kv_heads, head_dim)
     v = v_cache[plan.page_table.long()].reshape(batch, keys, plan.num_kv_heads, plan.head_dim_v)
+    # Slots past a sequence's length hold whatever the cache held (an engine's torch.empty: NaN, say); a
+    # zero probability times NaN is NaN, so they are zeroed, as FlashAttention never reads them.
+    written = torch.arange(keys, device=q.device)[None, :] < plan.cache_seqlens.long()[:, None]  # [batch, keys]
+    v = torch.where(written[:, :, None, None], v, 0)
     seq_of_token, pos_q, len_q, valid = _segments(plan.cu_seqlens_q, tokens)
     len_k = plan.cache_seqlens.long()[seq_of_token]  # [tokens]
     key_pos = torch.arange(keys, device=q.device)

@@ -41,6 +41,10 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: FlashA
         keys, values = _gather_rows(k, cu_k[:-1], a.max_seqlen_k), _gather_rows(v, cu_k[:-1], a.max_seqlen_k)
     queries = _gather_rows(q, cu_q[:-1], a.max_seqlen_q).float() * a.softmax_scale  # [B, Sq, H, d]
     visible = _visible(len_q, len_k, a, device)  # [B, Sq, Sk]
+    # Rows past a sequence's keys are another sequence's, or cache slots never written (NaN, say): a zero
+    # probability times NaN is NaN, so they are zeroed (FlashAttention never reads them).
+    in_sequence = torch.arange(a.max_seqlen_k, device=device)[None, :] < len_k[:, None]
+    values = torch.where(in_sequence[:, :, None, None], values, 0)
     group = heads // kv_heads
     padded = torch.empty(*queries.shape[:3], values.shape[-1], dtype=torch.float32, device=device)
     for h in range(kv_heads):  # one kv head's scores at a time bounds the memory

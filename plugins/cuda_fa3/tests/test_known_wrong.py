@@ -168,3 +168,21 @@ def test_dense_route_matches_the_reference(paged, params):
     out = torch.full((q.shape[0], 4, 16), 7.0, dtype=torch.bfloat16)
     dense_attention(q, k, v, args, out)
     assert torch.allclose(out.view_as(expected).float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_dense_route_ignores_keys_past_each_sequence():
+    """Cache slots past a sequence's length (NaN in a torch.empty cache) do not reach the answer."""
+    batch = paged_batch(q_lens=[3, 2], k_lens=[5, 9], heads=4, kv_heads=2, head_dim=16, page_size=4)
+    plan = reference.make_attention_plan(**batch.plan_args, layer_params=(LOCAL,))
+    args = FlashArgs(cu_seqlens_q=plan.cu_seqlens_q, seqused_k=plan.cache_seqlens, page_table=plan.page_table,
+                     max_seqlen_q=plan.max_seqlen_q, max_seqlen_k=plan.max_seqlen_k, softmax_scale=0.25,
+                     causal=True, window_size=LOCAL.window_size)  # fmt: skip
+    clean = torch.zeros(batch.tokens, 4, 16, dtype=torch.bfloat16)
+    dense_attention(batch.q, batch.k_cache, batch.v_cache, args, clean)
+    for b, n in enumerate([5, 9]):
+        slots = (plan.page_table[b].long()[:, None] * 4 + torch.arange(4)).reshape(-1)[n:]
+        for cache in (batch.k_cache, batch.v_cache):
+            cache.view(-1, 2, 16)[slots] = float("nan")
+    dirty = torch.zeros_like(clean)
+    dense_attention(batch.q, batch.k_cache, batch.v_cache, args, dirty)
+    assert torch.equal(dirty, clean)
