@@ -353,7 +353,7 @@ def bench_varlen_prefill(paths: Paths, tokens: int, rounds: int) -> list[Result]
     ]
 
 
-def layer_host_us(step, ops, plan, provider, reps: int = 20, rounds: int = 7) -> None:
+def layer_host_us(step, ops, plan, provider, reps: int = 3, rounds: int = 15) -> None:
     """Issue 13's bar: host time of one layer's call with the batch's plan already made, ``paged_attention_out``
     against the provider's raw op bound with the very arguments the op binds (so only the op's own Python
     differs). The GPU is kept busy meanwhile (``torch.cuda._sleep``), so no launch waits for it."""
@@ -379,7 +379,7 @@ def layer_host_us(step, ops, plan, provider, reps: int = 20, rounds: int = 7) ->
         for name, fn in (("paged_attention_out", op_layers), ("raw op", raw_layers)):
             fn()
             torch.cuda.synchronize()
-            torch.cuda._sleep(int(2e8))
+            torch.cuda._sleep(int(5e8))  # outlasts the timed launches (few enough not to fill the launch queue)
             start = time.perf_counter()
             for _ in range(reps):
                 fn()
