@@ -186,3 +186,19 @@ def test_dense_route_ignores_keys_past_each_sequence():
     dirty = torch.zeros_like(clean)
     dense_attention(batch.q, batch.k_cache, batch.v_cache, args, dirty)
     assert torch.equal(dirty, clean)
+
+
+def test_varlen_binding_is_not_reused_across_shapes_the_guard_may_tell_apart(monkeypatch):
+    """With the provider listed, a varlen binding is keyed on the layer's shape too: a table entry that
+    looked at head dims must not hand one layer's decision to another with the same lengths."""
+    entry = kw.KnownWrong("vllm_fa3", "0.33.0", "head dim 32 only", "test", lambda layer: layer.head_dim == 32)
+    monkeypatch.setattr(kw, "TABLE", (entry,))
+    provider, calls = make_torch_provider(name="vllm_fa3", version="0.33.0")
+    ops = build_ops(provider)
+    params = AttentionParams(causal=True)
+    lengths = packed_batch(lens=[5, 3], heads=4, kv_heads=2, head_dim=16)[3]  # the same tensors every call
+    for head_dim, kernel_calls in ((16, 1), (32, 1), (16, 2)):
+        q, k, v, _ = packed_batch(lens=[5, 3], heads=4, kv_heads=2, head_dim=head_dim)
+        out = torch.zeros(8, 4 * head_dim, dtype=torch.bfloat16)
+        ops["varlen_attention_out"](q, k, v, out, **lengths, params=params, softmax_scale=0.25)
+        assert calls.fwd == kernel_calls  # head dim 32: the dense route, not the kernel
