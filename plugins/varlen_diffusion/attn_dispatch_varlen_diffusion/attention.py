@@ -140,6 +140,7 @@ class VarlenDiffusionAttention:
         meta = make_mask_meta(
             mask, general_strategy=self.general_strategy, zero_copy=self.zero_copy,
             zero_copy_skips_queries=self._zero_copy_skips_queries, pack_queries=self.pack_queries,
+            key_pages=self.key_pages,
         )  # fmt: skip
         custom_ops.remember(meta)
         return meta

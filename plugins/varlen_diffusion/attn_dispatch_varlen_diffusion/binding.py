@@ -101,7 +101,7 @@ def bind_call(
     if meta.strategy is not Strategy.ZERO_COPY:  # kv_pack, or qkv_pack with Q in place
         n_masked = meta.batch * meta.seqlen - meta.total
         masked = meta.masked if self_attention and meta.masked is not None and n_masked else None
-        if key_pages and _viewable(k) and _viewable(v):
+        if key_pages and meta.page_table is not None and _viewable(k) and _viewable(v):
             return _bind_key_pages(provider, meta, rows_q, cu_q_padded, seqlen_q, seqlen_k, scale, masked, out_shape)
         gather_kv = bind_gather((k, v), meta.indices)
         run = flash(cu_q_padded, meta.cu_seqlens_k, seqlen_q)

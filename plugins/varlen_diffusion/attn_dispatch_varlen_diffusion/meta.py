@@ -43,8 +43,8 @@ class VarlenMaskMeta(MaskMeta):
     ``cu_seqlens_k``: zero-copy: ``b * S + run start`` (the padded tensor's own rows, read with
     ``seqlens`` as seqused); packed strategies: the prefix sum of ``seqlens`` over the packed rows.
     ``indices``: flat ``b * S + s`` of each valid token, in order (packed strategies only).
-    ``page_table`` (packed strategies): ``[B, S]``, row b's valid flat indices first (the rest 0): the
-    keys as one-row pages of the padded tensor, for FlashAttention's paged read (no K/V gather).
+    ``page_table`` (packed strategies, made only when asked for): ``[B, S]``, row b's valid flat indices
+    first (the rest 0): the keys as one-row pages of the padded tensor, for FlashAttention's paged read.
     ``pack_queries`` (``qkv_pack`` only): Q is packed too and ``inverse`` holds each padded token's packed
     position, -1 where masked (the scatter's map); otherwise Q stays in place, as in ``kv_pack``, and
     ``masked`` (int64) lists the flat positions of masked tokens, whose output rows are zeroed.
@@ -111,6 +111,7 @@ def make_mask_meta(
     zero_copy: bool = True,
     zero_copy_skips_queries: bool = True,
     pack_queries: bool | None = None,
+    key_pages: bool = False,
 ) -> VarlenMaskMeta:
     """Build the metadata for a bool ``[B, S]`` mask (B, S >= 1) and pick its strategy.
 
@@ -119,6 +120,7 @@ def make_mask_meta(
     forces the packed strategy (benchmarks). ``zero_copy_skips_queries``: the provider can leave masked
     query rows out (``seqused_q`` and ``out=``), which zero-copy needs under the zeroing contract.
     ``pack_queries`` (``qkv_pack``): None decides with :func:`packing_queries_pays`; True or False forces.
+    ``key_pages``: also make ``page_table`` (packed strategies), for K/V read in place as one-row pages.
     """
     assert key_mask.dtype == torch.bool and key_mask.dim() == 2, f"expected a bool [B, S] mask, got {key_mask.dtype}"
     assert general_strategy in (Strategy.KV_PACK, Strategy.QKV_PACK), f"not a general-mask strategy: {general_strategy}"
@@ -148,11 +150,11 @@ def make_mask_meta(
         slots = torch.where(flat_mask, packed_pos, total).long()
         flat = torch.arange(batch * seqlen, dtype=torch.int32, device=device)
         indices = torch.empty(total + 1, dtype=torch.int32, device=device).scatter_(0, slots, flat)[:total]
-        # Row b's k-th valid key goes to column k of row b: b * S + (packed position - row b's start).
-        row_start = cu_seqlens_k[:-1].repeat_interleave(seqlen)
-        cells = torch.where(flat_mask, flat - flat % seqlen + packed_pos - row_start, batch * seqlen).long()
-        page_table = torch.zeros(batch * seqlen + 1, dtype=torch.int32, device=device).scatter_(0, cells, flat)
-        page_table = page_table[:-1].view(batch, seqlen)
+        if key_pages:  # row b's k-th valid key goes to column k of row b: b * S + (packed position - row start)
+            row_start = cu_seqlens_k[:-1].repeat_interleave(seqlen)
+            cells = torch.where(flat_mask, flat - flat % seqlen + packed_pos - row_start, batch * seqlen).long()
+            page_table = torch.zeros(batch * seqlen + 1, dtype=torch.int32, device=device).scatter_(0, cells, flat)
+            page_table = page_table[:-1].view(batch, seqlen)
         if pack_queries:
             inverse = torch.where(flat_mask, packed_pos, -1)
         elif strategy is Strategy.QKV_PACK:
