@@ -43,6 +43,11 @@ class AttentionParams:
             raise ValueError(f"num_splits: expected an int >= 0 (0: the kernel chooses), got {self.num_splits!r}")
         if self.pack_gqa is not None and not isinstance(self.pack_gqa, bool):
             raise ValueError(f"pack_gqa: expected None or a bool, got {self.pack_gqa!r}")
+        # Params key plans and bound calls looked up in every layer call: hash once, not per lookup.
+        object.__setattr__(self, "_hash", hash((self.causal, self.window_size, self.softcap, self.num_splits, self.pack_gqa)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 DEFAULT_PARAMS = AttentionParams()
