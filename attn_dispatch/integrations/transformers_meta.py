@@ -80,18 +80,18 @@ def remember(mask: torch.Tensor, **fields) -> None:
     """Record how ``mask`` was made (called by the mask function, no device work)."""
     if isinstance(fields.get("q_offset"), torch.Tensor):
         fields["q_offset"] = fields["q_offset"].clone()
-    _records.appendleft(MaskRecord(mask=mask, version=_version_of(mask), **fields))
+    _records.appendleft(MaskRecord(mask=mask, version=version_of(mask), **fields))
 
 
 def lookup(mask: torch.Tensor) -> MaskRecord | None:
     """The record of this very, unwritten, mask tensor, or None (a mask the integration did not make)."""
     for record in _records:
         if record.mask is mask:
-            return record if record.version == _version_of(mask) else None
+            return record if record.version == version_of(mask) else None
     return None
 
 
-def _version_of(mask: torch.Tensor) -> int | None:
+def version_of(mask: torch.Tensor) -> int | None:
     """``mask._version``; None for a tensor made under ``torch.inference_mode()``, which has no version
     counter (reading it raises). Such a mask is matched by identity alone: the record holds it, so its
     memory is not reused, and it is made and read within one forward."""

@@ -46,6 +46,7 @@ from typing import Any
 import torch
 
 from ..plans import AttentionParams
+from .transformers_meta import version_of
 
 try:
     from transformers.integrations.sdpa_paged import sdpa_attention_paged_forward
@@ -85,10 +86,6 @@ class _Step:
 _step: _Step | None = None
 
 
-def _version(t: torch.Tensor) -> int | None:
-    return None if t.is_inference() else t._version
-
-
 def _current_step(kwargs: dict, layer_idx: int) -> _Step:
     """The step this layer call belongs to. A layer index at or below the last one seen starts a new step
     (layers run in order, once per forward), whatever the tensors: continuous batching may hand a later
@@ -101,9 +98,9 @@ def _current_step(kwargs: dict, layer_idx: int) -> _Step:
         or layer_idx <= step.last_layer
         or step.cu_seq_lens_q is not cu
         or step.write_index is not write_index
-        or step.version != _version(cu)
+        or step.version != version_of(cu)
     ):
-        step = _step = _Step(cu, write_index, _version(cu))
+        step = _step = _Step(cu, write_index, version_of(cu))
     step.last_layer = layer_idx
     return step
 

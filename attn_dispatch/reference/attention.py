@@ -113,14 +113,14 @@ def paged_attention_out(
     seq_of_token, pos_q, len_q, valid = _segments(plan.cu_seqlens_q, tokens)
     len_k = plan.cache_seqlens.long()[seq_of_token]  # [tokens]
     key_pos = torch.arange(keys, device=q.device)
-    allowed = _visible(pos_q[:, None], key_pos[None, :], len_q[:, None], len_k[:, None], params)
+    allowed = visible(pos_q[:, None], key_pos[None, :], len_q[:, None], len_k[:, None], params)
     allowed &= (key_pos[None, :] < len_k[:, None]) & valid[:, None]
 
     group = heads // plan.num_kv_heads
     k_tok = k[seq_of_token].repeat_interleave(group, dim=2).float()  # [tokens, keys, heads, d]
     v_tok = v[seq_of_token].repeat_interleave(group, dim=2).float()
     scores = torch.einsum("thd,tkhd->thk", q.float(), k_tok)
-    probs = _softmax(scores, allowed[:, None, :], _scale(softmax_scale, head_dim), params.softcap)
+    probs = masked_softmax(scores, allowed[:, None, :], _scale(softmax_scale, head_dim), params.softcap)
     result = torch.einsum("thk,tkhd->thd", probs, v_tok).to(q.dtype)  # allocate + compute ...
     out_view.copy_(result)  # ... then the one copy the optimized path removes
     return out
@@ -153,11 +153,11 @@ def varlen_attention_out(
     seq_q, pos_q, len_q, valid_q = _segments(cu_seqlens_q, tokens_q)
     seq_k, pos_k, len_k, valid_k = _segments(cu_seqlens_k, k.shape[0])
     allowed = (seq_q[:, None] == seq_k[None, :]) & valid_q[:, None] & valid_k[None, :]
-    allowed &= _visible(pos_q[:, None], pos_k[None, :], len_q[:, None], len_k[None, :], params)
+    allowed &= visible(pos_q[:, None], pos_k[None, :], len_q[:, None], len_k[None, :], params)
 
     group = heads // kv_heads
     scores = torch.einsum("qhd,khd->qhk", q.float(), k.repeat_interleave(group, dim=1).float())
-    probs = _softmax(scores, allowed[:, None, :], _scale(softmax_scale, head_dim), params.softcap)
+    probs = masked_softmax(scores, allowed[:, None, :], _scale(softmax_scale, head_dim), params.softcap)
     result = torch.einsum("qhk,khd->qhd", probs, v.repeat_interleave(group, dim=1).float()).to(q.dtype)
     out_view.copy_(result)
     return out
@@ -176,8 +176,9 @@ def _segments(cu_seqlens: torch.Tensor, tokens: int):
     return seq, token - cu[seq], cu[seq + 1] - cu[seq], valid
 
 
-def _visible(pos_q, pos_k, len_q, len_k, params: AttentionParams) -> torch.Tensor:
-    """Bottom-right aligned causal/window visibility, broadcast over its arguments."""
+def visible(pos_q, pos_k, len_q, len_k, params: AttentionParams) -> torch.Tensor:
+    """Bottom-right aligned causal/window visibility, broadcast over its arguments (also the rule of
+    cuda_fa3's dense route)."""
     diagonal = pos_q + len_k - len_q  # the key aligned with this query
     left, right = params.window_size
     if params.causal:
@@ -190,7 +191,8 @@ def _visible(pos_q, pos_k, len_q, len_k, params: AttentionParams) -> torch.Tenso
     return ok
 
 
-def _softmax(scores: torch.Tensor, allowed: torch.Tensor, scale: float, softcap: float) -> torch.Tensor:
+def masked_softmax(scores: torch.Tensor, allowed: torch.Tensor, scale: float, softcap: float) -> torch.Tensor:
+    """Scale, softcap, mask and softmax ``scores``; a row with no allowed key gives zeros."""
     scores = scores * scale
     if softcap > 0:
         scores = softcap * torch.tanh(scores / softcap)

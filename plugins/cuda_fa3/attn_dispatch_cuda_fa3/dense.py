@@ -14,6 +14,8 @@ kv head at a time (8 sequences of 2048 with 4 query heads per kv head: 512 MiB a
 from __future__ import annotations
 
 import torch
+from attn_dispatch.plans import AttentionParams
+from attn_dispatch.reference.attention import masked_softmax, visible
 from attn_dispatch_flash import FlashArgs
 
 
@@ -39,8 +41,11 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: FlashA
         cu_k = a.cu_seqlens_k.long()
         len_k = cu_k[1:] - cu_k[:-1] if a.seqused_k is None else a.seqused_k.long()
         keys, values = _gather_rows(k, cu_k[:-1], a.max_seqlen_k), _gather_rows(v, cu_k[:-1], a.max_seqlen_k)
-    queries = _gather_rows(q, cu_q[:-1], a.max_seqlen_q).float() * a.softmax_scale  # [B, Sq, H, d]
-    visible = _visible(len_q, len_k, a, device)  # [B, Sq, Sk]
+    queries = _gather_rows(q, cu_q[:-1], a.max_seqlen_q).float()  # [B, Sq, H, d]
+    params = AttentionParams(causal=a.causal, window_size=a.window_size)
+    i = torch.arange(a.max_seqlen_q, device=device)[None, :, None]
+    j = torch.arange(a.max_seqlen_k, device=device)[None, None, :]
+    allowed = visible(i, j, len_q[:, None, None], len_k[:, None, None], params) & (j < len_k[:, None, None])
     # Rows past a sequence's keys are another sequence's, or cache slots never written (NaN, say): a zero
     # probability times NaN is NaN, so they are zeroed (FlashAttention never reads them).
     in_sequence = torch.arange(a.max_seqlen_k, device=device)[None, :] < len_k[:, None]
@@ -50,10 +55,7 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: FlashA
     for h in range(kv_heads):  # one kv head's scores at a time bounds the memory
         qh = queries[:, :, h * group : (h + 1) * group]  # [B, Sq, g, d]
         scores = torch.einsum("bqgd,bkd->bgqk", qh, keys[:, :, h].float())
-        if a.softcap > 0:
-            scores = a.softcap * torch.tanh(scores / a.softcap)
-        scores = scores.masked_fill(~visible[:, None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a query with no visible key: zeros
+        probs = masked_softmax(scores, allowed[:, None], a.softmax_scale, a.softcap)  # the reference's rule
         padded[:, :, h * group : (h + 1) * group] = torch.einsum("bgqk,bkd->bqgd", probs, values[:, :, h].float())
     _scatter_rows(padded.to(out_rows.dtype), cu_q, len_q, out_rows)
 
@@ -72,21 +74,6 @@ def _gather_pages(k_cache, v_cache, page_table: torch.Tensor, width: int) -> tup
     pages = page_table.long()[:, column].clamp_(0, k_cache.shape[0] - 1)  # unused entries may hold anything
     slot = position % page_size
     return k_cache[pages, slot], v_cache[pages, slot]
-
-
-def _visible(len_q: torch.Tensor, len_k: torch.Tensor, a: FlashArgs, device) -> torch.Tensor:
-    """``[B, Sq, Sk]``: query i of sequence b sees key j (query i sits at key ``i + len_k - len_q``)."""
-    i = torch.arange(a.max_seqlen_q, device=device)[None, :, None]
-    j = torch.arange(a.max_seqlen_k, device=device)[None, None, :]
-    diagonal = i + (len_k - len_q)[:, None, None]
-    visible = j < len_k[:, None, None]
-    left, right = a.window_size
-    right = 0 if a.causal else right
-    if right >= 0:
-        visible = visible & (j <= diagonal + right)
-    if left >= 0:
-        visible = visible & (j >= diagonal - left)
-    return visible
 
 
 def _scatter_rows(padded: torch.Tensor, cu_q: torch.Tensor, len_q: torch.Tensor, out_rows: torch.Tensor) -> None:
