@@ -34,10 +34,13 @@ class BadInput:
 def expect_refused(ops: Mapping[str, Callable], case: BadInput, device="cpu", dtype=torch.bfloat16) -> str:
     """Run ``case`` against ``ops[case.op]``: it must raise ValueError("<arg>: ...") and write nothing."""
     args, kwargs = case.build(ops, torch.device(device), dtype)
-    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+    run_with = kwargs.pop("run_with", None)  # bind_attention's cases: the bound run is called with these
+    tensors = [t for t in (*args, *kwargs.values(), *(run_with or ())) if isinstance(t, torch.Tensor)]
     before = [t.clone() for t in tensors]
     try:
-        ops[case.op](*args, **kwargs)
+        result = ops[case.op](*args, **kwargs)
+        if run_with is not None:
+            result(*run_with)
     except ValueError as exc:
         message = str(exc)
     except Exception as exc:  # the wrong kind of error: a reshape or kernel error, an AttributeError, ...
@@ -91,6 +94,53 @@ def _varlen_call(rand, device, dtype, ops) -> dict:
     )  # fmt: skip
 
 
+def _packed_plan_kwargs(rand, device, dtype, ops) -> dict:
+    """A packed plan over ``_varlen_call``'s batch (2 sequences of 3 and 7 tokens)."""
+    cu = torch.tensor([0, 3, 10], dtype=torch.int32, device=device)
+    return dict(
+        cu_seqlens_q=cu, cu_seqlens_k=cu.clone(), max_seqlen_q=7, max_seqlen_k=7, num_heads=4, num_kv_heads=2,
+        head_dim=8, dtype=dtype,
+    )  # fmt: skip
+
+
+def _bind_call(rand, device, dtype, ops, packed: bool = False) -> dict:
+    """``bind_attention(plan)`` and a valid call of its run (``run_with``: q, k, v, out)."""
+    if packed:
+        plan = ops["make_attention_plan"](**_packed_plan_kwargs(rand, device, dtype, ops))
+        run_with = (rand(10, 4, 8), rand(10, 2, 8), rand(10, 2, 8), rand(12, 4, 8))
+    else:
+        call = _paged_call(rand, device, dtype, ops)
+        plan, run_with = call["plan"], (call["q"], call["k_cache"], call["v_cache"], call["out"])
+    return dict(plan=plan, run_with=run_with)
+
+
+def _run_case(packed: bool):
+    """Cases of a bound run: ``q``/``k``/``v``/``out`` replace the run's tensors (the error names them)."""
+    names = ("q", "k", "v", "out")
+
+    def case(id: str, arg: str, **change) -> BadInput:
+        def build(ops, device, dtype):
+            rand = lambda *shape, dt=dtype: torch.randn(*shape, device=device).to(dt)  # noqa: E731
+            call = _bind_call(rand, device, dtype, ops, packed)
+            run_with = dict(zip(names, call.pop("run_with")))
+            for name, value in change.items():
+                value = value(rand, device) if callable(value) else value
+                (run_with if name in names else call)[name] = value
+            plan = call.pop("plan")
+            return (plan,), {**call, "run_with": tuple(run_with[n] for n in names)}
+
+        return BadInput(id, "bind_attention", arg, build)
+
+    return case
+
+
+def _packed_plan(rand, device):
+    """A reference packed plan (bf16), for the case that hands one to ``paged_attention_out``."""
+    from .reference import make_attention_plan
+
+    return make_attention_plan(**_packed_plan_kwargs(rand, device, torch.bfloat16, None))
+
+
 def _masked_call(rand, device, dtype, ops) -> dict:
     """Self attention with equal heads (what every fast path takes), the second row's last 3 keys masked."""
     key_mask = torch.arange(12, device=device)[None, :] < torch.tensor([[12], [9]], device=device)
@@ -100,6 +150,9 @@ def _masked_call(rand, device, dtype, ops) -> dict:
 _plan_case = _op("make_attention_plan", (), _plan_kwargs)
 _paged_case = _op("paged_attention_out", ("q", "k_cache", "v_cache", "out"), _paged_call)
 _varlen_case = _op("varlen_attention_out", ("q", "k", "v", "out"), _varlen_call)
+_packed_plan_case = _op("make_attention_plan", (), _packed_plan_kwargs)
+_bind_case = _op("bind_attention", ("plan",), lambda rand, d, dtype, ops: {k: v for k, v in _bind_call(rand, d, dtype, ops).items() if k != "run_with"})
+_paged_run, _packed_run = _run_case(packed=False), _run_case(packed=True)
 _v_up = _op("mla_v_up_proj", ("attn_output", "w_vc"), lambda rand, d, dtype, ops: dict(attn_output=rand(5, 4, 32), w_vc=rand(4, 32, 16)))
 _for_backend = _op(
     "mla_query_for_backend", ("q", "q_rope"),
@@ -134,7 +187,13 @@ CASES: tuple[BadInput, ...] = (
     _plan_case("plan int64 cache_seqlens", "cache_seqlens", cache_seqlens=lambda rand, d: torch.tensor([9, 4, 13], device=d)),
     _plan_case("plan page_table rows", "page_table", page_table=lambda rand, d: torch.zeros(2, 4, dtype=torch.int32, device=d)),
     _plan_case("plan cu_seqlens_q length", "cu_seqlens_q", cu_seqlens_q=lambda rand, d: torch.tensor([0, 1, 4], dtype=torch.int32, device=d)),
+    _packed_plan_case("packed plan with a page table", "page_table", page_table=lambda rand, d: torch.zeros(2, 4, dtype=torch.int32, device=d)),
+    _packed_plan_case("packed plan with page_size", "page_size", page_size=4),
+    _packed_plan_case("packed plan cu_seqlens_k length", "cu_seqlens_k", cu_seqlens_k=lambda rand, d: torch.tensor([0, 10], dtype=torch.int32, device=d)),
+    _packed_plan_case("packed plan int64 cu_seqlens_k", "cu_seqlens_k", cu_seqlens_k=lambda rand, d: torch.tensor([0, 3, 10], device=d)),
+    _plan_case("paged plan without page_size", "page_size", page_size=None),
     # paged_attention_out
+    _paged_case("paged with a packed plan", "plan", plan=lambda rand, d: _packed_plan(rand, d)),
     _paged_case("paged params not planned", "params", params=SLIDING),
     _paged_case("paged params wrong type", "params", params="causal"),
     _paged_case("paged plan wrong type", "plan", plan={"num_heads": 4}),
@@ -173,6 +232,22 @@ CASES: tuple[BadInput, ...] = (
     _varlen_case("varlen max_seqlen_k<0", "max_seqlen_k", max_seqlen_k=-1),
     _varlen_case("varlen params wrong type", "params", params=(True, (-1, -1))),
     _varlen_case("varlen out width", "out", out=lambda rand, d: rand(12, 4, 4)),
+    # bind_attention, and calls of its run
+    _bind_case("bind plan wrong type", "plan", plan="plan"),
+    _bind_case("bind params not planned", "params", params=SLIDING),
+    _bind_case("bind softmax_scale string", "softmax_scale", softmax_scale="0.1"),
+    _paged_run("run paged q heads", "q", q=lambda rand, d: rand(5, 2, 8)),
+    _paged_run("run paged q dtype", "q", q=lambda rand, d: rand(5, 4, 8, dt=torch.float32)),
+    _paged_run("run paged k_cache page size", "k_cache", k=lambda rand, d: rand(6, 8, 2, 8)),
+    _paged_run("run paged v_cache head_dim", "v_cache", v=lambda rand, d: rand(12, 4, 2, 4)),
+    _paged_run("run paged out rows", "out", out=lambda rand, d: rand(4, 32)),
+    _paged_run("run paged out dtype", "out", out=lambda rand, d: rand(7, 32, dt=torch.float32)),
+    _paged_run("run paged out 3-D dtype", "out", out=lambda rand, d: rand(5, 4, 8, dt=torch.float32)),
+    _packed_run("run packed q heads", "q", q=lambda rand, d: rand(10, 2, 8)),
+    _packed_run("run packed k heads", "k", k=lambda rand, d: rand(10, 1, 8), v=lambda rand, d: rand(10, 1, 8)),
+    _packed_run("run packed v head_dim", "v", v=lambda rand, d: rand(10, 2, 4)),
+    _packed_run("run packed out width", "out", out=lambda rand, d: rand(12, 4, 4)),
+    _packed_run("run packed q dtype", "q", q=lambda rand, d: rand(10, 4, 8, dt=torch.float32)),
     # mla_v_up_proj
     _v_up("v_up int attn_output", "attn_output", attn_output=lambda rand, d: torch.ones(5, 4, 32, dtype=torch.int32, device=d)),
     _v_up("v_up attn_output rank", "attn_output", attn_output=lambda rand, d: rand(5, 128)),

@@ -20,8 +20,9 @@ if TYPE_CHECKING:
 
 # A plugin provides a whole group or none of it: the plan/meta made by one op is consumed by the others.
 OP_GROUPS: Mapping[str, tuple[str, ...]] = {
-    # 1 + 2: attention written into the engine's buffer, and the per-batch plan (FA3 scheduler metadata).
-    "attention_out": ("make_attention_plan", "paged_attention_out", "varlen_attention_out"),
+    # 1 + 2: attention written into the engine's buffer, and the per-batch plan (FA3 scheduler metadata);
+    # bind_attention hands the engine a plan's per-layer call (FlashInfer's plan()/run()).
+    "attention_out": ("make_attention_plan", "paged_attention_out", "varlen_attention_out", "bind_attention"),
     # 3: MLA value up-projection into o_proj's input layout.
     "mla_v_up_proj": ("mla_v_up_proj",),
     # 4: MLA/NSA decode query hand-off, model side and backend side.
@@ -52,6 +53,7 @@ class Ops:
     make_attention_plan: Callable
     paged_attention_out: Callable
     varlen_attention_out: Callable
+    bind_attention: Callable
     mla_v_up_proj: Callable
     mla_query_for_backend: Callable
     mla_decode_query: Callable

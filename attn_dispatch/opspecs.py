@@ -49,6 +49,10 @@ _HOST_UNCHECKED: Mapping[str, tuple[str, ...]] = {
         "cu_seqlens_q[-1] <= q rows and cu_seqlens_k[-1] <= k rows",
         "per-sequence lengths <= max_seqlen_q / max_seqlen_k",
     ),
+    "bind_attention": (
+        "the run's calls: paged_attention_out's rules (paged plan) or varlen_attention_out's (packed plan)",
+        "a packed plan's cu_seqlens_k: varlen_attention_out's rules, against k's rows",
+    ),
 }
 
 SPECS: Mapping[str, OpSpec] = {

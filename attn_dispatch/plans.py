@@ -55,7 +55,8 @@ DEFAULT_PARAMS = AttentionParams()
 
 @dataclass(frozen=True)
 class AttentionPlan:
-    """One forward batch of paged attention (decode, or mixed extend + decode), made once per step.
+    """One forward batch, made once per step: paged attention (decode, or mixed extend + decode) or packed
+    (varlen) attention.
 
     Tensors are the engine's own (int32, on the device); ints are host values the engine already has, so
     making or using a plan never syncs with the device. ``layer_params`` are the distinct
@@ -63,14 +64,18 @@ class AttentionPlan:
     refuses others, the reference included, so engine code that runs on CPU runs on the GPU). A plugin's plan
     may subclass this to carry what its kernels precompute per batch (cuda_fa3's ``FlashPlan``: FA3's
     scheduler metadata).
+
+    A paged plan has ``page_table`` and ``page_size``; a packed plan has ``cu_seqlens_k`` instead (the
+    keys of sequence ``b`` are rows ``cu_seqlens_k[b]:cu_seqlens_k[b+1]`` of ``k``), and its
+    ``cache_seqlens`` are those segments' lengths.
     """
 
     cache_seqlens: torch.Tensor  # [B] int32: keys per sequence, new tokens included
-    page_table: torch.Tensor  # [B, max_pages] int32
+    page_table: torch.Tensor | None  # [B, max_pages] int32; None in a packed plan
     cu_seqlens_q: torch.Tensor  # [B + 1] int32: query tokens per sequence (1 each in pure decode)
     max_seqlen_q: int
     max_seqlen_k: int
-    page_size: int
+    page_size: int | None  # None in a packed plan
     num_heads: int
     num_kv_heads: int
     head_dim: int
@@ -78,10 +83,15 @@ class AttentionPlan:
     dtype: torch.dtype
     layer_params: tuple[AttentionParams, ...] = (DEFAULT_PARAMS,)
     provider: str = "reference"
+    cu_seqlens_k: torch.Tensor | None = None  # [B + 1] int32 in a packed plan; None in a paged one
 
     @property
     def batch_size(self) -> int:
         return self.cache_seqlens.shape[0]
+
+    @property
+    def paged(self) -> bool:
+        return self.page_table is not None
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
-"""The Python time cuda_fa3's ``paged_attention_out`` adds around its kernel call, on any machine (no GPU).
+"""The Python time cuda_fa3's ``paged_attention_out`` and ``bind_attention``'s run add around the kernel
+call, on any machine (no GPU).
 
     python3 benchmarks/bench_op_host.py
 
 The provider is a stand-in whose bound call returns at once, so what is timed is the op's own work per
-layer (the fit check, the bound-call lookup, the view of ``out``) next to calling the bound call directly.
+layer (the fit check, the bound-call lookup, the view of ``out``; the run has no lookup) next to calling
+the bound call directly.
 On the H200 the same gap is measured against FA3's raw op by ``bench_fa3.py`` ("host us per layer call").
 """
 
@@ -46,9 +48,13 @@ def main() -> None:
     bound = provider.bind(paged_args(plan, DEFAULT_PARAMS, None, provider.name))
     rows = out.view(batch.tokens, 8, 64)
     q, k, v, op = batch.q, batch.k_cache, batch.v_cache, ops["paged_attention_out"]
+    run = ops["bind_attention"](plan)
     through_op = per_call_us(lambda: op(q, k, v, out, plan=plan))
+    through_run = per_call_us(lambda: run(q, k, v, rows))
+    through_run_flat = per_call_us(lambda: run(q, k, v, out))
     direct = per_call_us(lambda: bound(q, k, v, rows))
-    print(f"paged_attention_out {through_op:.2f} us per call, the bound call alone {direct:.2f} us: the op adds {through_op - direct:.2f} us")
+    print(f"the bound kernel call alone {direct:.2f} us per call; on top of it: paged_attention_out +{through_op - direct:.2f} us, "
+          f"bind_attention's run +{through_run - direct:.2f} us ([tokens, heads, dv] out), +{through_run_flat - direct:.2f} us (flat out)")
 
 
 if __name__ == "__main__":

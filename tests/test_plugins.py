@@ -201,7 +201,7 @@ def test_load_logs_one_info_summary(monkeypatch, caplog):
         load_cpu(monkeypatch)
     summaries = [r.getMessage() for r in caplog.records if r.getMessage().startswith("attn_dispatch on")]
     assert len(summaries) == 1
-    assert "reference=8" in summaries[0] and "cuda_fa3:not-this-arch" in summaries[0]
+    assert "reference=9" in summaries[0] and "cuda_fa3:not-this-arch" in summaries[0]
 
 
 def test_resolve_once_no_hook_call_per_op_call(monkeypatch):

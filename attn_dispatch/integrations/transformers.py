@@ -11,12 +11,14 @@ fallback below must hand ``sdpa`` exactly what it would have got. FlashAttention
 not do for that, and the 4D mask alone does not say where the queries sit, so the mask function also
 records, next to the tensor it returns, the 2D padding mask and offsets it was made from
 (``transformers_meta``). The first layer turns that record into unpad indices, ``cu_seqlens`` and max
-lengths with one host sync; every other layer of the forward reuses them (transformers' own
-FlashAttention path unpads, with a sync, in every layer).
+lengths with one host sync, and a packed plan (``make_attention_plan(cu_seqlens_k=...)``: FA3's scheduler
+metadata) with its bound per-layer call (``bind_attention``); every other layer of the forward reuses
+them (transformers' own FlashAttention path unpads, with a sync, in every layer, and FA3 schedules itself
+in every call).
 
 What runs where (per layer call):
 
-- the fast path, ``ops.varlen_attention_out`` (``attn_dispatch.load(device)``; cuda_fa3 on sm90), with
+- the fast path, varlen FlashAttention (``attn_dispatch.load(device)``; cuda_fa3 on sm90), with
   bottom-right-aligned causal attention (FA3's), ``window_size=(sliding_window - 1, 0)`` and
   ``softcap``: q/k/v fp16/bf16 of one dtype and device, a head dim that is a multiple of 8 and at most
   256 (v's the same), query heads a multiple of key heads (GQA), no dropout, no ``output_attentions``, a
@@ -26,7 +28,7 @@ What runs where (per layer call):
   Output rows of padding queries are zeros (``sdpa`` computes something there; no valid token reads it).
   ``softcap`` is applied (``sdpa`` ignores it; eager applies it).
 - transformers' ``sdpa`` attention function, called with exactly the arguments it would have got (so
-  byte-identical): everything else, including devices where ``varlen_attention_out`` resolved to the
+  byte-identical): everything else, including devices where the attention ops resolved to the
   reference (unless an op group was injected with :func:`use_ops`).
 
 Any transformers version other than 5.17.x makes the import raise :class:`UnsupportedTransformersVersion`:
@@ -74,19 +76,20 @@ def check_transformers_version(version: str | None = None) -> None:
 
 # ---- the op group --------------------------------------------------------------------------------
 
-_groups = OpGroups("varlen_attention_out")
+_groups = OpGroups("bind_attention")
 
 
 def use_ops(op_group: Any | None) -> None:
-    """Use ``op_group`` (anything with ``varlen_attention_out``, or a dict of ops such as
+    """Use ``op_group`` (anything with ``make_attention_plan``, ``bind_attention`` and ``varlen_attention_out``,
+    or a dict of ops such as
     ``attn_dispatch_cuda_fa3.build_ops(provider)``) on every device, or None to go back to
     ``attn_dispatch.load(device)``. The seam for tests (a CPU stand-in provider)."""
     _groups.use(SimpleNamespace(**op_group) if isinstance(op_group, Mapping) else op_group)
 
 
 def ops_for(device: torch.device) -> Any | None:
-    """The op group for ``device``, or None where ``varlen_attention_out`` is the reference: there the
-    attention calls ``sdpa``, which computes the same without unpadding."""
+    """The op group for ``device``, or None where the attention ops are the reference: there the attention
+    calls ``sdpa``, which computes the same without unpadding."""
     return _groups.get(device)
 
 
@@ -214,17 +217,15 @@ def _dense(ops, query, key, value, kwargs, window) -> torch.Tensor:
 
 
 def _varlen(ops, unpad: meta.Meta, query, key, value, kwargs, window) -> torch.Tensor:
-    """Unpad with the forward's indices, run varlen FlashAttention into the forward's output buffer, re-pad."""
+    """Unpad with the forward's indices, run the forward's planned varlen FlashAttention (metadata made once
+    per forward) into the forward's output buffer, re-pad."""
     batch, heads, q_len, head_dim = query.shape
+    run = unpad.run_for(ops, query, key.shape[1], _params(kwargs, window), kwargs.get("scaling"))
     q = query.transpose(1, 2)[unpad.rows_q]  # [total_q, H, D]: one gather from the [B, Q, H, D] view
     k = key.transpose(1, 2)[unpad.rows_k]
     v = value.transpose(1, 2)[unpad.rows_k]
     out = unpad.out_buffer(query, heads, head_dim)
-    ops.varlen_attention_out(
-        q, k, v, out, cu_seqlens_q=unpad.cu_seqlens_q, cu_seqlens_k=unpad.cu_seqlens_k,
-        max_seqlen_q=unpad.max_seqlen_q, max_seqlen_k=unpad.max_seqlen_k, params=_params(kwargs, window),
-        softmax_scale=kwargs.get("scaling"),
-    )  # fmt: skip
+    run(q, k, v, out)
     padded = query.new_zeros(batch * q_len, heads, head_dim)
     padded.index_copy_(0, unpad.idx_q, out)
     return padded.view(batch, q_len, heads, head_dim)

@@ -25,9 +25,11 @@ _records: deque[MaskRecord] = deque(maxlen=_RECENT)
 
 @dataclass
 class Stats:
-    """Counters for tests: ``builds`` counts metadata builds (each is one host sync)."""
+    """Counters for tests: ``builds`` counts unpadding builds (each is one host sync), ``plans`` the packed
+    plans made over them (each one launch of FA3's metadata kernel)."""
 
     builds: int = 0
+    plans: int = 0
 
 
 stats = Stats()
@@ -49,6 +51,24 @@ class Meta:
     max_seqlen_q: int = 0
     max_seqlen_k: int = 0
     out: dict = field(default_factory=dict)  # (heads, head_dim, dtype) -> [total_q, heads, head_dim] buffer
+    runs: dict = field(default_factory=dict)  # (heads, kv_heads, head_dim, dtype, params, scale) -> bound run
+
+    def run_for(self, ops, query: torch.Tensor, kv_heads: int, params, scale: float | None):
+        """The forward's bound attention call for a layer like this one: a packed plan over this unpadding
+        (FA3's scheduler metadata made here, once) and ``bind_attention``'s run over it, made by the first
+        such layer and reused by every other (one per distinct shape, params and scale: Gemma-2 has two)."""
+        _, heads, _, head_dim = query.shape
+        key = (heads, kv_heads, head_dim, query.dtype, params, scale)
+        run = self.runs.get(key)
+        if run is None:
+            stats.plans += 1
+            plan = ops.make_attention_plan(
+                cu_seqlens_q=self.cu_seqlens_q, cu_seqlens_k=self.cu_seqlens_k, max_seqlen_q=self.max_seqlen_q,
+                max_seqlen_k=self.max_seqlen_k, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+                dtype=query.dtype, layer_params=(params,),
+            )  # fmt: skip
+            run = self.runs[key] = ops.bind_attention(plan, params=params, softmax_scale=scale)
+        return run
 
     def out_buffer(self, like: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
         """The unpadded output buffer every layer writes into (layers re-pad it before the next one runs)."""

@@ -1,5 +1,5 @@
 """``paged|attn_dispatch``: transformers 5.17's continuous batching (``model.generate_batch``, the paged KV
-cache) through ``make_attention_plan`` once per batch step and ``paged_attention_out`` per layer.
+cache) through ``make_attention_plan`` and ``bind_attention`` once per batch step and the bound run per layer.
 
 Registered by ``attn_dispatch.integrations.transformers`` (importing it registers both names). Select it with
 ``from_pretrained(..., attn_implementation="paged|attn_dispatch")`` or ``set_attn_implementation``.
@@ -24,8 +24,8 @@ indices, and page ``i`` of sequence ``b`` is ``slot(cu_seq_lens_k[b] + i * block
 device (no host sync): ``page_table`` ``[B, ceil(max_seqlen_k / block_size)]`` (unused columns: any valid
 page), ``cache_seqlens = diff(cu_seq_lens_k)``, ``cu_seqlens_q = cu_seq_lens_q``, and the plan is made at
 the step's first layer (per layer group and distinct params) and reused by its other layers. Each layer
-writes its new k/v into the slots ``write_index`` names (as ``cache.update`` does), then runs
-``paged_attention_out`` (bottom-right causal, ``softcap``) into one output buffer per step. The step is
+writes its new k/v into the slots ``write_index`` names (as ``cache.update`` does), then calls the step's run (``bind_attention``: paged
+attention, bottom-right causal, ``softcap``) into one output buffer per step. The step is
 recognised by its first layer (a layer index at or below the last one seen), or by new ``cu_seq_lens_q`` /
 ``write_index`` objects (held, so never reused) or a new version of ``cu_seq_lens_q``.
 
@@ -59,7 +59,7 @@ MAX_HEAD_DIM = 256
 
 @dataclass
 class Stats:
-    """Counters for tests: ``plans`` made, ``fast`` layer calls through ``paged_attention_out``,
+    """Counters for tests: ``plans`` made, ``fast`` layer calls through the plan's bound run,
     ``fallback`` layer calls through ``paged|sdpa``."""
 
     plans: int = 0
@@ -79,6 +79,7 @@ class _Step:
     version: int | None
     last_layer: int = -1  # the newest layer index seen in this step
     plans: dict = field(default_factory=dict)  # (group, params) -> plan
+    runs: dict = field(default_factory=dict)  # (group, params, scale) -> bind_attention's run over that plan
     outs: dict = field(default_factory=dict)  # (tokens, heads, head_dim, dtype) -> [tokens, heads, head_dim]
     masks: dict = field(default_factory=dict)  # (layer type, kv length) -> the mask paged|sdpa would get
 
@@ -127,19 +128,20 @@ def attention(
     k_cache.index_copy_(0, write, key[0].transpose(0, 1))  # cache.update's write, without its read-back
     v_cache.index_copy_(0, write, value[0].transpose(0, 1))
     params = AttentionParams(causal=True, softcap=float(kwargs.get("softcap") or 0.0))
-    plan = step.plans.get((group, params))
-    if plan is None:
-        plan = step.plans[(group, params)] = _make_plan(ops, query, key, cache, group, params, kwargs)
+    scale = kwargs.get("scaling", getattr(module, "scaling", None))
+    run = step.runs.get((group, params, scale))
+    if run is None:
+        plan = step.plans.get((group, params))
+        if plan is None:
+            plan = step.plans[(group, params)] = _make_plan(ops, query, key, cache, group, params, kwargs)
+        run = step.runs[(group, params, scale)] = ops.bind_attention(plan, params=params, softmax_scale=scale)
     _, heads, tokens, head_dim = query.shape
     out_key = (tokens, heads, head_dim, query.dtype)
     out = step.outs.get(out_key)
     if out is None:
         out = step.outs[out_key] = query.new_empty(tokens, heads, head_dim)
     pages = k_cache.view(-1, cache.block_size, *k_cache.shape[1:])
-    ops.paged_attention_out(
-        query[0].transpose(0, 1), pages, v_cache.view(pages.shape), out, plan=plan, params=params,
-        softmax_scale=kwargs.get("scaling", getattr(module, "scaling", None)),
-    )  # fmt: skip
+    run(query[0].transpose(0, 1), pages, v_cache.view(pages.shape), out)
     return out.unsqueeze(0), None
 
 

@@ -5,11 +5,12 @@ kernels run; FlashAttention tolerance for masked attention, which changes kernel
 op's validator (``attn_dispatch.validate``), as the plugins do, so bad input is refused alike everywhere.
 """
 
-from .attention import make_attention_plan, paged_attention_out, varlen_attention_out
+from .attention import bind_attention, make_attention_plan, paged_attention_out, varlen_attention_out
 from .masked import build_mask_meta, masked_attention
 from .mla import mla_decode_query, mla_query_for_backend, mla_v_up_proj
 
 __all__ = [
+    "bind_attention",
     "build_mask_meta",
     "make_attention_plan",
     "masked_attention",

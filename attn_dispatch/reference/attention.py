@@ -23,22 +23,29 @@ with the device (segment ids come from ``searchsorted``, not ``.tolist()``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from ..plans import DEFAULT_PARAMS, AttentionParams, AttentionPlan
-from ..validate import validate_make_attention_plan, validate_paged_attention_out, validate_varlen_attention_out
+from ..validate import (
+    validate_attention_run,
+    validate_bind_attention,
+    validate_make_attention_plan,
+    validate_paged_attention_out,
+    validate_varlen_attention_out,
+)
 
 
 def make_attention_plan(
     *,
-    cache_seqlens: torch.Tensor,
-    page_table: torch.Tensor,
+    cache_seqlens: torch.Tensor | None = None,
+    page_table: torch.Tensor | None = None,
     cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_q: int,
     max_seqlen_k: int,
-    page_size: int,
+    page_size: int | None = None,
     num_heads: int,
     num_kv_heads: int,
     head_dim: int,
@@ -49,10 +56,14 @@ def make_attention_plan(
 ) -> AttentionPlan:
     """Describe one forward batch. Call once per step; pass the result to every layer.
 
+    Paged (``paged_attention_out``, or ``bind_attention``'s run): ``cache_seqlens``, ``page_table`` and
+    ``page_size``. Packed (``bind_attention``'s run over ``[tokens, heads, d]`` q/k/v, as
+    ``varlen_attention_out`` takes them): ``cu_seqlens_k`` instead of those three.
+
     ``layer_params`` lists the distinct :class:`AttentionParams` the model's layers use (a model mixing
     sliding-window and global layers lists both); a layer may only use params listed here.
 
-    ``static_plan`` (CUDA graphs with the plan made outside the graph): a plan made earlier, whose
+    ``static_plan`` (paged plans, CUDA graphs with the plan made outside the graph): a plan made earlier, whose
     persistent metadata buffers receive this batch's metadata (fresh metadata in the front, zeros in the
     tail) instead of new allocations. This batch's tensors must be ``static_plan``'s own tensors or views
     at their front (the engine's static graph inputs). Same batch size: ``static_plan`` is refreshed in
@@ -63,12 +74,13 @@ def make_attention_plan(
     subclass, such as cuda_fa3's ``FlashPlan``, carries its kernels' metadata).
     """
     checked = validate_make_attention_plan(
-        cache_seqlens=cache_seqlens, page_table=page_table, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q,
-        max_seqlen_k=max_seqlen_k, page_size=page_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
-        head_dim=head_dim, head_dim_v=head_dim_v, dtype=dtype, layer_params=layer_params, static_plan=static_plan,
+        cache_seqlens=cache_seqlens, page_table=page_table, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, page_size=page_size, num_heads=num_heads,
+        num_kv_heads=num_kv_heads, head_dim=head_dim, head_dim_v=head_dim_v, dtype=dtype, layer_params=layer_params,
+        static_plan=static_plan,
     )  # fmt: skip
     return AttentionPlan(
-        cache_seqlens=cache_seqlens,
+        cache_seqlens=cache_seqlens if cu_seqlens_k is None else packed_key_lengths(cu_seqlens_k),
         page_table=page_table,
         cu_seqlens_q=cu_seqlens_q,
         max_seqlen_q=max_seqlen_q,
@@ -80,7 +92,40 @@ def make_attention_plan(
         head_dim_v=checked.head_dim_v,
         dtype=dtype,
         layer_params=checked.layer_params,
+        cu_seqlens_k=cu_seqlens_k,
     )
+
+
+def bind_attention(
+    plan: AttentionPlan, *, params: AttentionParams = DEFAULT_PARAMS, softmax_scale: float | None = None
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """One layer call over ``plan`` with ``params`` and ``softmax_scale`` fixed: ``run(q, k, v, out) -> out``.
+
+    Bind once per step for each (params, scale) the layers use, after ``make_attention_plan``; every layer
+    then calls ``run`` (FlashInfer's ``plan()``/``run()``): the cheapest per-layer call an implementation
+    offers. A paged plan's run is ``paged_attention_out`` (``k``/``v`` the caches); a packed plan's is
+    ``varlen_attention_out`` with the plan's lengths (``k``/``v`` ``[tokens_k, kv_heads, d]``). The run
+    refuses bad input as those ops do, before writing; ``out`` may also be ``[tokens, heads, head_dim_v]``
+    exactly, the layout kernels write (no view to make).
+    """
+    validate_bind_attention(plan, params=params, softmax_scale=softmax_scale)
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        validate_attention_run(plan, q, k, v, out, params, softmax_scale)
+        if plan.page_table is not None:
+            return paged_attention_out(q, k, v, out, plan=plan, params=params, softmax_scale=softmax_scale)
+        return varlen_attention_out(
+            q, k, v, out, cu_seqlens_q=plan.cu_seqlens_q, cu_seqlens_k=plan.cu_seqlens_k,
+            max_seqlen_q=plan.max_seqlen_q, max_seqlen_k=plan.max_seqlen_k, params=params,
+            softmax_scale=softmax_scale,
+        )  # fmt: skip
+
+    return run
+
+
+def packed_key_lengths(cu_seqlens_k: torch.Tensor) -> torch.Tensor:
+    """A packed plan's ``cache_seqlens``: each sequence's key count, on the device (no sync)."""
+    return (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int32)
 
 
 def paged_attention_out(

@@ -31,12 +31,13 @@ class PlanArgs(NamedTuple):
 
 def validate_make_attention_plan(
     *,
-    cache_seqlens: torch.Tensor,
-    page_table: torch.Tensor,
+    cache_seqlens: torch.Tensor | None = None,
+    page_table: torch.Tensor | None = None,
     cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_q: int,
     max_seqlen_k: int,
-    page_size: int,
+    page_size: int | None = None,
     num_heads: int,
     num_kv_heads: int,
     head_dim: int,
@@ -46,7 +47,33 @@ def validate_make_attention_plan(
     static_plan: AttentionPlan | None = None,
     dtypes: Sequence[torch.dtype] = FLOAT_DTYPES,
 ) -> PlanArgs:
-    """Rules of ``make_attention_plan``. ``dtypes``: the dtypes the caller's kernels take (named ``dtype``)."""
+    """Rules of ``make_attention_plan``. ``dtypes``: the dtypes the caller's kernels take (named ``dtype``).
+
+    A paged plan takes ``cache_seqlens``, ``page_table`` and ``page_size``; a packed plan takes
+    ``cu_seqlens_k`` and none of those three (its key lengths are ``cu_seqlens_k``'s segments).
+    """
+    if cu_seqlens_k is None:
+        _check_paged_batch(cache_seqlens, page_table, cu_seqlens_q, page_size, max_seqlen_k)
+    else:
+        _check_packed_batch(cache_seqlens, page_table, cu_seqlens_q, cu_seqlens_k, page_size, static_plan)
+    check_int("num_heads", num_heads)
+    check_int("num_kv_heads", num_kv_heads)
+    if num_heads % num_kv_heads:
+        fail("num_heads", f"{num_heads} is not divisible by num_kv_heads={num_kv_heads}")
+    check_int("head_dim", head_dim)
+    head_dim_v = head_dim if head_dim_v is None else check_int("head_dim_v", head_dim_v)
+    check_int("max_seqlen_q", max_seqlen_q)
+    check_int("max_seqlen_k", max_seqlen_k)
+    check_dtype_arg("dtype", dtype, dtypes)
+    if static_plan is not None:
+        check_instance("static_plan", static_plan, AttentionPlan, " or None")
+    return PlanArgs(head_dim_v, distinct_layer_params(layer_params))
+
+
+def _check_paged_batch(cache_seqlens, page_table, cu_seqlens_q, page_size, max_seqlen_k) -> None:
+    if cache_seqlens is None or page_table is None or page_size is None:
+        missing = [n for n, v in (("cache_seqlens", cache_seqlens), ("page_table", page_table), ("page_size", page_size)) if v is None]
+        fail(missing[0], "is required: a paged plan takes cache_seqlens, page_table and page_size (a packed plan: cu_seqlens_k)")
     check_tensor("cache_seqlens", cache_seqlens, ndim=1, dtype=INDEX_DTYPE)
     device, batch = cache_seqlens.device, cache_seqlens.shape[0]
     check_tensor("page_table", page_table, ndim=2, dtype=INDEX_DTYPE, device=device)
@@ -60,21 +87,27 @@ def validate_make_attention_plan(
             fail(name, f"must be contiguous (strides {t.stride()})")
     check_last_dim_contiguous("page_table", page_table)
     check_int("page_size", page_size)
-    check_int("num_heads", num_heads)
-    check_int("num_kv_heads", num_kv_heads)
-    if num_heads % num_kv_heads:
-        fail("num_heads", f"{num_heads} is not divisible by num_kv_heads={num_kv_heads}")
-    check_int("head_dim", head_dim)
-    head_dim_v = head_dim if head_dim_v is None else check_int("head_dim_v", head_dim_v)
-    check_int("max_seqlen_q", max_seqlen_q)
     check_int("max_seqlen_k", max_seqlen_k)
     capacity = page_table.shape[1] * page_size
     if max_seqlen_k > capacity:
         fail("max_seqlen_k", f"{max_seqlen_k} exceeds the page table's {capacity} keys (columns x page_size)")
-    check_dtype_arg("dtype", dtype, dtypes)
+
+
+def _check_packed_batch(cache_seqlens, page_table, cu_seqlens_q, cu_seqlens_k, page_size, static_plan) -> None:
+    for name, value in (("cache_seqlens", cache_seqlens), ("page_table", page_table), ("page_size", page_size)):
+        if value is not None:
+            fail(name, "must be None in a packed plan (cu_seqlens_k given): key lengths are cu_seqlens_k's segments")
     if static_plan is not None:
-        check_instance("static_plan", static_plan, AttentionPlan, " or None")
-    return PlanArgs(head_dim_v, distinct_layer_params(layer_params))
+        fail("static_plan", "applies to paged plans only; make a packed plan inside the graph capture instead")
+    check_tensor("cu_seqlens_q", cu_seqlens_q, ndim=1, dtype=INDEX_DTYPE)
+    check_tensor("cu_seqlens_k", cu_seqlens_k, ndim=1, dtype=INDEX_DTYPE, device=cu_seqlens_q.device)
+    if cu_seqlens_q.shape[0] < 2:
+        fail("cu_seqlens_q", f"expected batch + 1 >= 2 entries, got {cu_seqlens_q.shape[0]}")
+    if cu_seqlens_k.shape[0] != cu_seqlens_q.shape[0]:
+        fail("cu_seqlens_k", f"expected {cu_seqlens_q.shape[0]} entries, as cu_seqlens_q, got {cu_seqlens_k.shape[0]}")
+    for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not t.is_contiguous():
+            fail(name, f"must be contiguous (strides {t.stride()})")
 
 
 def distinct_layer_params(layer_params: Sequence[AttentionParams] | AttentionParams) -> tuple[AttentionParams, ...]:
@@ -99,10 +132,9 @@ def validate_paged_attention_out(
     softmax_scale: float | None = None,
 ) -> torch.Tensor:
     """Rules of ``paged_attention_out``; returns ``out``'s first ``q.shape[0]`` rows as ``[tokens, heads, head_dim_v]``."""
-    check_instance("plan", plan, AttentionPlan, " from make_attention_plan")
-    check_instance("params", params, AttentionParams)
-    if params not in plan.layer_params:
-        fail("params", f"{params} is not among the plan's layer_params {plan.layer_params}; list it in make_attention_plan(layer_params=...)")
+    check_planned(plan, params, softmax_scale)
+    if plan.page_table is None:
+        fail("plan", "is a packed plan (made with cu_seqlens_k): run it through bind_attention")
     device, dtype = plan.cache_seqlens.device, plan.dtype
     check_tensor("q", q, ndim=3, device=device)
     if q.dtype != dtype:
@@ -169,3 +201,50 @@ def validate_varlen_attention_out(
     check_instance("params", params, AttentionParams)
     check_scale(softmax_scale)
     return out_rows_view(out, q.shape[0], heads, v.shape[2], like=q)
+
+
+def check_planned(plan: AttentionPlan, params: AttentionParams, softmax_scale: float | None) -> None:
+    """``plan`` is a plan, ``params`` one it was planned for, ``softmax_scale`` None or a positive float."""
+    check_instance("plan", plan, AttentionPlan, " from make_attention_plan")
+    check_instance("params", params, AttentionParams)
+    if params not in plan.layer_params:
+        fail("params", f"{params} is not among the plan's layer_params {plan.layer_params}; list it in make_attention_plan(layer_params=...)")
+    check_scale(softmax_scale)
+
+
+def validate_bind_attention(
+    plan: AttentionPlan, *, params: AttentionParams = DEFAULT_PARAMS, softmax_scale: float | None = None
+) -> None:
+    """Rules of ``bind_attention`` (the run's own rules: :func:`validate_attention_run`)."""
+    check_planned(plan, params, softmax_scale)
+
+
+def validate_attention_run(
+    plan: AttentionPlan,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    params: AttentionParams = DEFAULT_PARAMS,
+    softmax_scale: float | None = None,
+    *,
+    dtypes: Sequence[torch.dtype] = FLOAT_DTYPES,
+) -> torch.Tensor:
+    """Rules of a call of ``bind_attention``'s run: ``paged_attention_out``'s for a paged plan; for a packed
+    plan ``varlen_attention_out``'s with the plan's lengths, and q/k/v as the plan describes them. Returns
+    ``out``'s row view, as those do."""
+    if plan.page_table is not None:
+        return validate_paged_attention_out(q, k, v, out, plan, params, softmax_scale)
+    check_tensor("q", q, ndim=3, device=plan.cu_seqlens_q.device)
+    if q.dtype != plan.dtype:
+        fail("q", f"dtype {q.dtype} differs from the plan's dtype {plan.dtype}")
+    if q.shape[1:] != (plan.num_heads, plan.head_dim):
+        fail("q", f"shape {tuple(q.shape)} does not match the plan ({plan.num_heads} heads, head_dim {plan.head_dim})")
+    for name, t, dim in (("k", k, plan.head_dim), ("v", v, plan.head_dim_v)):
+        check_tensor(name, t, ndim=3, dtype=plan.dtype, device=q.device)
+        if t.shape[1:] != (plan.num_kv_heads, dim):
+            fail(name, f"shape {tuple(t.shape)} does not match the plan ({plan.num_kv_heads} kv heads, head_dim {dim})")
+    return validate_varlen_attention_out(
+        q, k, v, out, plan.cu_seqlens_q, plan.cu_seqlens_k, plan.max_seqlen_q, plan.max_seqlen_k, params,
+        softmax_scale, dtypes=dtypes,
+    )  # fmt: skip

@@ -24,7 +24,7 @@ def calls():
     """Inject cuda_fa3's ops over the stand-in provider; yield its call counters; undo after."""
     provider, counters = make_torch_provider()
     integration.use_ops(attn_dispatch_cuda_fa3.build_ops(provider))
-    integration.stats.builds = 0
+    integration.stats.builds = integration.stats.plans = 0
     yield counters
     integration.use_ops(None)
 
@@ -98,8 +98,11 @@ def test_metadata_built_once_per_forward(calls, layers):
     model, (ids, mask) = llama(layers), left_padded_batch()
     logits(model, "attn_dispatch", ids, mask)
     assert (integration.stats.builds, calls.fwd) == (1, layers)  # one build (one sync), reused by each layer
+    # FA3's scheduler metadata: one packed plan per forward, handed to every layer's kernel call
+    assert (integration.stats.plans, calls.metadata, calls.fwd_with_metadata) == (1, 1, layers)
     logits(model, "attn_dispatch", ids, mask)
     assert integration.stats.builds == 2  # a new forward, a new mask: built again, never reused stale
+    assert (integration.stats.plans, calls.metadata) == (2, 2)
 
 
 def test_right_padded_batch_matches_sdpa(calls):
@@ -138,6 +141,7 @@ def test_sliding_window_and_softcap_match_eager(calls):
     ids, mask = left_padded_batch()
     ours = logits(model, "attn_dispatch", ids, mask)
     assert calls.fwd == 2 and integration.stats.builds == 2  # one build per mask (sliding, full)
+    assert calls.metadata == calls.fwd_with_metadata == 2  # one plan per (mask, params), each layer reads its own
     reference = logits(model, "eager", ids, mask)
     torch.testing.assert_close(ours[mask.bool()].float(), reference[mask.bool()].float(), atol=3e-2, rtol=3e-2)
 

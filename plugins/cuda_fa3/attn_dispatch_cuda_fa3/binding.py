@@ -58,10 +58,10 @@ def bind_layer_call(
 
 
 def _copy_into(out_rows: torch.Tensor, result: torch.Tensor) -> None:
-    """``copy_`` would copy across devices without a word; FA3, handed ``out``, refuses one on another
-    device. Raise, so the caller's detailed check names ``out`` (nothing of it written)."""
-    if out_rows.device != result.device:
-        raise RuntimeError(f"out is on {out_rows.device}, the kernel's result on {result.device}")
+    """``copy_`` would copy across devices or convert dtypes without a word; FA3, handed ``out``, refuses
+    both. Raise, so the caller's detailed check names ``out`` (nothing of it written)."""
+    if out_rows.device != result.device or out_rows.dtype != result.dtype:
+        raise RuntimeError(f"out is {out_rows.dtype} on {out_rows.device}, the kernel's result {result.dtype} on {result.device}")
     out_rows.copy_(result)
 
 

@@ -8,6 +8,8 @@ One route per op, engine to kernel:
   syncs, no data-dependent shapes, so it is CUDA-graph capturable.
 * varlen, eager: the same, with the binding kept while the lengths stay the same
   (:class:`.binding.LastVarlenCall`).
+* a bound run (``bind_attention``, per step): the plan's call bound once, then per layer only the
+  per-call test and the call (a paged or a packed plan: the packed one carries FA3's metadata too).
 * under torch.compile: the checks run once, at trace time, and the same arguments go through the custom
   op (:mod:`.custom_op`), whose body binds and calls the same way.
 
@@ -20,12 +22,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 from attn_dispatch.plans import DEFAULT_PARAMS, AttentionParams, AttentionPlan
+from attn_dispatch.validate import validate_attention_run, validate_bind_attention
 from attn_dispatch_flash import FlashProvider
 
 from .binding import LastVarlenCall, LayerCall, bind_layer_call, out_rows, varlen_args
 from .checks import check_paged, check_varlen, fits_kernel, fits_plan, name_the_argument
 from .custom_op import call_attention_out, route_number
-from .plan import FlashPlan, make_plan, paged_args
+from .plan import FLASH_DTYPES, FlashPlan, check_plan_is_ours, make_plan, paged_args, plan_args
 
 
 class AttentionOutOps:
@@ -48,12 +51,13 @@ class AttentionOutOps:
     def make_attention_plan(
         self,
         *,
-        cache_seqlens: torch.Tensor,
-        page_table: torch.Tensor,
+        cache_seqlens: torch.Tensor | None = None,
+        page_table: torch.Tensor | None = None,
         cu_seqlens_q: torch.Tensor,
+        cu_seqlens_k: torch.Tensor | None = None,
         max_seqlen_q: int,
         max_seqlen_k: int,
-        page_size: int,
+        page_size: int | None = None,
         num_heads: int,
         num_kv_heads: int,
         head_dim: int,
@@ -62,7 +66,8 @@ class AttentionOutOps:
         layer_params: Sequence[AttentionParams] = (DEFAULT_PARAMS,),
         static_plan: AttentionPlan | None = None,
     ) -> AttentionPlan:
-        """Describe one forward batch and make FA3's scheduler metadata once per distinct ``layer_params``.
+        """Describe one forward batch (paged, or packed with ``cu_seqlens_k``) and make FA3's scheduler
+        metadata once per distinct ``layer_params``.
 
         ``max_seqlen_k`` must bound every ``cache_seqlens`` entry: FA3 schedules for it and widens windows
         that reach past it to unbounded. A CUDA graph serves at most the ``max_seqlen_k`` it was captured
@@ -74,7 +79,7 @@ class AttentionOutOps:
         """
         return make_plan(
             self.provider, original=self.original, cache_seqlens=cache_seqlens, page_table=page_table,
-            cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, page_size=page_size,
+            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, page_size=page_size,
             num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, head_dim_v=head_dim_v, dtype=dtype,
             layer_params=layer_params, static_plan=static_plan,
         )  # fmt: skip
@@ -149,11 +154,69 @@ class AttentionOutOps:
             raise
         return out
 
+    def bind_attention(
+        self, plan: AttentionPlan, *, params: AttentionParams = DEFAULT_PARAMS, softmax_scale: float | None = None
+    ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``run(q, k, v, out) -> out``: one layer over ``plan`` (paged or packed), the kernel call bound now.
+
+        Per call the run compares q/k/v/out's shapes with the last call's that passed the op's detailed check
+        (every layer of a step has the same; the check runs again on any change), and q's dtype and GPU with
+        the plan's; FA3 checks the rest (dtypes and strides of k, v, out). It views ``out`` only when it is
+        not already ``[tokens, heads, head_dim_v]``, then calls the bound kernel call: no lookup, no pluggy.
+        Bad input raises the op's ValueError naming the argument before anything is written.
+        """
+        validate_bind_attention(plan, params=params, softmax_scale=softmax_scale)
+        if plan.page_table is not None:
+            call = self._bound_paged(plan, params, softmax_scale)
+            args = None  # built on demand: only the compiled route needs them
+        else:
+            args = plan_args(plan, params, softmax_scale, self.provider.name)
+            shape = (plan.num_heads, plan.num_kv_heads, plan.head_dim)
+            call = bind_layer_call(self.provider, args, original=self.original, shape=shape, strict=self.strict)
+        provider_name, route = self.provider.name, self._route
+        heads, head_dim_v, dtype, device_index = plan.num_heads, plan.head_dim_v, plan.dtype, plan.device_index
+        # The shapes of the last call that passed the detailed check, and whether its out needed a view.
+        # Every layer of a step passes the same shapes, so the per-call test is one tuple comparison.
+        passed: list = [None, False]
+
+        def detailed_check(q, k, v, out) -> torch.Tensor:
+            check_plan_is_ours(plan, provider_name)
+            return validate_attention_run(plan, q, k, v, out, params, softmax_scale, dtypes=FLASH_DTYPES)
+
+        def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+            if torch.compiler.is_compiling():
+                detailed_check(q, k, v, out)  # at trace time
+                call_attention_out(q, k, v, out, args or plan_args(plan, params, softmax_scale, provider_name), route)
+                return out
+            try:
+                shapes = (q.shape, k.shape, v.shape, out.shape)
+                fits = shapes == passed[0] and q.dtype == dtype and q.get_device() == device_index
+            except AttributeError:  # not a tensor: the detailed check names it
+                shapes, fits = None, False
+            if not fits:
+                detailed_check(q, k, v, out)
+                passed[0], passed[1] = shapes, out.dim() != 3 or out.shape[0] != q.shape[0]
+            try:  # FA3 checks the dtypes and strides of k, v and out against q's
+                call(q, k, v, out_rows(out, q.shape[0], heads, head_dim_v) if passed[1] else out)
+            except Exception as exc:
+                name_the_argument(exc, detailed_check, q, k, v, out)
+                raise
+            return out
+
+        return run
+
+    def _bound_paged(self, plan: AttentionPlan, params: AttentionParams, softmax_scale: float | None) -> LayerCall:
+        try:
+            return plan.layer_calls[(self, params, softmax_scale)]
+        except (AttributeError, KeyError, TypeError):
+            return self._bind_paged(plan, params, softmax_scale)
+
     def as_dict(self) -> dict[str, Callable]:
         return {
             "make_attention_plan": self.make_attention_plan,
             "paged_attention_out": self.paged_attention_out,
             "varlen_attention_out": self.varlen_attention_out,
+            "bind_attention": self.bind_attention,
         }
 
 

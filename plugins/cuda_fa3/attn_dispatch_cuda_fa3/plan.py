@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from attn_dispatch.checks import check_instance, check_scale, fail
 from attn_dispatch.plans import AttentionParams, AttentionPlan
+from attn_dispatch.reference.attention import packed_key_lengths
 from attn_dispatch.validate import validate_make_attention_plan
 from attn_dispatch_flash import FlashArgs, FlashProvider
 
@@ -59,15 +60,17 @@ class FlashPlan(AttentionPlan):
     layer_calls: dict = field(init=False, repr=False, compare=False, default_factory=dict)
 
     def __post_init__(self) -> None:
+        # k and v: a paged plan's caches [pages, page_size, kv_heads, d], a packed plan's rows [keys, kv_heads, d]
+        pages = (self.page_size,) if self.page_table is not None else ()
         object.__setattr__(self, "q_tail", torch.Size((self.num_heads, self.head_dim)))
-        object.__setattr__(self, "k_cache_tail", torch.Size((self.page_size, self.num_kv_heads, self.head_dim)))
-        object.__setattr__(self, "v_cache_tail", torch.Size((self.page_size, self.num_kv_heads, self.head_dim_v)))
+        object.__setattr__(self, "k_cache_tail", torch.Size((*pages, self.num_kv_heads, self.head_dim)))
+        object.__setattr__(self, "v_cache_tail", torch.Size((*pages, self.num_kv_heads, self.head_dim_v)))
         object.__setattr__(self, "device_index", self.cache_seqlens.get_device())
 
 
 def schedule_seqlen_k(provider: FlashProvider, plan: AttentionPlan) -> int:
-    """The key length the provider's paged forward schedules for, hence the one its metadata is made for."""
-    if provider.paged_seqlen_k_from_page_table:
+    """The key length the provider's forward schedules for, hence the one its metadata is made for."""
+    if provider.paged_seqlen_k_from_page_table and plan.page_table is not None:
         return plan.page_table.shape[1] * plan.page_size
     return plan.max_seqlen_k
 
@@ -79,6 +82,8 @@ def make_plan(provider: FlashProvider, *, original: bool, static_plan: Attention
     checked by the op's validator (FlashAttention's dtypes: fp16/bf16) before anything is made.
     """
     head_dim_v, distinct = validate_make_attention_plan(**arguments, static_plan=static_plan, dtypes=FLASH_DTYPES)
+    if arguments["cu_seqlens_k"] is not None:  # packed: FA3's metadata wants each sequence's key count
+        arguments = {**arguments, "cache_seqlens": packed_key_lengths(arguments["cu_seqlens_k"])}
     plan = FlashPlan(**{**arguments, "head_dim_v": head_dim_v, "layer_params": distinct}, provider=provider.name)
     makes_metadata = not original and provider.scheduler_metadata is not None
     if static_plan is not None:
@@ -120,6 +125,8 @@ def _into_static_plan(provider: FlashProvider, plan: FlashPlan, static: Attentio
     """Write ``plan``'s metadata into ``static``'s persistent buffers (front: fresh; tail: zeros)."""
     if not isinstance(static, FlashPlan) or static.provider != provider.name:
         fail("static_plan", f"must be a plan made by this plugin with provider {provider.name!r}, got {type(static).__name__} from {static.provider!r}")
+    if static.page_table is None:
+        fail("static_plan", "is a packed plan; static plans are paged")
     plan_shape = (plan.num_heads, plan.num_kv_heads, plan.head_dim, plan.head_dim_v, plan.dtype, plan.page_size)
     static_shape = (static.num_heads, static.num_kv_heads, static.head_dim, static.head_dim_v, static.dtype, static.page_size)
     if plan_shape != static_shape:
@@ -172,16 +179,28 @@ def check_plan_is_ours(plan: object, provider_name: str) -> None:
 
 
 def paged_args(plan: FlashPlan, params: AttentionParams, softmax_scale: float | None, provider_name: str) -> FlashArgs:
+    """The kernel arguments of a paged layer with ``params`` over ``plan`` (see :func:`plan_args`);
+    ValueError, naming ``plan``, for a packed plan."""
+    if isinstance(plan, AttentionPlan) and plan.page_table is None:
+        fail("plan", "is a packed plan (made with cu_seqlens_k): run it through bind_attention")
+    return plan_args(plan, params, softmax_scale, provider_name)
+
+
+def plan_args(plan: FlashPlan, params: AttentionParams, softmax_scale: float | None, provider_name: str) -> FlashArgs:
     """The kernel arguments of a layer with ``params`` over ``plan``: the plan's tensors and ints, the
     params' scheduling, the metadata made for exactly those. ValueError when the plan is another's or
-    ``params`` was not planned (a layer handed another key's metadata would be misscheduled silently)."""
+    ``params`` was not planned (a layer handed another key's metadata would be misscheduled silently).
+    A packed plan's keys are addressed by ``cu_seqlens_k`` (as ``varlen_attention_out``'s call, plus the
+    metadata), a paged plan's by the page table and ``seqused_k``."""
     check_plan_is_ours(plan, provider_name)
     check_instance("params", params, AttentionParams)
     check_scale(softmax_scale)
     if params not in plan.layer_params:
         fail("params", f"{params} is not among the plan's layer_params {plan.layer_params}; list it in make_attention_plan(layer_params=...)")
+    paged = plan.page_table is not None
     return FlashArgs(
-        cu_seqlens_q=plan.cu_seqlens_q, seqused_k=plan.cache_seqlens, page_table=plan.page_table,
+        cu_seqlens_q=plan.cu_seqlens_q, cu_seqlens_k=None if paged else plan.cu_seqlens_k,
+        seqused_k=plan.cache_seqlens if paged else None, page_table=plan.page_table,
         max_seqlen_q=plan.max_seqlen_q, max_seqlen_k=plan.max_seqlen_k,
         softmax_scale=plan.head_dim**-0.5 if softmax_scale is None else softmax_scale, causal=params.causal,
         window_size=params.window_size, softcap=params.softcap, scheduler_metadata=plan.metadata.get(params),

@@ -123,8 +123,17 @@ def make_torch_provider(
         causal, window_size, softcap = params.causal, params.window_size, params.softcap
         num_splits, pack_gqa = params.num_splits, params.pack_gqa
         if page_table is None:
-            if scheduler_metadata is not None:
-                raise NotImplementedError("varlen with scheduler_metadata")
+            if scheduler_metadata is not None:  # a packed plan's: made from each sequence's key count
+                calls.fwd_with_metadata += 1
+                expected = _metadata(
+                    batch_size=cu_seqlens_q.shape[0] - 1, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+                    num_heads=heads, num_kv_heads=k.shape[1], head_dim=head_dim, head_dim_v=v.shape[-1],
+                    cache_seqlens=cu_seqlens_k[1:] - cu_seqlens_k[:-1], cu_seqlens_q=cu_seqlens_q, page_size=None,
+                    dtype=q.dtype, causal=causal, window_size=window_size, softcap=softcap, num_splits=num_splits,
+                    pack_gqa=pack_gqa,
+                )  # fmt: skip
+                if scheduler_metadata.shape != expected.shape or not torch.equal(scheduler_metadata, expected):
+                    raise AssertionError("scheduler metadata was made for another schedule (FA3 would misread it)")
             reference.varlen_attention_out(
                 q, k, v, target, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                 max_seqlen_k=max_seqlen_k, params=params, softmax_scale=softmax_scale,

@@ -29,7 +29,7 @@ def test_registers_the_attention_out_group_over_the_probed_provider(monkeypatch)
     monkeypatch.setenv("ATTN_DISPATCH_ARCH", "sm90")
     ops = load(refresh=True)
     assert report(ops).status == "active"
-    assert set(report(ops).ops) == {"make_attention_plan", "paged_attention_out", "varlen_attention_out"}
+    assert set(report(ops).ops) == {"make_attention_plan", "paged_attention_out", "varlen_attention_out", "bind_attention"}
     for op in report(ops).ops:
         resolution = ops.resolutions[op]
         assert resolution.plugin == "cuda_fa3"
