@@ -109,6 +109,38 @@ def test_varlen_optimized_and_original_are_byte_identical(provider, lens, heads,
     assert torch.equal(*outs)
 
 
+@pytest.mark.parametrize("lens,k_lens,heads,kv_heads", [([2048], None, 32, 8), ([512, 1000, 3, 77], None, 32, 8), ([5, 1, 300], [40, 900, 300], 16, 16)])
+@pytest.mark.parametrize("params", [DEFAULT_PARAMS, SOFTCAP, NOT_CAUSAL])
+def test_packed_plan_run_equals_varlen_bytes(provider, lens, k_lens, heads, kv_heads, params):
+    """A packed plan's run (FA3 handed the plan's scheduler metadata) writes the bytes of the unplanned
+    varlen call (FA3 scheduling itself) and of the original path; one metadata launch for every layer."""
+    q, k, v, lengths = packed_batch(lens=lens, k_lens=k_lens, heads=heads, kv_heads=kv_heads, head_dim=128, device="cuda")
+    ops, original = build_ops(provider), build_ops(provider, original=True)
+    planned = torch.full((q.shape[0], heads, 128), 7.0, dtype=q.dtype, device="cuda")
+    unplanned, orig = planned.clone(), planned.clone()
+    builds = stats.metadata_builds
+    plan = ops["make_attention_plan"](**lengths, num_heads=heads, num_kv_heads=kv_heads, head_dim=128, layer_params=(params,))
+    run = ops["bind_attention"](plan, params=params)
+    for _ in range(3):  # layers
+        run(q, k, v, planned)
+    assert stats.metadata_builds == builds + 1
+    ops["varlen_attention_out"](q, k, v, unplanned, **lengths, params=params)
+    original["varlen_attention_out"](q, k, v, orig, **lengths, params=params)
+    assert torch.equal(planned, unplanned) and torch.equal(planned, orig)
+
+
+@pytest.mark.parametrize("case", ["decode B=7 MHA page 1", "mixed extend+decode"])
+def test_paged_run_equals_paged_attention_out_bytes(provider, case):
+    q_lens, k_lens, heads, kv_heads, head_dim, page_size = CASES[case]
+    batch = paged_batch(q_lens=q_lens, k_lens=k_lens, heads=heads, kv_heads=kv_heads, head_dim=head_dim, page_size=page_size, device="cuda")
+    ops = build_ops(provider)
+    plan = ops["make_attention_plan"](**batch.plan_args)
+    flat, rows = batch.out(), batch.out()
+    ops["paged_attention_out"](batch.q, batch.k_cache, batch.v_cache, flat, plan=plan)
+    ops["bind_attention"](plan)(batch.q, batch.k_cache, batch.v_cache, rows.view(rows.shape[0], heads, head_dim)[: batch.q.shape[0]])
+    assert torch.equal(flat, rows)
+
+
 class GraphInputs:
     """Static CUDA-graph inputs for up to ``max_batch`` sequences of up to ``max_q`` new tokens each."""
 
