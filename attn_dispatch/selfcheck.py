@@ -118,6 +118,7 @@ def _check_attention(ops: Ops, device, g) -> list[CheckResult]:
         reference.paged_attention_out(q, k_cache, v_cache, want, plan=ref_plan, params=params)
         case = f"paged mixed, window {params.window_size}"
         results.append(_compare(ops, "paged_attention_out", case, out, want, exact=False))
+    q_paged = q
 
     seq_lens = torch.tensor([5, 9], dtype=torch.int32)
     cu = torch.cat([torch.zeros(1, dtype=torch.int32), seq_lens.cumsum(0).to(torch.int32)]).to(device)
@@ -128,6 +129,18 @@ def _check_attention(ops: Ops, device, g) -> list[CheckResult]:
     ops.varlen_attention_out(q, k, v, out, **varlen_args)
     reference.varlen_attention_out(q, k, v, want, **varlen_args)
     results.append(_compare(ops, "varlen_attention_out", "varlen causal prefill", out, want, exact=False))
+
+    # bind_attention: a paged plan's run and a packed plan's run (metadata made once) against the reference
+    out = torch.full((q_paged.shape[0], heads, head_dim), 7.0, dtype=q.dtype, device=device)
+    want = torch.full_like(out, 7.0)
+    ops.bind_attention(plan, params=window)(q_paged, k_cache, v_cache, out)
+    reference.bind_attention(ref_plan, params=window)(q_paged, k_cache, v_cache, want)
+    results.append(_compare(ops, "bind_attention", "paged plan's run, window (8, 0)", out, want, exact=False))
+    packed_args = dict(varlen_args, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, dtype=q.dtype)
+    out, want = (torch.empty(total, heads, head_dim, dtype=q.dtype, device=device) for _ in range(2))
+    ops.bind_attention(ops.make_attention_plan(**packed_args))(q, k, v, out)
+    reference.bind_attention(reference.make_attention_plan(**packed_args))(q, k, v, want)
+    results.append(_compare(ops, "bind_attention", "packed plan's run, causal prefill", out, want, exact=False))
     return results
 
 

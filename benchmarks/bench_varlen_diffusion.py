@@ -36,8 +36,8 @@ if not CUDA:
 import attn_dispatch_flash as flash_providers  # noqa: E402
 from attn_dispatch import detect  # noqa: E402
 from attn_dispatch.reference import masked as original  # noqa: E402
+from attn_dispatch_flash.rows import gather_rows, scatter_rows  # noqa: E402
 from attn_dispatch_varlen_diffusion.attention import build_ops  # noqa: E402
-from attn_dispatch_varlen_diffusion.kernels import gather_rows, scatter_rows  # noqa: E402
 from attn_dispatch_varlen_diffusion.meta import Strategy  # noqa: E402
 
 TESTS = Path(__file__).resolve().parents[1] / "plugins" / "varlen_diffusion" / "tests"

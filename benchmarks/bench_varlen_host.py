@@ -44,9 +44,9 @@ if not CUDA:
 import attn_dispatch_flash as flash_providers  # noqa: E402
 from attn_dispatch import detect  # noqa: E402
 from attn_dispatch.reference import masked as original  # noqa: E402
+from attn_dispatch_flash.rows import gather_rows  # noqa: E402
+from attn_dispatch_flash.rows_launch import bind_gather, index_select_gather  # noqa: E402
 from attn_dispatch_varlen_diffusion.attention import build_ops  # noqa: E402
-from attn_dispatch_varlen_diffusion.kernels import gather_rows  # noqa: E402
-from attn_dispatch_varlen_diffusion.launch import bind_gather, index_select_gather  # noqa: E402
 
 TESTS = Path(__file__).resolve().parents[1] / "plugins" / "varlen_diffusion" / "tests"
 sys.path.insert(0, str(TESTS))

@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_varlen_diffusion import COPY_CEILING, bench, steady_us, text_image_mask  # noqa: E402
 
-from attn_dispatch_varlen_diffusion.kernels import gather_rows, scatter_rows  # noqa: E402
+from attn_dispatch_flash.rows import gather_rows, scatter_rows  # noqa: E402
 
 HEADS, HEAD_DIM = 24, 128
 SHAPES = [(1, 4096, 256), (1, 8192, 256), (1, 16384, 512)]  # batch, image, text

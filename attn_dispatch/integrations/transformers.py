@@ -219,16 +219,13 @@ def _dense(ops, query, key, value, kwargs, window) -> torch.Tensor:
 def _varlen(ops, unpad: meta.Meta, query, key, value, kwargs, window) -> torch.Tensor:
     """Unpad with the forward's indices, run the forward's planned varlen FlashAttention (metadata made once
     per forward) into the forward's output buffer, re-pad."""
-    batch, heads, q_len, head_dim = query.shape
+    _, heads, _, head_dim = query.shape
     run = unpad.run_for(ops, query, key.shape[1], _params(kwargs, window), kwargs.get("scaling"))
-    q = query.transpose(1, 2)[unpad.rows_q]  # [total_q, H, D]: one gather from the [B, Q, H, D] view
-    k = key.transpose(1, 2)[unpad.rows_k]
-    v = value.transpose(1, 2)[unpad.rows_k]
+    movers = unpad.movers  # varlen_diffusion's fused row movers on CUDA (attn_dispatch_flash.rows)
+    k, v = movers.pack_kv(key.transpose(1, 2), value.transpose(1, 2))  # from the [B, K, H, D] views
     out = unpad.out_buffer(query, heads, head_dim)
-    run(q, k, v, out)
-    padded = query.new_zeros(batch * q_len, heads, head_dim)
-    padded.index_copy_(0, unpad.idx_q, out)
-    return padded.view(batch, q_len, heads, head_dim)
+    run(movers.pack_q(query.transpose(1, 2)), k, v, out)
+    return movers.scatter(out)  # [B, Q, H, D], zeros in padded rows
 
 
 # ---- registration ----------------------------------------------------------------------------------

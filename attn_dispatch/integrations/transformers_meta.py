@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .unpad import RowMovers
+
 _RECENT = 8  # masks kept: a forward makes one or two (full, sliding); a few forwards' worth is plenty
 _records: deque[MaskRecord] = deque(maxlen=_RECENT)
 
@@ -44,8 +46,7 @@ class Meta:
     exact: bool
     idx_q: torch.Tensor | None = None  # int64 [total_q]: rows of the [B*Q] flattened queries
     idx_k: torch.Tensor | None = None  # int64 [total_k]: rows of the [B*K] flattened keys
-    rows_q: tuple | None = None  # (batch, position) int64 index pair of idx_q: gathers [B, Q, H, D] views in one copy
-    rows_k: tuple | None = None
+    movers: RowMovers | None = None  # packs q/k/v rows with idx_q/idx_k and scatters the output back
     cu_seqlens_q: torch.Tensor | None = None  # int32 [B + 1]
     cu_seqlens_k: torch.Tensor | None = None
     max_seqlen_q: int = 0
@@ -156,8 +157,7 @@ def _build(r: MaskRecord) -> Meta:
         exact=True,
         idx_q=idx_q,
         idx_k=idx_k,
-        rows_q=(idx_q // r.q_length, idx_q % r.q_length),
-        rows_k=(idx_k // r.kv_length, idx_k % r.kv_length),
+        movers=RowMovers(idx_q, idx_k, r.batch, r.q_length, r.kv_length),
         cu_seqlens_q=F.pad(torch.cumsum(n_q, 0, dtype=torch.int32), (1, 0)),
         cu_seqlens_k=F.pad(torch.cumsum(n_k, 0, dtype=torch.int32), (1, 0)),
         max_seqlen_q=max_q,

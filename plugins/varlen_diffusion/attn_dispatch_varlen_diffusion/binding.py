@@ -2,10 +2,10 @@
 
 Everything shape-derived is decided here, once: the route (zero-copy, K/V pack, Q/K/V pack), the
 FlashAttention arguments (``FlashProvider.bind``: vllm's raw op gets its positional arguments laid
-out once), the bound pack/scatter launches (:mod:`.launch`), the query offsets ``b * S_q`` for
-cross-attention, and how q/k/v become token rows. The closure then only launches and returns (where
-every output row is written, the FlashAttention op allocates its output itself: one Python-level
-allocation fewer per call): no host sync, nothing that a CUDA graph cannot capture.
+out once), the bound pack/scatter launches (:mod:`attn_dispatch_flash.rows_launch`), the query offsets
+``b * S_q`` for cross-attention, and how q/k/v become token rows. The closure then only launches and
+returns (where every output row is written, the FlashAttention op allocates its output itself: one
+Python-level allocation fewer per call): no host sync, nothing that a CUDA graph cannot capture.
 
 :func:`call_key` is what a bound call may be reused for: the ops object, q/k/v shapes, strides, dtypes,
 devices, the 16-byte alignment of their data pointers (Triton specializes on it) and the scale as
@@ -27,9 +27,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from attn_dispatch_flash.rows import scatter_rows
+from attn_dispatch_flash.rows_launch import bind_gather, bind_scatter
 
-from .kernels import scatter_rows
-from .launch import bind_gather, bind_scatter
 from .meta import Strategy, VarlenMaskMeta
 
 BoundCall = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

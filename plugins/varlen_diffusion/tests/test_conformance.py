@@ -94,9 +94,9 @@ def run_attention(variants: dict, case: Case, dtype: torch.dtype, device: str) -
 
 def run_pack(case: Case, dtype: torch.dtype, device: str) -> list[str]:
     """Gather (3 and 2 sources) and scatter against torch, bit for bit; on the GPU also the bound launches
-    (off CUDA ``launch.bind_*`` call the same plain functions: ``test_kernels.py``)."""
-    from attn_dispatch_varlen_diffusion.kernels import gather_rows, scatter_rows
-    from attn_dispatch_varlen_diffusion.launch import bind_gather, bind_scatter
+    (off CUDA ``rows_launch.bind_*`` call the same plain functions: ``test_kernels.py``)."""
+    from attn_dispatch_flash.rows import gather_rows, scatter_rows
+    from attn_dispatch_flash.rows_launch import bind_gather, bind_scatter
 
     mask = case.mask(device)
     q, k, v = make_qkv(case, dtype, device)

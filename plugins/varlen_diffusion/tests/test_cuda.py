@@ -99,7 +99,7 @@ def test_strided_qkv_slices(provider):
 
 
 def test_kernels_bit_exact_at_benchmark_size():
-    from attn_dispatch_varlen_diffusion.kernels import gather_rows, scatter_rows
+    from attn_dispatch_flash.rows import gather_rows, scatter_rows
 
     mask = text_image_mask([384, 256], text=512, image=4096, text_first=True).cuda()
     batch, seqlen = mask.shape
@@ -231,8 +231,8 @@ def test_gqa_self_attention_against_sdpa(provider, general):
 
 @pytest.mark.parametrize("offset", [0, 1])  # 1: pointers off 16-byte alignment (Triton specializes on it)
 def test_bound_launches_equal_the_triton_launcher(offset):
-    from attn_dispatch_varlen_diffusion.kernels import gather_rows, scatter_rows
-    from attn_dispatch_varlen_diffusion.launch import bind_gather, bind_scatter, index_select_gather
+    from attn_dispatch_flash.rows import gather_rows, scatter_rows
+    from attn_dispatch_flash.rows_launch import bind_gather, bind_scatter, index_select_gather
 
     mask = MASKS["general"].cuda()
     batch, seqlen = mask.shape

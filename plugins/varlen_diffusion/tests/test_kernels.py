@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
+from attn_dispatch_flash.rows import gather_rows, scatter_rows
 from varlen_torch_provider import needs_interpreter
-
-from attn_dispatch_varlen_diffusion.kernels import gather_rows, scatter_rows
 
 pytestmark = needs_interpreter
 
@@ -127,7 +125,7 @@ def test_grid_orders_and_block_sizes_move_the_same_bytes(heads_inner, block_rows
 
 def test_bound_launchers_off_the_gpu_equal_the_plain_launches():
     """Off CUDA the bound launchers call the plain functions; index_select_gather is the torch comparison."""
-    from attn_dispatch_varlen_diffusion.launch import bind_gather, bind_scatter, index_select_gather
+    from attn_dispatch_flash.rows_launch import bind_gather, bind_scatter, index_select_gather
 
     torch.manual_seed(3)
     indices = valid_indices(torch.rand(B, S) > 0.4)

@@ -10,8 +10,7 @@ import types
 import pytest
 import torch
 import triton.runtime
-
-from attn_dispatch_varlen_diffusion import kernels, launch
+from attn_dispatch_flash import rows, rows_launch
 
 
 class Recorder:
@@ -44,37 +43,37 @@ def params_of(kernel) -> list[str]:
 
 @pytest.fixture
 def recording(monkeypatch):
-    monkeypatch.setattr(launch, "_direct_launches", lambda device: True)
+    monkeypatch.setattr(rows_launch, "_direct_launches", lambda device: True)
     driver = triton.runtime.driver
     monkeypatch.setattr(driver, "_active", types.SimpleNamespace(get_current_stream=lambda index: f"stream{index}"))
     return monkeypatch
 
 
 def test_gather_launch_passes_every_parameter_in_order(recording):
-    rec = Recorder(params_of(kernels._gather_rows_kernel))
-    recording.setattr(kernels, "_gather_rows_kernel", rec)
+    rec = Recorder(params_of(rows._gather_rows_kernel))
+    recording.setattr(rows, "_gather_rows_kernel", rec)
     k, v = torch.randn(2, 5, 2, 3, 16).bfloat16().unbind(2)  # strided slices of one K/V projection
     indices = torch.tensor([0, 2, 3, 7], dtype=torch.int32)
-    gather = launch.bind_gather((k, v), indices)
+    gather = rows_launch.bind_gather((k, v), indices)
     out = gather(k, v)
     got = rec.named(0)
     assert got["src0"] is k and got["src1"] is v and got["dst"] is out and got["indices"] is indices
     assert (got["n_rows"], got["plane"], got["seqlen"]) == (4, 4 * 3 * 16, 5)
     assert (got["stride_b"], got["stride_s"], got["stride_h"], got["stride_d"]) == k.stride()
     assert (got["NUM_SRC"], got["HEADS"], got["HEAD_DIM"], got["BLOCK_D"]) == (2, 3, 16, 16)
-    assert got["BLOCK_ROWS"] == kernels.BLOCK_ROWS and got["HEADS_INNER"] == kernels.HEADS_INNER
+    assert got["BLOCK_ROWS"] == rows.BLOCK_ROWS and got["HEADS_INNER"] == rows.HEADS_INNER
     warmed = rec.warmed[0]
     assert all(warmed[name] == got[name] for name in rec.params if not isinstance(got[name], torch.Tensor))
-    assert rec.launches[0]["grid"] == (triton.cdiv(4, kernels.BLOCK_ROWS) * 3, 1, 1)
+    assert rec.launches[0]["grid"] == (triton.cdiv(4, rows.BLOCK_ROWS) * 3, 1, 1)
     assert out.shape == (2, 4, 3, 16) and out.dtype == k.dtype
 
 
 def test_scatter_launch_passes_every_parameter_in_order(recording):
-    rec = Recorder(params_of(kernels._scatter_rows_kernel))
-    recording.setattr(kernels, "_scatter_rows_kernel", rec)
+    rec = Recorder(params_of(rows._scatter_rows_kernel))
+    recording.setattr(rows, "_scatter_rows_kernel", rec)
     packed = torch.randn(4, 3, 16).bfloat16()
     inverse = torch.tensor([0, -1, 1, 2, -1, -1, -1, 3, -1, -1], dtype=torch.int32)
-    out = launch.bind_scatter(packed, inverse, 2, 5)(packed)
+    out = rows_launch.bind_scatter(packed, inverse, 2, 5)(packed)
     got = rec.named(0)
     assert got["src"] is packed and got["dst"] is out and got["inverse"] is inverse and got["n_dst_rows"] == 10
     assert (got["stride_row"], got["stride_h"], got["stride_d"]) == packed.stride()
@@ -82,11 +81,11 @@ def test_scatter_launch_passes_every_parameter_in_order(recording):
 
 
 def test_a_launcher_of_another_arity_is_not_used(recording, caplog):
-    rec = Recorder(params_of(kernels._gather_rows_kernel), arg_count=5)
-    recording.setattr(kernels, "_gather_rows_kernel", rec)
+    rec = Recorder(params_of(rows._gather_rows_kernel), arg_count=5)
+    recording.setattr(rows, "_gather_rows_kernel", rec)
     called = []
-    recording.setattr(launch, "gather_rows", lambda sources, indices: called.append(1) or "plain")
+    recording.setattr(rows_launch, "gather_rows", lambda sources, indices: called.append(1) or "plain")
     k = torch.randn(2, 5, 3, 16).bfloat16()
-    gather = launch.bind_gather((k, k), torch.tensor([1], dtype=torch.int32))
+    gather = rows_launch.bind_gather((k, k), torch.tensor([1], dtype=torch.int32))
     assert gather(k, k) == "plain" and called == [1] and rec.launches == []
     assert "launching through Triton" in caplog.text

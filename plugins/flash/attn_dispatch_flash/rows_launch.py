@@ -1,15 +1,16 @@
-"""The pack and scatter kernels bound once per shape: later launches skip Triton's per-call Python.
+"""The row movers of :mod:`.rows` bound once per shape: later launches skip Triton's per-call Python.
 
 ``kernel[grid](...)`` binds and specializes every argument, hashes a cache key and looks the compiled
-kernel up on each call (about 30 us of host time per launch on the H200's host). A masked-attention
-layer repeats the same launch with the same sizes, strides and metadata tensors; only the source and
-output pointers change. :func:`bind_gather` and :func:`bind_scatter` compile (``warmup``: nothing is
+kernel up on each call (about 30 us of host time per launch on the H200's host). An attention layer
+that unpads repeats the same launch with the same sizes, strides and metadata tensors; only the source
+and output pointers change. :func:`bind_gather` and :func:`bind_scatter` compile (``warmup``: nothing is
 launched) for one such set of arguments and return a closure that calls the compiled kernel's launcher
 directly with all arguments in order (the launcher itself skips the constexprs).
 
 Contract of a bound launch: the sources passed later have the same shapes, strides, dtype and device as
 those given at bind time, and the same 16-byte alignment of their data pointers (Triton specializes
-pointers on it). The caller keys its cache by exactly these (``binding.call_key``). Profiler launch hooks
+pointers on it). The caller keys its cache by exactly these (varlen_diffusion's ``binding.call_key``,
+``attn_dispatch.integrations.unpad.RowMovers``). Profiler launch hooks
 (``knobs.runtime.launch_enter_hook``) are not called for bound launches.
 
 Off the GPU (``TRITON_INTERPRET=1`` tests) the closures call :func:`gather_rows`/:func:`scatter_rows`
@@ -25,15 +26,15 @@ import torch
 import triton
 from triton.runtime.jit import JITFunction
 
-from . import kernels
-from .kernels import gather_rows, scatter_rows
+from . import rows
+from .rows import gather_rows, scatter_rows
 
 log = logging.getLogger("attn_dispatch")
 
 
 def _direct_launches(device: torch.device) -> bool:
     """True where a compiled kernel exists to launch directly (a CUDA tensor with Triton compiling)."""
-    return device.type == "cuda" and isinstance(kernels._gather_rows_kernel, JITFunction)
+    return device.type == "cuda" and isinstance(rows._gather_rows_kernel, JITFunction)
 
 
 def _launcher(kernel, grid: int, args: tuple, constexprs: dict, num_warps: int, device: torch.device):
@@ -50,13 +51,14 @@ def _launcher(kernel, grid: int, args: tuple, constexprs: dict, num_warps: int, 
 
         get_stream = driver.active.get_current_stream
     except Exception as exc:  # noqa: BLE001  (a Triton whose internals moved: keep working, slower)
-        log.warning("varlen_diffusion: cannot bind %s's launcher (%s); launching through Triton", kernel, exc)
+        log.warning("attn_dispatch_flash rows: cannot bind %s's launcher (%s); launching through Triton", kernel, exc)
         return None
     tail = tuple(constexprs.values())
     # The launcher takes every parameter in order, constexprs included (it skips those): check the count.
     expected = getattr(run, "arg_annotations", None)
     if expected is not None and len(expected) != len(args) + len(tail):
-        log.warning("varlen_diffusion: %s's launcher takes %d arguments, not %d; launching through Triton", kernel, len(expected), len(args) + len(tail))
+        message = "attn_dispatch_flash rows: %s's launcher takes %d arguments, not %d; launching through Triton"
+        log.warning(message, kernel, len(expected), len(args) + len(tail))
         return None
     index = device.index
 
@@ -77,15 +79,16 @@ def bind_gather(like: Sequence[torch.Tensor], indices: torch.Tensor) -> Callable
     same_strides = all(x.stride() == first.stride() for x in like)
     if not _direct_launches(device) or n_rows == 0 or not same_strides:
         return lambda *sources: gather_rows(sources, indices)
-    grid = triton.cdiv(n_rows, kernels.BLOCK_ROWS) * heads
-    constexprs = dict(
-        NUM_SRC=n_src, HEADS=heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-        BLOCK_ROWS=kernels.BLOCK_ROWS, HEADS_INNER=kernels.HEADS_INNER,
-    )  # fmt: skip
+    grid = triton.cdiv(n_rows, rows.BLOCK_ROWS) * heads
+    constexprs = {
+        "NUM_SRC": n_src, "HEADS": heads, "HEAD_DIM": head_dim, "BLOCK_D": triton.next_power_of_2(head_dim),
+        "BLOCK_ROWS": rows.BLOCK_ROWS, "HEADS_INNER": rows.HEADS_INNER,
+    }  # fmt: skip
     sizes = (n_rows, n_rows * heads * head_dim, seqlen, *first.stride())
     sample = torch.empty(shape, dtype=dtype, device=device)
     padded = list(like) + [first] * (3 - n_src)
-    launch = _launcher(kernels._gather_rows_kernel, grid, (*padded, sample, indices, *sizes), constexprs, kernels.NUM_WARPS, device)
+    args = (*padded, sample, indices, *sizes)
+    launch = _launcher(rows._gather_rows_kernel, grid, args, constexprs, rows.NUM_WARPS, device)
     if launch is None:
         return lambda *sources: gather_rows(sources, indices)
 
@@ -106,7 +109,9 @@ def bind_gather(like: Sequence[torch.Tensor], indices: torch.Tensor) -> Callable
     return gather_any
 
 
-def bind_scatter(like: torch.Tensor, inverse: torch.Tensor, batch: int, seqlen: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def bind_scatter(
+    like: torch.Tensor, inverse: torch.Tensor, batch: int, seqlen: int
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """``scatter(packed) -> [batch, seqlen, H, D]`` equal to ``scatter_rows(packed, inverse, batch, seqlen)``
     for ``packed`` laid out as ``like``."""
     _, heads, head_dim = like.shape
@@ -114,14 +119,15 @@ def bind_scatter(like: torch.Tensor, inverse: torch.Tensor, batch: int, seqlen: 
     shape, dtype, device = (batch, seqlen, heads, head_dim), like.dtype, like.device
     if not _direct_launches(device) or n_dst_rows == 0:
         return lambda packed: scatter_rows(packed, inverse, batch, seqlen)
-    grid = triton.cdiv(n_dst_rows, kernels.BLOCK_ROWS) * heads
-    constexprs = dict(
-        HEADS=heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_ROWS=kernels.BLOCK_ROWS,
-        HEADS_INNER=kernels.HEADS_INNER,
-    )  # fmt: skip
+    grid = triton.cdiv(n_dst_rows, rows.BLOCK_ROWS) * heads
+    constexprs = {
+        "HEADS": heads, "HEAD_DIM": head_dim, "BLOCK_D": triton.next_power_of_2(head_dim),
+        "BLOCK_ROWS": rows.BLOCK_ROWS, "HEADS_INNER": rows.HEADS_INNER,
+    }  # fmt: skip
     strides = like.stride()
     sample = torch.empty(shape, dtype=dtype, device=device)
-    launch = _launcher(kernels._scatter_rows_kernel, grid, (like, sample, inverse, n_dst_rows, *strides), constexprs, kernels.NUM_WARPS, device)
+    args = (like, sample, inverse, n_dst_rows, *strides)
+    launch = _launcher(rows._scatter_rows_kernel, grid, args, constexprs, rows.NUM_WARPS, device)
     if launch is None:
         return lambda packed: scatter_rows(packed, inverse, batch, seqlen)
 

@@ -1,4 +1,11 @@
-"""Fused Triton row movers for masked attention: gather valid tokens, and scatter them back to padded.
+"""Fused Triton row movers for varlen attention: gather the valid tokens of padded tensors, and scatter
+packed tokens back to padded.
+
+Shared by every client that unpads for varlen FlashAttention: the ``varlen_diffusion`` plugin (masked
+diffusion attention) and attn_dispatch's transformers integration (left-padded batches, through
+``attn_dispatch.integrations.unpad``). Most callers want the launches bound once per shape in
+:mod:`.rows_launch`. Importing this module imports Triton (the ``rows`` extra); the package's
+``__init__`` does not import it.
 
 Both work on "rows": one token's ``heads x head_dim`` features of a ``[B, S, H, D]`` tensor, addressed by
 its flat position ``b * S + s``. They are plain copies, so they are bit-exact against torch:
@@ -69,7 +76,7 @@ def _gather_rows_kernel(
     if NUM_SRC > 1:
         tl.store(dst + plane + dst_off, tl.load(src1 + src_off, mask=mask, eviction_policy="evict_first"), mask=mask)
     if NUM_SRC > 2:
-        tl.store(dst + 2 * plane + dst_off, tl.load(src2 + src_off, mask=mask, eviction_policy="evict_first"), mask=mask)
+        tl.store(dst + 2 * plane + dst_off, tl.load(src2 + src_off, mask=mask, eviction_policy="evict_first"), mask=mask)  # fmt: skip
 
 
 @triton.jit
