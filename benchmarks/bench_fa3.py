@@ -372,7 +372,7 @@ def bench_varlen_prefill(paths: Paths, tokens: int, rounds: int) -> list[Result]
     ]
 
 
-def layer_host_us(step, ops, plan, provider, reps: int = 3, rounds: int = 15) -> None:
+def layer_host_us(step, ops, plan, provider, reps: int = 3, rounds: int = 31) -> None:
     """Issue 13's bar: host time of one layer's call with the batch's plan already made, against the provider's
     raw op bound with the very arguments the op binds (so only our Python differs): ``bind_attention``'s run
     (the per-layer call an engine holds; out as ``[tokens, heads, d]``, the layout FA3 writes) and, for
@@ -412,11 +412,15 @@ def layer_host_us(step, ops, plan, provider, reps: int = 3, rounds: int = 15) ->
                 fn()
             samples[name].append((time.perf_counter() - start) / (reps * LAYERS) * 1e6)
             torch.cuda.synchronize()
-    bound, op, bare = (statistics.median(samples[name]) for name, _ in paths)
-    verdict = "PASS" if bound <= bare * 1.03 else "FAIL"
-    print(f"host us per layer call, plan made ({step.tokens} tokens): bind_attention run {bound:.2f}, paged_attention_out "
-          f"{op:.2f}, raw op {bare:.2f} (run {(bound / bare - 1) * 100:+.1f}%, op {(op / bare - 1) * 100:+.1f}%; "
-          f"issue 13 bar: run <= +3%: {verdict})", flush=True)  # fmt: skip
+    # Python's own time is deterministic and the host's noise only adds to it, so the least disturbed round
+    # (min) measures it best; the median is printed next to it.
+    for stat in (min, statistics.median):
+        bound, op, bare = (stat(samples[name]) for name, _ in paths)
+        verdict = "PASS" if bound <= bare * 1.03 else "FAIL"
+        print(f"host us per layer call, plan made ({step.tokens} tokens), {stat.__name__} of {rounds} rounds: "
+              f"bind_attention run {bound:.2f}, paged_attention_out {op:.2f}, raw op {bare:.2f} (run "
+              f"{(bound / bare - 1) * 100:+.1f}%, op {(op / bare - 1) * 100:+.1f}%; issue 13 bar: run <= +3%: {verdict})",
+              flush=True)  # fmt: skip
 
 
 def host_us_per_call(step: Callable[[], None], repeats: int = 21) -> float:

@@ -161,8 +161,8 @@ class AttentionOutOps:
 
         Per call the run compares q/k/v/out's shapes with the last call's that passed the op's detailed check
         (every layer of a step has the same; the check runs again on any change), and q's dtype and GPU with
-        the plan's; FA3 checks the rest (dtypes and strides of k, v, out). It views ``out`` only when it is
-        not already ``[tokens, heads, head_dim_v]``, then calls the bound kernel call: no lookup, no pluggy.
+        the plan's; FA3 checks the rest (dtypes and strides of k, v and out against q's). ``out`` goes to the
+        kernel as it is when it is ``[tokens, heads, head_dim_v]``, else viewed so. No lookup, no pluggy.
         Bad input raises the op's ValueError naming the argument before anything is written.
         """
         validate_bind_attention(plan, params=params, softmax_scale=softmax_scale)
@@ -176,7 +176,7 @@ class AttentionOutOps:
         provider_name, route = self.provider.name, self._route
         heads, head_dim_v, dtype, device_index = plan.num_heads, plan.head_dim_v, plan.dtype, plan.device_index
         # The shapes of the last call that passed the detailed check, and whether its out needed a view.
-        # Every layer of a step passes the same shapes, so the per-call test is one tuple comparison.
+        # Every layer of a step passes the same, so the per-call test is one tuple comparison.
         passed: list = [None, False]
 
         def detailed_check(q, k, v, out) -> torch.Tensor:
@@ -190,7 +190,7 @@ class AttentionOutOps:
                 return out
             try:
                 shapes = (q.shape, k.shape, v.shape, out.shape)
-                fits = shapes == passed[0] and q.dtype == dtype and q.get_device() == device_index
+                fits = shapes == passed[0] and q.dtype is dtype and q.get_device() == device_index
             except AttributeError:  # not a tensor: the detailed check names it
                 shapes, fits = None, False
             if not fits:
