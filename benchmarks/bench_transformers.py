@@ -121,7 +121,7 @@ def bench_model(name: str, new_tokens: int, rounds: int, device: str, small: boo
     model.generation_config.pad_token_id = 0
     ids, mask = padded_batch(model.config.vocab_size, device)
     rows: dict[str, dict] = {impl: {} for impl in implementations}
-    logits, tokens = {}, {}
+    logits, tokens, scores = {}, {}, {}
     with torch.inference_mode():
         for impl in implementations:
             model.set_attn_implementation(impl)
@@ -142,7 +142,12 @@ def bench_model(name: str, new_tokens: int, rounds: int, device: str, small: boo
                 row[f"argmax_equal_vs_{ref}"] = bool(torch.equal(logits[impl].argmax(-1), logits[ref].argmax(-1)))
             row["logits_scale"] = logits[reference].abs().max().item()
             config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-            model.generate(ids, attention_mask=mask, generation_config=GenerationConfig(max_new_tokens=2, do_sample=False, pad_token_id=0))
+            warm = model.generate(
+                ids, attention_mask=mask, generation_config=GenerationConfig(
+                    max_new_tokens=2, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True
+                ),
+            )  # fmt: skip
+            scores[impl] = [step.float() for step in warm.scores]  # the logits of the first two generated tokens
             sync()
             t0 = time.perf_counter()
             out = model.generate(ids, attention_mask=mask, generation_config=config)
@@ -155,9 +160,26 @@ def bench_model(name: str, new_tokens: int, rounds: int, device: str, small: boo
                 rows[impl][f"first_token_rows_equal_vs_{ref}"] = int((tokens[impl][:, 0] == tokens[ref][:, 0]).sum())
                 rows[impl][f"second_token_rows_equal_vs_{ref}"] = int((tokens[impl][:, 1] == tokens[ref][:, 1]).sum())
                 rows[impl][f"all_tokens_rows_equal_vs_{ref}"] = int((tokens[impl] == tokens[ref]).all(dim=1).sum())
+                if impl != ref:
+                    rows[impl][f"disagreements_vs_{ref}"] = disagreements(scores[impl], scores[ref])
     if name == "llama":  # generate_batch runs in its own thread: outside inference mode
         rows["paged"] = bench_paged(model, ids.clone(), mask.clone())
     return rows
+
+
+def disagreements(ours: list[torch.Tensor], theirs: list[torch.Tensor]) -> list[dict]:
+    """Where the first two generated tokens differ: the row, the step, both top-2 margins (the gap between
+    the two highest logits) and the largest logit difference. A margin below the difference is a near-tie
+    that bf16 rounding decides (random weights make them: their logits are nearly flat)."""
+    found = []
+    for step, (a, b) in enumerate(zip(ours, theirs)):
+        for row in (a.argmax(-1) != b.argmax(-1)).nonzero().flatten().tolist():
+            top_a, top_b = a[row].topk(2).values, b[row].topk(2).values
+            found.append(dict(
+                step=step, row=row, our_margin=(top_a[0] - top_a[1]).item(), their_margin=(top_b[0] - top_b[1]).item(),
+                logits_max_abs_diff=(a[row] - b[row]).abs().max().item(),
+            ))  # fmt: skip
+    return found
 
 
 def bench_paged(model, ids, mask) -> dict:
