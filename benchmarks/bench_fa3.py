@@ -8,9 +8,9 @@ own KV cache, replayed from a CUDA graph, for batch {1, 16, 64} x context {1024,
 * original: the pre-optimization path on the same kernels (``build_ops(provider, original=True)``): the
   kernel allocates its output, which is copied into the engine's buffer, and schedules itself per layer.
 * dispatched: ``attn_dispatch.load()``'s ops; the plan is made inside the graph, so each replay runs the
-  metadata kernel once and every layer writes into ``out``.
-* dispatched, static plan: the same ops with the plan made outside the graph and refreshed into the
-  captured plan's persistent buffers before each replay (``static_plan=``); the refresh is timed too.
+  metadata kernel once, and ``bind_attention``'s run over it writes every layer into ``out``.
+* dispatched, static plan: ``paged_attention_out`` with the plan made outside the graph and refreshed into
+  the captured plan's persistent buffers before each replay (``static_plan=``); the refresh is timed too.
 * hand-written: FA3's own Python functions called directly (metadata once, ``out=`` per layer), as an
   engine author writes them without the plugin (vllm's ``flash_attn_varlen_func``, what vLLM's backend calls).
 * raw op: the same calls made on ``torch.ops._vllm_fa3_C`` with every argument spelled out, the floor for
@@ -211,6 +211,8 @@ class PagedStep:
         optimized = torch.zeros(LAYERS, tokens, HEADS * HEAD_DIM, dtype=DTYPE, device=dev)
         self.outs = {path: optimized for path in DECODE_PATHS}
         self.outs["original"] = torch.zeros_like(optimized)
+        # [layers, tokens, heads, d] views: what FA3 writes, handed to the raw op, hand-written FA3 and the run alike
+        self.rows = {path: out.view(LAYERS, tokens, HEADS, HEAD_DIM) for path, out in self.outs.items()}
         self.plan_args = dict(
             cache_seqlens=torch.full((batch,), ctx, dtype=torch.int32, device=dev),
             page_table=torch.randperm(pages, device=dev, generator=g).to(torch.int32).view(batch, columns),
@@ -218,6 +220,11 @@ class PagedStep:
             max_seqlen_q=q_per_seq, max_seqlen_k=ctx, page_size=PAGE, num_heads=HEADS, num_kv_heads=KV_HEADS,
             head_dim=HEAD_DIM, dtype=DTYPE,
         )  # fmt: skip
+
+    def run_layers(self, run: Callable, path: str) -> None:
+        rows = self.rows[path]
+        for layer in range(LAYERS):
+            run(self.q[layer], self.k[layer], self.v[layer], rows[layer])
 
     def layers(self, paged_attention_out: Callable, plan, path: str) -> None:
         out = self.outs[path]
@@ -235,9 +242,9 @@ class PagedStep:
             max_seqlen_q=self.q_per_seq, max_seqlen_k=a["max_seqlen_k"], softmax_scale=SCALE, causal=True,
             scheduler_metadata=metadata,
         )  # fmt: skip
-        out = self.outs[path]
+        rows = self.rows[path]
         for layer in range(LAYERS):
-            hand.fwd(self.q[layer], self.k[layer], self.v[layer], out[layer].view(self.tokens, HEADS, HEAD_DIM), args)
+            hand.fwd(self.q[layer], self.k[layer], self.v[layer], rows[layer], args)
 
     def all_equal(self, runs: dict[str, Callable[[], None]]) -> bool:
         """Run each path once (original first) and compare its output bytes with the original's."""
@@ -263,8 +270,10 @@ def bench_paged(paths: Paths, batch: int, ctx: int, rounds: int, q_per_seq: int 
     in_graph: dict[str, object] = {}
 
     def dispatched_step() -> None:
-        in_graph["plan"] = ops.make_attention_plan(**step.plan_args)  # inside the capture: replayed per step
-        step.layers(ops.paged_attention_out, in_graph["plan"], "dispatched")
+        """A plan per step (inside the capture: replayed per step) and its bound run per layer, as an engine
+        holding ``bind_attention``'s run calls it."""
+        in_graph["plan"] = ops.make_attention_plan(**step.plan_args)
+        step.run_layers(ops.bind_attention(in_graph["plan"]), "dispatched")
 
     eager = {
         "original": lambda: step.layers(original["paged_attention_out"], original_plan, "original"),

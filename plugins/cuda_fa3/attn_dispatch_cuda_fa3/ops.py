@@ -31,6 +31,9 @@ from .custom_op import call_attention_out, route_number
 from .plan import FLASH_DTYPES, FlashPlan, check_plan_is_ours, make_plan, paged_args, plan_args
 
 
+is_compiling = torch.compiler.is_compiling
+
+
 class AttentionOutOps:
     """``make_attention_plan``, ``paged_attention_out`` and ``varlen_attention_out`` for one provider.
 
@@ -177,27 +180,28 @@ class AttentionOutOps:
         heads, head_dim_v, dtype, device_index = plan.num_heads, plan.head_dim_v, plan.dtype, plan.device_index
         # The shapes of the last call that passed the detailed check, and whether its out needed a view.
         # Every layer of a step passes the same, so the per-call test is one tuple comparison.
-        passed: list = [None, False]
+        passed_shapes, needs_view = None, False
 
         def detailed_check(q, k, v, out) -> torch.Tensor:
             check_plan_is_ours(plan, provider_name)
             return validate_attention_run(plan, q, k, v, out, params, softmax_scale, dtypes=FLASH_DTYPES)
 
         def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-            if torch.compiler.is_compiling():
+            nonlocal passed_shapes, needs_view
+            if is_compiling():
                 detailed_check(q, k, v, out)  # at trace time
                 call_attention_out(q, k, v, out, args or plan_args(plan, params, softmax_scale, provider_name), route)
                 return out
             try:
                 shapes = (q.shape, k.shape, v.shape, out.shape)
-                fits = shapes == passed[0] and q.dtype is dtype and q.get_device() == device_index
+                fits = shapes == passed_shapes and q.dtype is dtype and q.get_device() == device_index
             except AttributeError:  # not a tensor: the detailed check names it
                 shapes, fits = None, False
             if not fits:
                 detailed_check(q, k, v, out)
-                passed[0], passed[1] = shapes, out.dim() != 3 or out.shape[0] != q.shape[0]
+                passed_shapes, needs_view = shapes, out.dim() != 3 or out.shape[0] != q.shape[0]
             try:  # FA3 checks the dtypes and strides of k, v and out against q's
-                call(q, k, v, out_rows(out, q.shape[0], heads, head_dim_v) if passed[1] else out)
+                call(q, k, v, out_rows(out, q.shape[0], heads, head_dim_v) if needs_view else out)
             except Exception as exc:
                 name_the_argument(exc, detailed_check, q, k, v, out)
                 raise

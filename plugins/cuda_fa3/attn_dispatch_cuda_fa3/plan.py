@@ -91,7 +91,11 @@ def make_plan(provider: FlashProvider, *, original: bool, static_plan: Attention
     if not makes_metadata:
         return plan
     metadata = {params: _scheduler_metadata(provider, plan, params) for params in distinct}
-    return _with_metadata(plan, metadata, buffers=metadata)
+    # The plan was made here and nobody holds it yet: fill its metadata in place (a plan is made per step,
+    # and dataclasses.replace would build and check it a second time).
+    object.__setattr__(plan, "metadata", metadata)
+    object.__setattr__(plan, "metadata_buffers", metadata)
+    return plan
 
 
 def _scheduler_metadata(provider: FlashProvider, plan: FlashPlan, params: AttentionParams) -> torch.Tensor:

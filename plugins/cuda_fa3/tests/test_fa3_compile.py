@@ -75,3 +75,31 @@ def test_varlen_compiles_to_in_place_custom_op_call(flat, device):
     want = torch.empty_like(out)
     reference.varlen_attention_out(q, k, v, want, **lens)
     assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("packed", [False, True])
+def test_bound_runs_compile_to_in_place_custom_op_calls(packed, device):
+    """bind_attention's run, bound eagerly (per step), called inside a compiled model: the custom op, in place."""
+    provider, calls = make_torch_provider()
+    ops = build_ops(provider)
+    if packed:
+        q, k, v, lens = packed_batch(lens=[5, 9], heads=4, kv_heads=2, head_dim=32, device=device)
+        plan = ops["make_attention_plan"](**lens, num_heads=4, num_kv_heads=2, head_dim=32)
+        out = torch.full((14, 4, 32), 7.0, dtype=q.dtype, device=device)
+        want = torch.empty_like(out)
+        reference.varlen_attention_out(q, k, v, want, **lens)
+    else:
+        batch = paged_batch(q_lens=[1, 4, 1], k_lens=[20, 9, 33], heads=4, kv_heads=2, head_dim=32, device=device)
+        q, k, v = batch.q, batch.k_cache, batch.v_cache
+        plan = ops["make_attention_plan"](**batch.plan_args)
+        out, want = batch.out(), batch.out()
+        reference.paged_attention_out(q, k, v, want, plan=reference.make_attention_plan(**batch.plan_args))
+    run = ops["bind_attention"](plan)
+
+    def layer(q, k, v, out):
+        run(q, k, v, out)
+
+    code = compiled_code(layer, q, k, v, out)
+    assert_out_written_in_place(code, calls=1)
+    assert torch.equal(out, want)
