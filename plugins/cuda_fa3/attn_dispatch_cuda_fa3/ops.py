@@ -178,20 +178,22 @@ class AttentionOutOps:
             call = bind_layer_call(self.provider, args, original=self.original, shape=shape, strict=self.strict)
         provider_name, route = self.provider.name, self._route
         heads, head_dim_v, dtype, device_index = plan.num_heads, plan.head_dim_v, plan.dtype, plan.device_index
-        # The shapes of the last call that passed the detailed check, and whether its out needed a view.
-        # Every layer of a step passes the same, so the per-call test is one tuple comparison.
-        passed_shapes, needs_view = None, False
+        # The shapes of the last call that passed the detailed check, and whether its out needed a view, as
+        # one tuple (a thread never reads one without the other). Every layer of a step passes the same
+        # shapes, so the per-call test is one tuple comparison.
+        passed: tuple = (None, False)
 
         def detailed_check(q, k, v, out) -> torch.Tensor:
             check_plan_is_ours(plan, provider_name)
             return validate_attention_run(plan, q, k, v, out, params, softmax_scale, dtypes=FLASH_DTYPES)
 
         def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-            nonlocal passed_shapes, needs_view
+            nonlocal passed
             if is_compiling():
                 detailed_check(q, k, v, out)  # at trace time
                 call_attention_out(q, k, v, out, args or plan_args(plan, params, softmax_scale, provider_name), route)
                 return out
+            passed_shapes, needs_view = passed
             try:
                 shapes = (q.shape, k.shape, v.shape, out.shape)
                 fits = shapes == passed_shapes and q.dtype is dtype and q.get_device() == device_index
@@ -199,7 +201,8 @@ class AttentionOutOps:
                 shapes, fits = None, False
             if not fits:
                 detailed_check(q, k, v, out)
-                passed_shapes, needs_view = shapes, out.dim() != 3 or out.shape[0] != q.shape[0]
+                needs_view = out.dim() != 3 or out.shape[0] != q.shape[0]
+                passed = (shapes, needs_view)
             try:  # FA3 checks the dtypes and strides of k, v and out against q's
                 call(q, k, v, out_rows(out, q.shape[0], heads, head_dim_v) if needs_view else out)
             except Exception as exc:
