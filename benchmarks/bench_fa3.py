@@ -381,7 +381,7 @@ def bench_varlen_prefill(paths: Paths, tokens: int, rounds: int) -> list[Result]
     ]
 
 
-def layer_host_us(step, ops, plan, provider, reps: int = 3, rounds: int = 31) -> None:
+def layer_host_us(step, ops, plan, provider, reps: int = 3, rounds: int = 45) -> None:
     """Issue 13's bar: host time of one layer's call with the batch's plan already made, against the provider's
     raw op bound with the very arguments the op binds (so only our Python differs): ``bind_attention``'s run
     (the per-layer call an engine holds; out as ``[tokens, heads, d]``, the layout FA3 writes) and, for
@@ -411,8 +411,8 @@ def layer_host_us(step, ops, plan, provider, reps: int = 3, rounds: int = 31) ->
 
     paths = (("bind_attention run", run_layers), ("paged_attention_out", op_layers), ("raw op", raw_layers))
     samples: dict[str, list[float]] = {name: [] for name, _ in paths}
-    for _ in range(rounds):
-        for name, fn in paths:
+    for round_ in range(rounds):
+        for name, fn in paths[round_ % 3 :] + paths[: round_ % 3]:  # rotated: no path always goes first
             fn()
             torch.cuda.synchronize()
             torch.cuda._sleep(int(5e8))  # outlasts the timed launches (few enough not to fill the launch queue)

@@ -12,7 +12,10 @@ whose softcap ``sdpa`` ignores):
 - prefill forward: wall ms (median of interleaved rounds, synchronised), GPU ms (profiler: all kernels,
   and the attention kernels alone), last-token logits against the reference (max abs error, argmax);
 - ``generate``: greedy, ``--new-tokens`` tokens, tokens/s, and whether the first two generated tokens
-  (the prefill's argmax and the first decode step's) equal the reference's;
+  (the prefill's argmax and the first decode step's) equal the reference's; where they differ, both
+  top-2 margins (near-ties under random weights);
+- the first decode step teacher forced (every implementation fed the reference's first token): argmax
+  rows equal to the reference's and the largest logit difference;
 - ``generate_batch`` (paged continuous batching), where the implementation is registered: seconds for
   the 8 requests x 64 new tokens (first call included), and whether the tokens equal ``paged|sdpa``'s.
 """
@@ -155,6 +158,16 @@ def bench_model(name: str, new_tokens: int, rounds: int, device: str, small: boo
             seconds = time.perf_counter() - t0
             tokens[impl] = out[:, ids.shape[1] :]
             row["generate_tokens_per_s"] = tokens[impl].numel() / seconds
+        decode_logits = {}  # the first decode step, every implementation fed the reference's first token
+        for impl in implementations:
+            model.set_attn_implementation(impl)
+            decode_logits[impl] = first_decode_step(model, ids, mask, tokens[reference][:, 0])
+        for impl in implementations:
+            ours, theirs = decode_logits[impl], decode_logits[reference]
+            rows[impl][f"first_decode_step_argmax_rows_equal_vs_{reference}"] = int((ours.argmax(-1) == theirs.argmax(-1)).sum())
+            rows[impl][f"first_decode_step_logits_max_abs_err_vs_{reference}"] = (ours - theirs).abs().max().item()
+            if impl != reference:
+                rows[impl][f"first_decode_step_disagreements_vs_{reference}"] = disagreements([ours], [theirs])
         for impl in implementations:
             for ref in dict.fromkeys((reference, "eager")):
                 rows[impl][f"first_token_rows_equal_vs_{ref}"] = int((tokens[impl][:, 0] == tokens[ref][:, 0]).sum())
@@ -165,6 +178,21 @@ def bench_model(name: str, new_tokens: int, rounds: int, device: str, small: boo
     if name == "llama":  # generate_batch runs in its own thread: outside inference mode
         rows["paged"] = bench_paged(model, ids.clone(), mask.clone())
     return rows
+
+
+def first_decode_step(model, ids, mask, first: torch.Tensor) -> torch.Tensor:
+    """Logits of the first decode step with ``first`` as every row's first generated token (teacher forced,
+    so every implementation decodes from the same prefix): the prefill into a DynamicCache at the positions
+    ``generate`` uses for a left-padded batch, then one step."""
+    position_ids = mask.long().cumsum(-1) - 1
+    position_ids.masked_fill_(mask == 0, 1)
+    prefill = model(ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
+    step_mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+    step = model(
+        first[:, None], attention_mask=step_mask, position_ids=position_ids[:, -1:] + 1,
+        past_key_values=prefill.past_key_values, use_cache=True,
+    )  # fmt: skip
+    return step.logits[:, -1].float()
 
 
 def disagreements(ours: list[torch.Tensor], theirs: list[torch.Tensor]) -> list[dict]:
