@@ -113,7 +113,7 @@ def tiny(config):
     return config
 
 
-def bench_model(name: str, new_tokens: int, rounds: int, device: str, small: bool) -> dict:
+def bench_model(name: str, new_tokens: int, rounds: int, device: str, small: bool, generate_rounds: int = 3) -> dict:
     make_config, reference, implementations = MODELS[name]
     torch.manual_seed(0)
     config = tiny(make_config()) if small else make_config()
@@ -151,13 +151,19 @@ def bench_model(name: str, new_tokens: int, rounds: int, device: str, small: boo
                 ),
             )  # fmt: skip
             scores[impl] = [step.float() for step in warm.scores]  # the logits of the first two generated tokens
-            sync()
-            t0 = time.perf_counter()
-            out = model.generate(ids, attention_mask=mask, generation_config=config)
-            sync()
-            seconds = time.perf_counter() - t0
-            tokens[impl] = out[:, ids.shape[1] :]
-            row["generate_tokens_per_s"] = tokens[impl].numel() / seconds
+        rates: dict[str, list[float]] = {impl: [] for impl in implementations}
+        for _ in range(generate_rounds):  # interleaved, median kept: one slow moment of the host hits one round
+            for impl in implementations:
+                model.set_attn_implementation(impl)
+                sync()
+                t0 = time.perf_counter()
+                out = model.generate(ids, attention_mask=mask, generation_config=config)
+                sync()
+                tokens[impl] = out[:, ids.shape[1] :]
+                rates[impl].append(tokens[impl].numel() / (time.perf_counter() - t0))
+        for impl in implementations:
+            rows[impl]["generate_tokens_per_s"] = statistics.median(rates[impl])
+            rows[impl]["generate_tokens_per_s_rounds"] = rates[impl]
         decode_logits = {}  # the first decode step, every implementation fed the reference's first token
         for impl in implementations:
             model.set_attn_implementation(impl)
@@ -272,6 +278,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny configs (a CPU smoke test of this script)")
     parser.add_argument("--paged-only", action="store_true", help="only generate_batch (Llama)")
+    parser.add_argument("--generate-rounds", type=int, default=3, help="interleaved generate timings (median kept)")
     args = parser.parse_args()
     ops = ad_transformers.ops_for(torch.device(args.device))
     print(f"attn_dispatch ops on cuda: {ops}")
@@ -285,7 +292,7 @@ def main() -> None:
         return
     report = {"kernel_check": kernel_check(args.device)} if args.device == "cuda" else {}
     for name in args.models.split(","):
-        rows = bench_model(name, args.new_tokens, args.rounds, args.device, args.tiny)
+        rows = bench_model(name, args.new_tokens, args.rounds, args.device, args.tiny, args.generate_rounds)
         report[name] = rows
         print(f"\n## {name}")
         print(json.dumps(rows, indent=1))
