@@ -138,3 +138,28 @@ def test_known_wrong_packed_layer_takes_the_dense_route():
     want = torch.empty_like(q)
     reference.varlen_attention_out(q, k, v, want, **lengths, params=SLIDING)
     torch.testing.assert_close(out, want, atol=2e-2, rtol=2e-2)
+
+
+def test_run_rechecks_when_a_shape_changes():
+    """The per-call test remembers the last shapes that passed: a different out (flat, 3-D, padded) or a
+    different batch is checked and viewed anew, never handed over with the previous call's decision."""
+    ops = build_ops(make_torch_provider()[0])
+    batch = paged_batch(**MIXED, heads=8, kv_heads=2, head_dim=64, page_size=16)
+    plan = ops["make_attention_plan"](**batch.plan_args)
+    run = ops["bind_attention"](plan)
+    tokens = batch.q.shape[0]
+    want = batch.out()
+    ops["paged_attention_out"](batch.q, batch.k_cache, batch.v_cache, want, plan=plan)
+    outs = [
+        batch.out(),  # flat [tokens, heads * d]
+        batch.out().view(tokens, 8, 64),  # exactly the kernel's rows
+        batch.out(rows=tokens + 3),  # flat with padding rows
+        batch.out(rows=tokens + 3).view(tokens + 3, 8, 64),  # 3-D with padding rows
+        batch.out(),
+    ]
+    for out in outs:
+        run(batch.q, batch.k_cache, batch.v_cache, out)
+        assert torch.equal(out.reshape(out.shape[0], -1)[:tokens], want)
+        assert (out.reshape(out.shape[0], -1)[tokens:] == 7.0).all(), "rows past q's are never written"
+    with pytest.raises(ValueError, match="^q:"):  # a new layer shape after the first calls passed
+        run(batch.q[:, :4], batch.k_cache, batch.v_cache, outs[0])
