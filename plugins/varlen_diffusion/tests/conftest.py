@@ -1,7 +1,7 @@
 """Test set-up for the varlen_diffusion plugin.
 
-Without a GPU, Triton kernels run in the interpreter: TRITON_INTERPRET must be set before the plugin's
-kernels module is imported (``triton.jit`` reads it at decoration time). The torch stand-in provider
+Without a GPU, Triton kernels run in the interpreter: TRITON_INTERPRET must be set before the row movers'
+module (``attn_dispatch_flash.rows``) is imported (``triton.jit`` reads it at decoration time). The torch stand-in provider
 lives beside this file and is imported by module name. The root conftest cleans the environment.
 """
 
