@@ -37,6 +37,7 @@ the mask record depends on ``masking_utils`` internals of that version.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from types import SimpleNamespace
 from typing import Any
@@ -191,9 +192,13 @@ def _shapes_match(record: meta.MaskRecord, query: torch.Tensor, key: torch.Tenso
 
 
 def _params(kwargs: dict, window: int | None) -> AttentionParams:
-    return AttentionParams(
-        causal=True, window_size=(window - 1, 0) if window else (-1, -1), softcap=float(kwargs.get("softcap") or 0.0)
-    )
+    return _params_for(window, float(kwargs.get("softcap") or 0.0))
+
+
+@functools.cache
+def _params_for(window: int | None, softcap: float) -> AttentionParams:
+    """Made once per (window, softcap): every layer asks, and making and checking params costs ~3 us."""
+    return AttentionParams(causal=True, window_size=(window - 1, 0) if window else (-1, -1), softcap=softcap)
 
 
 def _dense(ops, query, key, value, kwargs, window) -> torch.Tensor:

@@ -40,6 +40,7 @@ reference. ``paged|sdpa`` ignores ``softcap`` (the fast path applies it, as eage
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,7 +128,7 @@ def attention(
     write = kwargs["write_index"][group]
     k_cache.index_copy_(0, write, key[0].transpose(0, 1))  # cache.update's write, without its read-back
     v_cache.index_copy_(0, write, value[0].transpose(0, 1))
-    params = AttentionParams(causal=True, softcap=float(kwargs.get("softcap") or 0.0))
+    params = _params(float(kwargs.get("softcap") or 0.0))
     scale = kwargs.get("scaling", getattr(module, "scaling", None))
     run = step.runs.get((group, params, scale))
     if run is None:
@@ -143,6 +144,12 @@ def attention(
     pages = k_cache.view(-1, cache.block_size, *k_cache.shape[1:])
     run(query[0].transpose(0, 1), pages, v_cache.view(pages.shape), out)
     return out.unsqueeze(0), None
+
+
+@functools.cache
+def _params(softcap: float) -> AttentionParams:
+    """Causal params with ``softcap``, made once per value (every layer of every step asks)."""
+    return AttentionParams(causal=True, softcap=softcap)
 
 
 def _by_type(value: Any, layer_type: str) -> Any:
