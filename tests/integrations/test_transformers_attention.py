@@ -211,3 +211,22 @@ def test_inference_mode_forward_runs_the_fast_path(calls):
         ours = model(input_ids=ids, attention_mask=mask).logits
     assert calls.fwd == 2  # both layers on the fast path
     assert torch.equal(ours, logits(model, "attn_dispatch", ids, mask))
+
+
+def test_triton_row_movers_give_the_torch_routes_bytes(calls, monkeypatch):
+    """The forward with the shared Triton row movers (interpreted here; what runs on CUDA) equals the
+    forward with torch index ops, byte for byte."""
+    import functools
+    import os
+
+    from attn_dispatch.integrations import transformers_meta, unpad
+
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("the Triton route needs TRITON_INTERPRET=1 or a GPU")
+    model, (ids, mask) = llama(), left_padded_batch()
+    by_route = {}
+    for route in ("torch", "triton"):
+        monkeypatch.setattr(transformers_meta, "RowMovers", functools.partial(unpad.RowMovers, route=route))
+        by_route[route] = logits(model, "attn_dispatch", ids, mask)
+    assert calls.fwd == 4
+    assert torch.equal(by_route["torch"], by_route["triton"])
