@@ -21,6 +21,8 @@ from attn_dispatch_flash import FlashArgs
 
 def bind_dense(args: FlashArgs):
     """``call(q, k, v, out_rows)``: :func:`dense_attention` written into ``out_rows``."""
+    if args.leftpad_k is not None:  # batch mode over left-padded rows: no op makes such a call yet
+        raise NotImplementedError("the dense route takes packed or paged calls, not leftpad_k")
 
     def call(q, k, v, out_rows):
         dense_attention(q, k, v, args, out_rows)

@@ -91,8 +91,10 @@ def make_torch_provider(
     def fwd(
         q, k, v, *, out=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None, seqused_k=None,
         max_seqlen_q, max_seqlen_k, page_table=None, softmax_scale, causal, window_size=(-1, -1),
-        softcap=0.0, scheduler_metadata=None, num_splits=0, pack_gqa=None,
+        softcap=0.0, scheduler_metadata=None, num_splits=0, pack_gqa=None, leftpad_k=None,
     ):  # fmt: skip
+        if leftpad_k is not None:
+            raise NotImplementedError("leftpad_k: the stand-in computes packed and paged calls only")
         calls.fwd += 1
         _fa3_host_checks(q, k, v, out, cu_seqlens_q, cu_seqlens_k)
         if out is not None and not writes_out:

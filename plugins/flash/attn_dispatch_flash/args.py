@@ -17,7 +17,9 @@ class FlashArgs(NamedTuple):
     Non-paged (packed) attention: ``cu_seqlens_q`` and ``cu_seqlens_k`` (int32 ``[B + 1]``), optionally
     ``seqused_q`` / ``seqused_k`` (int32 ``[B]``: rows used from each sequence's start). Paged attention:
     ``page_table`` (int32 ``[B, max_pages]``) with ``seqused_k`` (keys per sequence), no ``cu_seqlens_k``.
-    ``window_size`` is ``(left, right)``, -1 meaning unbounded; ``softcap`` 0 is off; ``num_splits`` 0 and
+    ``leftpad_k`` (int32 ``[B]``, batch mode: ``q``/``k``/``v`` ``[B, S, H, D]``, no page table): each row's
+    keys start there and end at ``seqused_k`` (FA3's ``cache_leftpad``; only the raw-op adapter passes
+    it, the others refuse it). ``window_size`` is ``(left, right)``, -1 meaning unbounded; ``softcap`` 0 is off; ``num_splits`` 0 and
     ``pack_gqa`` None let the kernel choose. ``scheduler_metadata``: FA3's schedule precomputed for this
     batch and these scheduling arguments (``FlashProvider.scheduler_metadata``), or None.
 
@@ -40,3 +42,4 @@ class FlashArgs(NamedTuple):
     scheduler_metadata: torch.Tensor | None = None
     num_splits: int = 0
     pack_gqa: bool | None = None
+    leftpad_k: torch.Tensor | None = None

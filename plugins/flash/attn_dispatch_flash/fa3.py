@@ -54,7 +54,7 @@ def raw_fa3_ops_provider(name: str, ops, version: str = "") -> FlashProvider:
                 q, k, v, None, None, None, out,  # k_new, v_new, q_v
                 a.cu_seqlens_q, a.cu_seqlens_k, None, a.seqused_q, a.seqused_k,  # cu_seqlens_k_new
                 a.max_seqlen_q, a.max_seqlen_k, a.page_table,
-                None, None, None, None, None, None, None, None,  # kv_batch_idx, leftpad_k, rotary x3, descales x3
+                None, a.leftpad_k, None, None, None, None, None, None,  # kv_batch_idx, leftpad_k, rotary x3, descales x3
                 a.softmax_scale, a.causal, left, right, a.softcap,
                 True, a.scheduler_metadata, a.num_splits, a.pack_gqa, 0,  # rotary_interleaved, ..., sm_margin
                 None, 1, 0, None,  # s_aux, cp_world_size, cp_rank, cp_tot_seqused_k
@@ -127,6 +127,8 @@ def _wrapper_binder(
     ``flash_attn_with_kvcache`` when there is a page table, ``flash_attn_varlen_func`` otherwise."""
 
     def bind_args(a: FlashArgs) -> BoundCall:
+        if a.leftpad_k is not None:
+            raise NotImplementedError(f"{name}: leftpad_k is passed only through FA3's raw op (vllm_fa3)")
         kw = dict(
             softmax_scale=a.softmax_scale, causal=a.causal, window_size=tuple(a.window_size), softcap=a.softcap,
             num_splits=a.num_splits, pack_gqa=a.pack_gqa, **extra,

@@ -15,8 +15,8 @@ def fa4() -> FlashProvider:
     require_keywords("flash_attn.cute.interface._flash_attn_fwd", _flash_attn_fwd, ("out", "page_table", "seqused_q"))
 
     def bind_args(a: FlashArgs) -> BoundCall:
-        if a.scheduler_metadata is not None:
-            raise NotImplementedError("FA4 takes no FA3 scheduler metadata")
+        if a.scheduler_metadata is not None or a.leftpad_k is not None:
+            raise NotImplementedError("FA4 takes no FA3 scheduler metadata and no leftpad_k")
         left, right = a.window_size
         kw = dict(
             cu_seqlens_q=a.cu_seqlens_q, cu_seqlens_k=a.cu_seqlens_k, seqused_q=a.seqused_q,

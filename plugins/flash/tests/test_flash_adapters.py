@@ -195,6 +195,10 @@ def test_vllm_raw_ops_get_every_argument_in_its_place():
     assert provider.fwd(Q, K, V, **PACKED) == "fresh"
     assert calls[-1][1]["cu_seqlens_k"] is CU and calls[-1][1]["page_table"] is None
 
+    starts = torch.tensor([3, 0], dtype=torch.int32)  # batch mode over left-padded rows: keys [start, seqused_k)
+    provider.bind(max_seqlen_q=4, max_seqlen_k=8, softmax_scale=0.5, causal=True, seqused_k=SEQLENS, leftpad_k=starts)(Q, K, V, OUT)
+    assert calls[-1][1]["leftpad_k"] is starts and calls[-1][1]["seqused_k"] is SEQLENS and calls[-1][1]["cu_seqlens_q"] is None
+
     assert provider.scheduler_metadata(**METADATA) == "metadata"
     meta = calls[-1][1]
     assert (meta["batch_size"], meta["num_heads"], meta["num_heads_k"], meta["headdim"], meta["headdim_v"]) == (2, 4, 2, 8, 8)

@@ -30,8 +30,10 @@ def make_torch_provider(*, has_seqused_q: bool = True, writes_out: bool = True, 
     def fwd(
         q, k, v, *, out=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None, seqused_k=None,
         max_seqlen_q, max_seqlen_k, page_table=None, softmax_scale, causal, window_size=(-1, -1),
-        softcap=0.0, scheduler_metadata=None, num_splits=0, pack_gqa=None,
+        softcap=0.0, scheduler_metadata=None, num_splits=0, pack_gqa=None, leftpad_k=None,
     ):  # fmt: skip
+        if leftpad_k is not None:
+            raise NotImplementedError("leftpad_k: the stand-in computes packed and paged calls only")
         assert not causal and tuple(window_size) == (-1, -1) and softcap == 0.0
         if page_table is not None:  # paged K/V: [pages, page_size, H_kv, D]; each sequence's keys via its row
             assert cu_seqlens_k is None and seqused_k is not None and k.dim() == v.dim() == 4
