@@ -29,7 +29,7 @@ import torch
 
 from ..plans import DEFAULT_PARAMS, AttentionParams, AttentionPlan
 from ..validate import (
-    validate_attention_run,
+    check_packed_layer,
     validate_bind_attention,
     validate_make_attention_plan,
     validate_paged_attention_out,
@@ -111,9 +111,11 @@ def bind_attention(
     validate_bind_attention(plan, params=params, softmax_scale=softmax_scale)
 
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        validate_attention_run(plan, q, k, v, out, params, softmax_scale)
+        # The ops validate their own arguments; a packed plan's layer is checked against the plan first
+        # (validate_attention_run's rules, each checked once).
         if plan.page_table is not None:
             return paged_attention_out(q, k, v, out, plan=plan, params=params, softmax_scale=softmax_scale)
+        check_packed_layer(plan, q, k, v)
         return varlen_attention_out(
             q, k, v, out, cu_seqlens_q=plan.cu_seqlens_q, cu_seqlens_k=plan.cu_seqlens_k,
             max_seqlen_q=plan.max_seqlen_q, max_seqlen_k=plan.max_seqlen_k, params=params,

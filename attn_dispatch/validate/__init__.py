@@ -15,6 +15,7 @@ kernel, not to the op (FA3 runs fp16/bf16 only), stay with the plugin; the atten
 from ..checks import FLOAT_DTYPES, INDEX_DTYPE
 from .attention import (
     PlanArgs,
+    check_packed_layer,
     check_planned,
     distinct_layer_params,
     validate_attention_run,
@@ -44,6 +45,7 @@ __all__ = [
     "INDEX_DTYPE",
     "VALIDATORS",
     "PlanArgs",
+    "check_packed_layer",
     "check_planned",
     "distinct_layer_params",
     "validate_attention_run",

@@ -150,7 +150,6 @@ def validate_paged_attention_out(
         if cache.shape != expected:
             fail(name, f"expected [pages, page_size, kv_heads, head_dim] = {list(expected)}, got {list(cache.shape)}")
         check_last_dim_contiguous(name, cache)
-    check_scale(softmax_scale)
     return out_rows_view(out, q.shape[0], plan.num_heads, plan.head_dim_v, like=q)
 
 
@@ -235,6 +234,16 @@ def validate_attention_run(
     ``out``'s row view, as those do."""
     if plan.page_table is not None:
         return validate_paged_attention_out(q, k, v, out, plan, params, softmax_scale)
+    check_packed_layer(plan, q, k, v)
+    return validate_varlen_attention_out(
+        q, k, v, out, plan.cu_seqlens_q, plan.cu_seqlens_k, plan.max_seqlen_q, plan.max_seqlen_k, params,
+        softmax_scale, dtypes=dtypes,
+    )  # fmt: skip
+
+
+def check_packed_layer(plan: AttentionPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """q/k/v as a packed plan describes them (dtype, device, heads, head dims); the rest of a packed run's
+    rules are ``varlen_attention_out``'s with the plan's lengths."""
     check_tensor("q", q, ndim=3, device=plan.cu_seqlens_q.device)
     if q.dtype != plan.dtype:
         fail("q", f"dtype {q.dtype} differs from the plan's dtype {plan.dtype}")
@@ -244,7 +253,3 @@ def validate_attention_run(
         check_tensor(name, t, ndim=3, dtype=plan.dtype, device=q.device)
         if t.shape[1:] != (plan.num_kv_heads, dim):
             fail(name, f"shape {tuple(t.shape)} does not match the plan ({plan.num_kv_heads} kv heads, head_dim {dim})")
-    return validate_varlen_attention_out(
-        q, k, v, out, plan.cu_seqlens_q, plan.cu_seqlens_k, plan.max_seqlen_q, plan.max_seqlen_k, params,
-        softmax_scale, dtypes=dtypes,
-    )  # fmt: skip

@@ -103,10 +103,7 @@ class AttentionOutOps:
             check_paged(q, k_cache, v_cache, out, plan, params, softmax_scale, self.provider.name)  # at trace time
             call_attention_out(q, k_cache, v_cache, out, paged_args(plan, params, softmax_scale, self.provider.name), self._route)
             return out
-        try:
-            call = plan.layer_calls[(self, params, softmax_scale)]
-        except (AttributeError, KeyError, TypeError):  # a first call with these params, or bad arguments
-            call = self._bind_paged(plan, params, softmax_scale)
+        call = self._bound_paged(plan, params, softmax_scale)
         if not fits_plan(q, k_cache, v_cache, out, plan):
             check_paged(q, k_cache, v_cache, out, plan, params, softmax_scale, self.provider.name)
         try:
@@ -213,9 +210,10 @@ class AttentionOutOps:
         return run
 
     def _bound_paged(self, plan: AttentionPlan, params: AttentionParams, softmax_scale: float | None) -> LayerCall:
+        """The plan's bound call for these params (shared by ``paged_attention_out`` and the runs)."""
         try:
             return plan.layer_calls[(self, params, softmax_scale)]
-        except (AttributeError, KeyError, TypeError):
+        except (AttributeError, KeyError, TypeError):  # a first call with these params, or bad arguments
             return self._bind_paged(plan, params, softmax_scale)
 
     def as_dict(self) -> dict[str, Callable]:
