@@ -13,6 +13,8 @@ a sliding window, softcap, GQA, and the scheduler metadata made with ``cache_lef
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 import attn_dispatch
@@ -91,6 +93,22 @@ def main() -> int:
             print(f"{name}: with scheduler metadata (cache_leftpad): bytes equal: {torch.equal(again, out)}", flush=True)
         except Exception as exc:  # noqa: BLE001
             print(f"{name}: metadata with cache_leftpad refused: {type(exc).__name__}: {str(exc)[:300]}")
+        if q_len == 1:  # host time per call: one in-place batch call against the packed route's varlen call
+            bound = provider.bind(args)
+            for label, call in (
+                ("batch (leftpad)", lambda: bound(q, k, v, out)),
+                ("packed varlen", lambda: ops.varlen_attention_out(qp, kp, vp, packed, **lengths, params=params, softmax_scale=scale)),
+            ):  # fmt: skip
+                times = []
+                for _ in range(5):
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    for _ in range(200):
+                        call()
+                    t1 = time.perf_counter()
+                    torch.cuda.synchronize()
+                    times.append((t1 - t0) / 200 * 1e6)
+                print(f"{name}: {label}: host us per call (min of 5 x 200) {min(times):.1f}", flush=True)
     return 0
 
 
