@@ -55,8 +55,8 @@ DEFAULT_PARAMS = AttentionParams()
 
 @dataclass(frozen=True)
 class AttentionPlan:
-    """One forward batch, made once per step: paged attention (decode, or mixed extend + decode) or packed
-    (varlen) attention.
+    """One forward batch, made once per step: paged attention (decode, or mixed extend + decode), packed
+    (varlen) attention, or padded attention (a padded batch read in place).
 
     Tensors are the engine's own (int32, on the device); ints are host values the engine already has, so
     making or using a plan never syncs with the device. ``layer_params`` are the distinct
@@ -65,17 +65,23 @@ class AttentionPlan:
     may subclass this to carry what its kernels precompute per batch (cuda_fa3's ``FlashPlan``: FA3's
     scheduler metadata).
 
-    A paged plan has ``page_table`` and ``page_size``; a packed plan has ``cu_seqlens_k`` instead (the
-    keys of sequence ``b`` are rows ``cu_seqlens_k[b]:cu_seqlens_k[b+1]`` of ``k``), and its
-    ``cache_seqlens`` are those segments' lengths.
+    The three kinds (:attr:`kind`):
+
+    * paged: ``page_table`` and ``page_size``; ``cache_seqlens`` counts each sequence's keys.
+    * packed: ``cu_seqlens_k`` instead (the keys of sequence ``b`` are rows
+      ``cu_seqlens_k[b]:cu_seqlens_k[b+1]`` of ``k``); ``cache_seqlens`` are those segments' lengths.
+    * padded: ``key_starts``, no ``cu_seqlens_q``. q/k/v stay ``[B, S, heads, d]`` (a padded batch, any
+      strides but the last); row ``b``'s keys are ``k[b, key_starts[b]:cache_seqlens[b]]`` (so
+      ``cache_seqlens`` holds each row's key end, not its count) and all ``max_seqlen_q`` of its queries
+      attend to them, aligned bottom-right. This reads a left-padded batch with no pack and no scatter.
     """
 
-    cache_seqlens: torch.Tensor  # [B] int32: keys per sequence, new tokens included
-    page_table: torch.Tensor | None  # [B, max_pages] int32; None in a packed plan
-    cu_seqlens_q: torch.Tensor  # [B + 1] int32: query tokens per sequence (1 each in pure decode)
-    max_seqlen_q: int
-    max_seqlen_k: int
-    page_size: int | None  # None in a packed plan
+    cache_seqlens: torch.Tensor  # [B] int32: keys per sequence, new tokens included (padded: each row's key end)
+    page_table: torch.Tensor | None  # [B, max_pages] int32; None in a packed or padded plan
+    cu_seqlens_q: torch.Tensor | None  # [B + 1] int32: query tokens per sequence (1 each in pure decode); None if padded
+    max_seqlen_q: int  # padded: the batch's query length S_q
+    max_seqlen_k: int  # padded: the batch's key length S_k (k.shape[1]), every key end <= it
+    page_size: int | None  # None in a packed or padded plan
     num_heads: int
     num_kv_heads: int
     head_dim: int
@@ -83,7 +89,8 @@ class AttentionPlan:
     dtype: torch.dtype
     layer_params: tuple[AttentionParams, ...] = (DEFAULT_PARAMS,)
     provider: str = "reference"
-    cu_seqlens_k: torch.Tensor | None = None  # [B + 1] int32 in a packed plan; None in a paged one
+    cu_seqlens_k: torch.Tensor | None = None  # [B + 1] int32 in a packed plan; else None
+    key_starts: torch.Tensor | None = None  # [B] int32 in a padded plan: each row's first key; else None
 
     @property
     def batch_size(self) -> int:
@@ -92,6 +99,13 @@ class AttentionPlan:
     @property
     def paged(self) -> bool:
         return self.page_table is not None
+
+    @property
+    def kind(self) -> str:
+        """``"paged"``, ``"packed"`` or ``"padded"``."""
+        if self.page_table is not None:
+            return "paged"
+        return "padded" if self.key_starts is not None else "packed"
 
 
 @dataclass(frozen=True)

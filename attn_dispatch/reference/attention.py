@@ -6,7 +6,8 @@ plan carries no metadata, the result is computed into a fresh tensor and copied 
 
 Semantics every implementation matches (FA3's):
 - sequence ``b`` owns query tokens ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` (``Lq`` of them) and attends to
-  its first ``Lk`` keys;
+  its first ``Lk`` keys (a padded plan: all ``max_seqlen_q`` queries of row ``b`` and its keys
+  ``key_starts[b]:cache_seqlens[b]``, read in place);
 - causal masking and windows are aligned bottom-right: query ``i`` sees key ``j`` iff
   ``j <= i + Lk - Lq`` (causal), ``j >= i + Lk - Lq - left`` and ``j <= i + Lk - Lq + right`` (window);
 - ``softcap > 0`` maps scores to ``softcap * tanh(score / softcap)``;
@@ -32,6 +33,7 @@ from ..validate import (
     check_packed_layer,
     validate_bind_attention,
     validate_make_attention_plan,
+    validate_padded_run,
     validate_paged_attention_out,
     validate_varlen_attention_out,
 )
@@ -41,8 +43,9 @@ def make_attention_plan(
     *,
     cache_seqlens: torch.Tensor | None = None,
     page_table: torch.Tensor | None = None,
-    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None,
+    key_starts: torch.Tensor | None = None,
     max_seqlen_q: int,
     max_seqlen_k: int,
     page_size: int | None = None,
@@ -56,9 +59,12 @@ def make_attention_plan(
 ) -> AttentionPlan:
     """Describe one forward batch. Call once per step; pass the result to every layer.
 
-    Paged (``paged_attention_out``, or ``bind_attention``'s run): ``cache_seqlens``, ``page_table`` and
-    ``page_size``. Packed (``bind_attention``'s run over ``[tokens, heads, d]`` q/k/v, as
-    ``varlen_attention_out`` takes them): ``cu_seqlens_k`` instead of those three.
+    Paged (``paged_attention_out``, or ``bind_attention``'s run): ``cache_seqlens``, ``page_table``,
+    ``page_size`` and ``cu_seqlens_q``. Packed (``bind_attention``'s run over ``[tokens, heads, d]`` q/k/v,
+    as ``varlen_attention_out`` takes them): ``cu_seqlens_q`` and ``cu_seqlens_k``. Padded
+    (``bind_attention``'s run over a padded batch's ``[B, S, heads, d]`` q/k/v/out, read in place, no pack
+    and no scatter): ``cache_seqlens`` as each row's key end and ``key_starts`` as its first key, with
+    ``max_seqlen_q``/``max_seqlen_k`` the batch's query and key lengths ``S_q``/``S_k``.
 
     ``layer_params`` lists the distinct :class:`AttentionParams` the model's layers use (a model mixing
     sliding-window and global layers lists both); a layer may only use params listed here.
@@ -75,7 +81,7 @@ def make_attention_plan(
     """
     checked = validate_make_attention_plan(
         cache_seqlens=cache_seqlens, page_table=page_table, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, page_size=page_size, num_heads=num_heads,
+        key_starts=key_starts, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, page_size=page_size, num_heads=num_heads,
         num_kv_heads=num_kv_heads, head_dim=head_dim, head_dim_v=head_dim_v, dtype=dtype, layer_params=layer_params,
         static_plan=static_plan,
     )  # fmt: skip
@@ -93,6 +99,7 @@ def make_attention_plan(
         dtype=dtype,
         layer_params=checked.layer_params,
         cu_seqlens_k=cu_seqlens_k,
+        key_starts=key_starts,
     )
 
 
@@ -106,7 +113,9 @@ def bind_attention(
     offers. A paged plan's run is ``paged_attention_out`` (``k``/``v`` the caches); a packed plan's is
     ``varlen_attention_out`` with the plan's lengths (``k``/``v`` ``[tokens_k, kv_heads, d]``). The run
     refuses bad input as those ops do, before writing; ``out`` may also be ``[tokens, heads, head_dim_v]``
-    exactly, the layout kernels write (no view to make).
+    exactly, the layout kernels write (no view to make). A padded plan's run takes ``[B, S, heads, d]``
+    q/k/v/out (:func:`attn_dispatch.validate.validate_padded_run`) and writes every row of ``out``: zeros
+    for a query that sees no key.
     """
     validate_bind_attention(plan, params=params, softmax_scale=softmax_scale)
 
@@ -115,6 +124,9 @@ def bind_attention(
         # (validate_attention_run's rules, each checked once).
         if plan.page_table is not None:
             return paged_attention_out(q, k, v, out, plan=plan, params=params, softmax_scale=softmax_scale)
+        if plan.key_starts is not None:
+            validate_padded_run(plan, q, k, v, out)
+            return padded_attention_out(q, k, v, out, plan, params, softmax_scale)
         check_packed_layer(plan, q, k, v)
         return varlen_attention_out(
             q, k, v, out, cu_seqlens_q=plan.cu_seqlens_q, cu_seqlens_k=plan.cu_seqlens_k,
@@ -123,6 +135,28 @@ def bind_attention(
         )  # fmt: skip
 
     return run
+
+
+def padded_attention_out(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, plan: AttentionPlan,
+    params: AttentionParams, softmax_scale: float | None,
+) -> torch.Tensor:  # fmt: skip
+    """A padded plan's layer (checked by the caller): row ``b``'s queries over its keys
+    ``key_starts[b]:cache_seqlens[b]``, bottom-right aligned; computed into a fresh tensor, copied into ``out``."""
+    batch, q_len, heads, head_dim = q.shape
+    key_pos = torch.arange(k.shape[1], device=q.device)[None, :]  # [1, S_k]
+    start, end = plan.key_starts.long()[:, None], plan.cache_seqlens.long()[:, None]  # [B, 1]
+    in_row = (key_pos >= start) & (key_pos < end)  # [B, S_k]
+    pos_q = torch.arange(q_len, device=q.device)[None, :, None]  # [1, S_q, 1]
+    allowed = visible(pos_q, (key_pos - start)[:, None, :], q_len, (end - start)[:, :, None], params)
+    allowed &= in_row[:, None, :]  # [B, S_q, S_k]
+    group = heads // plan.num_kv_heads
+    keys = k.repeat_interleave(group, dim=2).float()  # [B, S_k, H, d]
+    values = torch.where(in_row[:, :, None, None], v, 0).repeat_interleave(group, dim=2).float()  # NaN-safe
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), keys)
+    probs = masked_softmax(scores, allowed[:, None], _scale(softmax_scale, head_dim), params.softcap)
+    out.copy_(torch.einsum("bhqk,bkhd->bqhd", probs, values).to(q.dtype))
+    return out
 
 
 def packed_key_lengths(cu_seqlens_k: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from .attention import (
     validate_attention_run,
     validate_bind_attention,
     validate_make_attention_plan,
+    validate_padded_run,
     validate_paged_attention_out,
     validate_varlen_attention_out,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "validate_mla_decode_query",
     "validate_mla_query_for_backend",
     "validate_mla_v_up_proj",
+    "validate_padded_run",
     "validate_paged_attention_out",
     "validate_varlen_attention_out",
 ]

@@ -1,4 +1,5 @@
-"""Rules of the ``attention_out`` group: ``make_attention_plan``, ``paged_attention_out``, ``varlen_attention_out``."""
+"""Rules of the ``attention_out`` group: ``make_attention_plan``, ``paged_attention_out``, ``varlen_attention_out``,
+``bind_attention`` and its run."""
 
 from __future__ import annotations
 
@@ -33,8 +34,9 @@ def validate_make_attention_plan(
     *,
     cache_seqlens: torch.Tensor | None = None,
     page_table: torch.Tensor | None = None,
-    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None,
+    key_starts: torch.Tensor | None = None,
     max_seqlen_q: int,
     max_seqlen_k: int,
     page_size: int | None = None,
@@ -49,13 +51,18 @@ def validate_make_attention_plan(
 ) -> PlanArgs:
     """Rules of ``make_attention_plan``. ``dtypes``: the dtypes the caller's kernels take (named ``dtype``).
 
-    A paged plan takes ``cache_seqlens``, ``page_table`` and ``page_size``; a packed plan takes
-    ``cu_seqlens_k`` and none of those three (its key lengths are ``cu_seqlens_k``'s segments).
+    A paged plan takes ``cache_seqlens``, ``page_table``, ``page_size`` and ``cu_seqlens_q``; a packed plan
+    ``cu_seqlens_q`` and ``cu_seqlens_k`` (its key lengths are ``cu_seqlens_k``'s segments); a padded plan
+    ``cache_seqlens`` (each row's key end) and ``key_starts``. Each refuses the others' arguments.
     """
-    if cu_seqlens_k is None:
-        _check_paged_batch(cache_seqlens, page_table, cu_seqlens_q, page_size, max_seqlen_k)
-    else:
+    if cu_seqlens_k is not None and key_starts is not None:
+        fail("key_starts", "must be None in a packed plan (cu_seqlens_k given): a plan is paged, packed or padded")
+    if cu_seqlens_k is not None:
         _check_packed_batch(cache_seqlens, page_table, cu_seqlens_q, cu_seqlens_k, page_size, static_plan)
+    elif key_starts is not None:
+        _check_padded_batch(cache_seqlens, page_table, cu_seqlens_q, key_starts, page_size, static_plan)
+    else:
+        _check_paged_batch(cache_seqlens, page_table, cu_seqlens_q, page_size, max_seqlen_k)
     check_int("num_heads", num_heads)
     check_int("num_kv_heads", num_kv_heads)
     if num_heads % num_kv_heads:
@@ -73,7 +80,7 @@ def validate_make_attention_plan(
 def _check_paged_batch(cache_seqlens, page_table, cu_seqlens_q, page_size, max_seqlen_k) -> None:
     if cache_seqlens is None or page_table is None or page_size is None:
         missing = [n for n, v in (("cache_seqlens", cache_seqlens), ("page_table", page_table), ("page_size", page_size)) if v is None]
-        fail(missing[0], "is required: a paged plan takes cache_seqlens, page_table and page_size (a packed plan: cu_seqlens_k)")
+        fail(missing[0], "is required: a paged plan takes cache_seqlens, page_table and page_size (a packed plan: cu_seqlens_k; a padded one: key_starts)")
     check_tensor("cache_seqlens", cache_seqlens, ndim=1, dtype=INDEX_DTYPE)
     device, batch = cache_seqlens.device, cache_seqlens.shape[0]
     check_tensor("page_table", page_table, ndim=2, dtype=INDEX_DTYPE, device=device)
@@ -110,6 +117,25 @@ def _check_packed_batch(cache_seqlens, page_table, cu_seqlens_q, cu_seqlens_k, p
             fail(name, f"must be contiguous (strides {t.stride()})")
 
 
+def _check_padded_batch(cache_seqlens, page_table, cu_seqlens_q, key_starts, page_size, static_plan) -> None:
+    for name, value in (("page_table", page_table), ("page_size", page_size), ("cu_seqlens_q", cu_seqlens_q)):
+        if value is not None:
+            fail(name, "must be None in a padded plan (key_starts given): every row has max_seqlen_q queries")
+    if static_plan is not None:
+        fail("static_plan", "applies to paged plans only; make a padded plan inside the graph capture instead")
+    if cache_seqlens is None:
+        fail("cache_seqlens", "is required in a padded plan: each row's key end (keys key_starts[b]:cache_seqlens[b])")
+    check_tensor("cache_seqlens", cache_seqlens, ndim=1, dtype=INDEX_DTYPE)
+    check_tensor("key_starts", key_starts, ndim=1, dtype=INDEX_DTYPE, device=cache_seqlens.device)
+    if key_starts.shape != cache_seqlens.shape:
+        fail("key_starts", f"has {key_starts.shape[0]} entries but cache_seqlens has batch {cache_seqlens.shape[0]}")
+    if cache_seqlens.shape[0] < 1:
+        fail("cache_seqlens", "expected a batch of at least one row, got 0 entries")
+    for name, t in (("cache_seqlens", cache_seqlens), ("key_starts", key_starts)):
+        if not t.is_contiguous():
+            fail(name, f"must be contiguous (strides {t.stride()})")
+
+
 def distinct_layer_params(layer_params: Sequence[AttentionParams] | AttentionParams) -> tuple[AttentionParams, ...]:
     if isinstance(layer_params, AttentionParams):
         layer_params = (layer_params,)
@@ -134,7 +160,7 @@ def validate_paged_attention_out(
     """Rules of ``paged_attention_out``; returns ``out``'s first ``q.shape[0]`` rows as ``[tokens, heads, head_dim_v]``."""
     check_planned(plan, params, softmax_scale)
     if plan.page_table is None:
-        fail("plan", "is a packed plan (made with cu_seqlens_k): run it through bind_attention")
+        fail("plan", f"is a {plan.kind} plan (made without a page table): run it through bind_attention")
     device, dtype = plan.cache_seqlens.device, plan.dtype
     check_tensor("q", q, ndim=3, device=device)
     if q.dtype != dtype:
@@ -230,10 +256,13 @@ def validate_attention_run(
     dtypes: Sequence[torch.dtype] = FLOAT_DTYPES,
 ) -> torch.Tensor:
     """Rules of a call of ``bind_attention``'s run: ``paged_attention_out``'s for a paged plan; for a packed
-    plan ``varlen_attention_out``'s with the plan's lengths, and q/k/v as the plan describes them. Returns
-    ``out``'s row view, as those do."""
+    plan ``varlen_attention_out``'s with the plan's lengths, and q/k/v as the plan describes them; for a
+    padded plan :func:`validate_padded_run`'s. Returns ``out``'s row view, as those do (padded: ``out``)."""
     if plan.page_table is not None:
         return validate_paged_attention_out(q, k, v, out, plan, params, softmax_scale)
+    if plan.key_starts is not None:
+        check_planned(plan, params, softmax_scale)
+        return validate_padded_run(plan, q, k, v, out)
     check_packed_layer(plan, q, k, v)
     return validate_varlen_attention_out(
         q, k, v, out, plan.cu_seqlens_q, plan.cu_seqlens_k, plan.max_seqlen_q, plan.max_seqlen_k, params,
@@ -253,3 +282,30 @@ def check_packed_layer(plan: AttentionPlan, q: torch.Tensor, k: torch.Tensor, v:
         check_tensor(name, t, ndim=3, dtype=plan.dtype, device=q.device)
         if t.shape[1:] != (plan.num_kv_heads, dim):
             fail(name, f"shape {tuple(t.shape)} does not match the plan ({plan.num_kv_heads} kv heads, head_dim {dim})")
+
+
+def validate_padded_run(
+    plan: AttentionPlan,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """A padded plan's layer tensors: ``q`` ``[B, max_seqlen_q, heads, head_dim]``, ``k``
+    ``[B, max_seqlen_k, kv_heads, head_dim]``, ``v`` ``[B, max_seqlen_k, kv_heads, head_dim_v]``, ``out``
+    ``[B, max_seqlen_q, heads, head_dim_v]``: the plan's dtype and device, each
+    contiguous in its last dim (any other strides: transformers' ``[B, H, S, D]`` tensors transposed).
+    Returns ``out``. The plan's key ends and starts are device values: not checked on the host."""
+    batch, device = plan.batch_size, plan.cache_seqlens.device
+    expected = {
+        "q": (batch, plan.max_seqlen_q, plan.num_heads, plan.head_dim),
+        "k": (batch, plan.max_seqlen_k, plan.num_kv_heads, plan.head_dim),
+        "v": (batch, plan.max_seqlen_k, plan.num_kv_heads, plan.head_dim_v),
+        "out": (batch, plan.max_seqlen_q, plan.num_heads, plan.head_dim_v),
+    }
+    for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
+        check_tensor(name, t, ndim=4, dtype=plan.dtype, device=device)
+        if tuple(t.shape) != expected[name]:
+            fail(name, f"expected [batch, seqlen, heads, head_dim] = {list(expected[name])} (the padded plan's), got {list(t.shape)}")
+        check_last_dim_contiguous(name, t)
+    return out

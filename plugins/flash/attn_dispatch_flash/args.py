@@ -18,8 +18,7 @@ class FlashArgs(NamedTuple):
     ``seqused_q`` / ``seqused_k`` (int32 ``[B]``: rows used from each sequence's start). Paged attention:
     ``page_table`` (int32 ``[B, max_pages]``) with ``seqused_k`` (keys per sequence), no ``cu_seqlens_k``.
     ``leftpad_k`` (int32 ``[B]``, batch mode: ``q``/``k``/``v`` ``[B, S, H, D]``, no page table): each row's
-    keys start there and end at ``seqused_k`` (FA3's ``cache_leftpad``; only the raw-op adapter passes
-    it, the others refuse it). ``window_size`` is ``(left, right)``, -1 meaning unbounded; ``softcap`` 0 is off; ``num_splits`` 0 and
+    keys start there and end at ``seqused_k`` (FA3's ``cache_leftpad``; FA3 only, FA4 refuses it). ``window_size`` is ``(left, right)``, -1 meaning unbounded; ``softcap`` 0 is off; ``num_splits`` 0 and
     ``pack_gqa`` None let the kernel choose. ``scheduler_metadata``: FA3's schedule precomputed for this
     batch and these scheduling arguments (``FlashProvider.scheduler_metadata``), or None.
 

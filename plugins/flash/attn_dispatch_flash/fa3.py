@@ -65,10 +65,11 @@ def raw_fa3_ops_provider(name: str, ops, version: str = "") -> FlashProvider:
     def scheduler_metadata(
         *, batch_size, max_seqlen_q, max_seqlen_k, num_heads, num_kv_heads, head_dim, head_dim_v,
         cache_seqlens, cu_seqlens_q, page_size, dtype, causal, window_size, softcap, num_splits, pack_gqa,
+        leftpad_k=None,
     ):  # fmt: skip
         return fa3_metadata(
             batch_size, max_seqlen_q, max_seqlen_k, num_heads, num_kv_heads, head_dim, head_dim_v, dtype,
-            cache_seqlens, cu_seqlens_q, None, None, None, None,  # cu_seqlens_k, _k_new, seqused_q, leftpad
+            cache_seqlens, cu_seqlens_q, None, None, None, leftpad_k,  # cu_seqlens_k, _k_new, seqused_q, leftpad
             page_size, 0, causal, window_size[0], window_size[1], softcap > 0, num_splits, pack_gqa, 0,
         )  # fmt: skip
 
@@ -85,7 +86,7 @@ def sgl_kernel() -> FlashProvider:
     with_kvcache = sgl_flash_attn.flash_attn_with_kvcache
     varlen = sgl_flash_attn.flash_attn_varlen_func
     metadata = getattr(sgl_flash_attn, "get_scheduler_metadata", None)
-    require_keywords("sgl_kernel.flash_attn.flash_attn_with_kvcache", with_kvcache, ("out", "scheduler_metadata", "pack_gqa"))
+    require_keywords("sgl_kernel.flash_attn.flash_attn_with_kvcache", with_kvcache, ("out", "scheduler_metadata", "pack_gqa", "cache_leftpad"))
     require_keywords("sgl_kernel.flash_attn.flash_attn_varlen_func", varlen, ("out", "seqused_q", "pack_gqa"))
     if metadata is None:
         raise ImportError("sgl_kernel.flash_attn has no get_scheduler_metadata (sglang-kernel >= 0.4.10 needed)")
@@ -107,7 +108,7 @@ def upstream_fa3() -> FlashProvider:
 
     with_kvcache = upstream.flash_attn_with_kvcache
     varlen = upstream.flash_attn_varlen_func
-    require_keywords("flash_attn_interface.flash_attn_with_kvcache", with_kvcache, ("scheduler_metadata", "pack_gqa"))
+    require_keywords("flash_attn_interface.flash_attn_with_kvcache", with_kvcache, ("scheduler_metadata", "pack_gqa", "cache_leftpad"))
     require_keywords("flash_attn_interface.flash_attn_varlen_func", varlen, ("seqused_q", "pack_gqa"))
     if not hasattr(upstream, "get_scheduler_metadata"):
         raise ImportError("flash_attn_interface has no get_scheduler_metadata (FA3 too old)")
@@ -124,16 +125,20 @@ def _wrapper_binder(
     name: str, with_kvcache: Callable, varlen: Callable, varlen_takes_metadata: bool, *, extra: dict, takes_out: bool
 ) -> Callable[[FlashArgs], BoundCall]:
     """Bind FlashArgs onto FA3's two Python wrappers (sgl_kernel's and upstream's share their keywords):
-    ``flash_attn_with_kvcache`` when there is a page table, ``flash_attn_varlen_func`` otherwise."""
+    ``flash_attn_with_kvcache`` when there is a page table or ``leftpad_k`` (its ``cache_leftpad``: batch
+    mode over left-padded rows), ``flash_attn_varlen_func`` otherwise."""
 
     def bind_args(a: FlashArgs) -> BoundCall:
-        if a.leftpad_k is not None:
-            raise NotImplementedError(f"{name}: leftpad_k is passed only through FA3's raw op (vllm_fa3)")
         kw = dict(
             softmax_scale=a.softmax_scale, causal=a.causal, window_size=tuple(a.window_size), softcap=a.softcap,
             num_splits=a.num_splits, pack_gqa=a.pack_gqa, **extra,
         )  # fmt: skip
-        if a.page_table is not None:
+        if a.leftpad_k is not None:  # batch mode: [B, S, H, D] q and caches, each row's keys [leftpad_k, seqused_k)
+            if a.page_table is not None or a.cu_seqlens_q is not None or a.cu_seqlens_k is not None:
+                raise NotImplementedError(f"{name}: leftpad_k takes [B, S, H, D] tensors, no page table or cu_seqlens")
+            kw.update(cache_seqlens=a.seqused_k, cache_leftpad=a.leftpad_k, scheduler_metadata=a.scheduler_metadata)
+            entry = with_kvcache
+        elif a.page_table is not None:
             if a.seqused_q is not None or a.cu_seqlens_k is not None:
                 raise NotImplementedError(f"{name} paged attention takes neither seqused_q nor cu_seqlens_k")
             kw.update(cache_seqlens=a.seqused_k, page_table=a.page_table, cu_seqlens_q=a.cu_seqlens_q,
@@ -168,12 +173,13 @@ def fa3_style_metadata(get_scheduler_metadata: Callable[..., torch.Tensor]) -> C
     def scheduler_metadata(
         *, batch_size, max_seqlen_q, max_seqlen_k, num_heads, num_kv_heads, head_dim, head_dim_v,
         cache_seqlens, cu_seqlens_q, page_size, dtype, causal, window_size, softcap, num_splits, pack_gqa,
+        leftpad_k=None,
     ):  # fmt: skip
         return get_scheduler_metadata(
             batch_size, max_seqlen_q, max_seqlen_k, num_heads, num_kv_heads, head_dim, cache_seqlens,
-            qkv_dtype=dtype, headdim_v=head_dim_v, cu_seqlens_q=cu_seqlens_q, page_size=page_size,
-            causal=causal, window_size=tuple(window_size), has_softcap=softcap > 0, num_splits=num_splits,
-            pack_gqa=pack_gqa,
+            qkv_dtype=dtype, headdim_v=head_dim_v, cu_seqlens_q=cu_seqlens_q, cache_leftpad=leftpad_k,
+            page_size=page_size, causal=causal, window_size=tuple(window_size), has_softcap=softcap > 0,
+            num_splits=num_splits, pack_gqa=pack_gqa,
         )  # fmt: skip
 
     return scheduler_metadata

@@ -37,7 +37,7 @@ class FlashProvider:
     ``scheduler_metadata(...)`` (None when unsupported) returns FA3's int32 metadata tensor for a batch;
     keyword arguments: batch_size, max_seqlen_q, max_seqlen_k, num_heads, num_kv_heads, head_dim,
     head_dim_v, cache_seqlens, cu_seqlens_q, page_size, dtype, causal, window_size, softcap, num_splits,
-    pack_gqa. It launches FA3's ``prepare_varlen_num_blocks`` once. A forward given that tensor must be
+    pack_gqa, and ``leftpad_k`` (default None; batch mode: ``cache_seqlens`` are then key ends). It launches FA3's ``prepare_varlen_num_blocks`` once. A forward given that tensor must be
     scheduled identically: same batch, causal/window, softcap on/off, num_splits, pack_gqa, and the same
     key length. ``paged_seqlen_k_from_page_table`` says which key length a paged forward schedules for:
     False, the ``max_seqlen_k`` it is given (vllm's raw op); True, ``page_table.shape[1] * page_size``,
