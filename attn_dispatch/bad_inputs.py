@@ -31,8 +31,14 @@ class BadInput:
     build: Build  # (ops, device, dtype) -> (args, kwargs) of the call
 
 
+class NotApplicable(Exception):
+    """The implementation does not offer what the case exercises: it refuses padded plans, which are
+    optional (``make_attention_plan(key_starts=...)`` raising ValueError naming ``key_starts``: FA4)."""
+
+
 def expect_refused(ops: Mapping[str, Callable], case: BadInput, device="cpu", dtype=torch.bfloat16) -> str:
-    """Run ``case`` against ``ops[case.op]``: it must raise ValueError("<arg>: ...") and write nothing."""
+    """Run ``case`` against ``ops[case.op]``: it must raise ValueError("<arg>: ...") and write nothing.
+    :class:`NotApplicable` when the case's valid call cannot be made (an optional kind of plan refused)."""
     args, kwargs = case.build(ops, torch.device(device), dtype)
     run_with = kwargs.pop("run_with", None)  # bind_attention's cases: the bound run is called with these
     tensors = [t for t in (*args, *kwargs.values(), *(run_with or ())) if isinstance(t, torch.Tensor)]
@@ -103,25 +109,54 @@ def _packed_plan_kwargs(rand, device, dtype, ops) -> dict:
     )  # fmt: skip
 
 
-def _bind_call(rand, device, dtype, ops, packed: bool = False) -> dict:
+def _padded_plan_kwargs(rand, device, dtype, ops) -> dict:
+    """A padded plan: 2 rows of a left-padded batch, 3 queries each over a 6-slot key buffer (row 0's keys
+    are slots 2:6, row 1's 0:5: a buffer longer than its keys, as a StaticCache's)."""
+    i32 = dict(dtype=torch.int32, device=device)
+    return dict(
+        cache_seqlens=torch.tensor([6, 5], **i32), key_starts=torch.tensor([2, 0], **i32), max_seqlen_q=3,
+        max_seqlen_k=6, num_heads=4, num_kv_heads=2, head_dim=8, dtype=dtype,
+    )  # fmt: skip
+
+
+def _padded_run_with(rand) -> tuple:
+    """A valid call of a padded plan's run: q/k/v/out ``[B, S, heads, d]``."""
+    return rand(2, 3, 4, 8), rand(2, 6, 2, 8), rand(2, 6, 2, 8), rand(2, 3, 4, 8)
+
+
+def _bind_call(rand, device, dtype, ops, kind: str = "paged") -> dict:
     """``bind_attention(plan)`` and a valid call of its run (``run_with``: q, k, v, out)."""
-    if packed:
+    if kind == "packed":
         plan = ops["make_attention_plan"](**_packed_plan_kwargs(rand, device, dtype, ops))
         run_with = (rand(10, 4, 8), rand(10, 2, 8), rand(10, 2, 8), rand(12, 4, 8))
+    elif kind == "padded":
+        plan = make_padded_plan(ops, **_padded_plan_kwargs(rand, device, dtype, ops))
+        run_with = _padded_run_with(rand)
     else:
         call = _paged_call(rand, device, dtype, ops)
         plan, run_with = call["plan"], (call["q"], call["k_cache"], call["v_cache"], call["out"])
     return dict(plan=plan, run_with=run_with)
 
 
-def _run_case(packed: bool):
+def make_padded_plan(ops: Mapping[str, Callable], **kwargs):
+    """``ops["make_attention_plan"](**kwargs)`` for a valid padded batch; :class:`NotApplicable` when the
+    implementation refuses padded plans by naming ``key_starts`` (they are optional)."""
+    try:
+        return ops["make_attention_plan"](**kwargs)
+    except ValueError as exc:
+        if str(exc).startswith("key_starts:"):
+            raise NotApplicable(str(exc)) from exc
+        raise
+
+
+def _run_case(kind: str):
     """Cases of a bound run: ``q``/``k``/``v``/``out`` replace the run's tensors (the error names them)."""
     names = ("q", "k", "v", "out")
 
     def case(id: str, arg: str, **change) -> BadInput:
         def build(ops, device, dtype):
             rand = lambda *shape, dt=dtype: torch.randn(*shape, device=device).to(dt)  # noqa: E731
-            call = _bind_call(rand, device, dtype, ops, packed)
+            call = _bind_call(rand, device, dtype, ops, kind)
             run_with = dict(zip(names, call.pop("run_with")))
             for name, value in change.items():
                 value = value(rand, device) if callable(value) else value
@@ -134,11 +169,13 @@ def _run_case(packed: bool):
     return case
 
 
-def _packed_plan(rand, device):
-    """A reference packed plan (bf16), for the case that hands one to ``paged_attention_out``."""
+def _reference_plan(kind: str, device):
+    """A reference plan (bf16) of ``kind``, for cases that hand a plan to a call it does not fit (every
+    implementation's validator reads only the plan's fields, so the reference's plan serves them all)."""
     from .reference import make_attention_plan
 
-    return make_attention_plan(**_packed_plan_kwargs(rand, device, torch.bfloat16, None))
+    kwargs = {"packed": _packed_plan_kwargs, "padded": _padded_plan_kwargs, "paged": _plan_kwargs}[kind]
+    return make_attention_plan(**kwargs(None, device, torch.bfloat16, None))
 
 
 def _masked_call(rand, device, dtype, ops) -> dict:
@@ -152,7 +189,9 @@ _paged_case = _op("paged_attention_out", ("q", "k_cache", "v_cache", "out"), _pa
 _varlen_case = _op("varlen_attention_out", ("q", "k", "v", "out"), _varlen_call)
 _packed_plan_case = _op("make_attention_plan", (), _packed_plan_kwargs)
 _bind_case = _op("bind_attention", ("plan",), lambda rand, d, dtype, ops: {k: v for k, v in _bind_call(rand, d, dtype, ops).items() if k != "run_with"})
-_paged_run, _packed_run = _run_case(packed=False), _run_case(packed=True)
+_bind_padded_case = _op("bind_attention", ("plan",), lambda rand, d, dtype, ops: {k: v for k, v in _bind_call(rand, d, dtype, ops, "padded").items() if k != "run_with"})
+_padded_plan_case = _op("make_attention_plan", (), _padded_plan_kwargs)
+_paged_run, _packed_run, _padded_run = _run_case("paged"), _run_case("packed"), _run_case("padded")
 _v_up = _op("mla_v_up_proj", ("attn_output", "w_vc"), lambda rand, d, dtype, ops: dict(attn_output=rand(5, 4, 32), w_vc=rand(4, 32, 16)))
 _for_backend = _op(
     "mla_query_for_backend", ("q", "q_rope"),
@@ -192,8 +231,23 @@ CASES: tuple[BadInput, ...] = (
     _packed_plan_case("packed plan cu_seqlens_k length", "cu_seqlens_k", cu_seqlens_k=lambda rand, d: torch.tensor([0, 10], dtype=torch.int32, device=d)),
     _packed_plan_case("packed plan int64 cu_seqlens_k", "cu_seqlens_k", cu_seqlens_k=lambda rand, d: torch.tensor([0, 3, 10], device=d)),
     _plan_case("paged plan without page_size", "page_size", page_size=None),
+    # make_attention_plan, padded: a plan is one kind, so each other kind's arguments are refused by name
+    _padded_plan_case("padded plan with cu_seqlens_k", "key_starts", cu_seqlens_k=lambda rand, d: torch.tensor([0, 3, 6], dtype=torch.int32, device=d)),
+    _padded_plan_case("padded plan with a page table", "page_table", page_table=lambda rand, d: torch.zeros(2, 2, dtype=torch.int32, device=d)),
+    _padded_plan_case("padded plan with page_size", "page_size", page_size=4),
+    _padded_plan_case("padded plan with cu_seqlens_q", "cu_seqlens_q", cu_seqlens_q=lambda rand, d: torch.tensor([0, 3, 6], dtype=torch.int32, device=d)),
+    _padded_plan_case("padded plan with static_plan", "static_plan", static_plan=lambda rand, d: _reference_plan("paged", d)),
+    _padded_plan_case("padded plan without cache_seqlens", "cache_seqlens", cache_seqlens=None),
+    _padded_plan_case("padded plan int64 cache_seqlens", "cache_seqlens", cache_seqlens=lambda rand, d: torch.tensor([6, 5], device=d)),
+    _padded_plan_case("padded plan int64 key_starts", "key_starts", key_starts=lambda rand, d: torch.tensor([2, 0], device=d)),
+    _padded_plan_case("padded plan key_starts length", "key_starts", key_starts=lambda rand, d: torch.tensor([2, 0, 1], dtype=torch.int32, device=d)),
+    _padded_plan_case("padded plan key_starts 2-D", "key_starts", key_starts=lambda rand, d: torch.tensor([[2, 0]], dtype=torch.int32, device=d)),
+    _padded_plan_case("padded plan key_starts not contiguous", "key_starts", key_starts=lambda rand, d: torch.tensor([2, 9, 0, 9], dtype=torch.int32, device=d)[::2]),
+    _padded_plan_case("padded plan empty batch", "cache_seqlens", cache_seqlens=lambda rand, d: torch.zeros(0, dtype=torch.int32, device=d), key_starts=lambda rand, d: torch.zeros(0, dtype=torch.int32, device=d)),
+    _padded_plan_case("padded plan max_seqlen_q=0", "max_seqlen_q", max_seqlen_q=0),
     # paged_attention_out
-    _paged_case("paged with a packed plan", "plan", plan=lambda rand, d: _packed_plan(rand, d)),
+    _paged_case("paged with a packed plan", "plan", plan=lambda rand, d: _reference_plan("packed", d)),
+    _paged_case("paged with a padded plan", "plan", plan=lambda rand, d: _reference_plan("padded", d)),
     _paged_case("paged params not planned", "params", params=SLIDING),
     _paged_case("paged params wrong type", "params", params="causal"),
     _paged_case("paged plan wrong type", "plan", plan={"num_heads": 4}),
@@ -248,6 +302,24 @@ CASES: tuple[BadInput, ...] = (
     _packed_run("run packed v head_dim", "v", v=lambda rand, d: rand(10, 2, 4)),
     _packed_run("run packed out width", "out", out=lambda rand, d: rand(12, 4, 4)),
     _packed_run("run packed q dtype", "q", q=lambda rand, d: rand(10, 4, 8, dt=torch.float32)),
+    # a padded plan's run: [B, S, heads, d] tensors of exactly the plan's batch, S_q and S_k
+    _bind_padded_case("bind padded params not planned", "params", params=SLIDING),
+    _padded_run("run padded q 3-D (packed rows)", "q", q=lambda rand, d: rand(6, 4, 8)),
+    _padded_run("run padded q batch", "q", q=lambda rand, d: rand(3, 3, 4, 8)),
+    _padded_run("run padded q length", "q", q=lambda rand, d: rand(2, 4, 4, 8)),
+    _padded_run("run padded q heads", "q", q=lambda rand, d: rand(2, 3, 2, 8)),
+    _padded_run("run padded q dtype", "q", q=lambda rand, d: rand(2, 3, 4, 8, dt=torch.float32)),
+    _padded_run("run padded q last dim strided", "q", q=lambda rand, d: rand(2, 3, 4, 16)[..., ::2]),
+    _padded_run("run padded k length", "k", k=lambda rand, d: rand(2, 5, 2, 8)),
+    _padded_run("run padded k heads", "k", k=lambda rand, d: rand(2, 6, 1, 8)),
+    _padded_run("run padded k head_dim", "k", k=lambda rand, d: rand(2, 6, 2, 16)),
+    _padded_run("run padded v length", "v", v=lambda rand, d: rand(2, 5, 2, 8)),
+    _padded_run("run padded v head_dim", "v", v=lambda rand, d: rand(2, 6, 2, 4)),
+    _padded_run("run padded v dtype", "v", v=lambda rand, d: rand(2, 6, 2, 8, dt=torch.float32)),
+    _padded_run("run padded out shape", "out", out=lambda rand, d: rand(2, 3, 4, 4)),
+    _padded_run("run padded out flat rows", "out", out=lambda rand, d: rand(6, 32)),
+    _padded_run("run padded out dtype", "out", out=lambda rand, d: rand(2, 3, 4, 8, dt=torch.float32)),
+    _padded_run("run padded out last dim strided", "out", out=lambda rand, d: rand(2, 3, 4, 16)[..., ::2]),
     # mla_v_up_proj
     _v_up("v_up int attn_output", "attn_output", attn_output=lambda rand, d: torch.ones(5, 4, 32, dtype=torch.int32, device=d)),
     _v_up("v_up attn_output rank", "attn_output", attn_output=lambda rand, d: rand(5, 128)),

@@ -39,6 +39,7 @@ _HOST_UNCHECKED: Mapping[str, tuple[str, ...]] = {
         "every cache_seqlens entry <= max_seqlen_k (checkable only against page capacity on the host)",
         "cu_seqlens_q starts at 0, never decreases, and no step exceeds max_seqlen_q",
         "page_table entries used by a sequence are valid page indices of the caches",
+        "a padded plan's 0 <= key_starts[b] <= cache_seqlens[b] <= max_seqlen_k for every row b",
     ),
     "paged_attention_out": (
         "q has at least cu_seqlens_q[-1] rows",
@@ -52,6 +53,7 @@ _HOST_UNCHECKED: Mapping[str, tuple[str, ...]] = {
     "bind_attention": (
         "the run's calls: paged_attention_out's rules (paged plan) or varlen_attention_out's (packed plan)",
         "a packed plan's cu_seqlens_k: varlen_attention_out's rules, against k's rows",
+        "a padded plan's run reads k[b, key_starts[b]:cache_seqlens[b]]: 0 <= start <= end <= k.shape[1] (max_seqlen_k)",
     ),
 }
 

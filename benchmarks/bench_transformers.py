@@ -278,7 +278,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny configs (a CPU smoke test of this script)")
     parser.add_argument("--paged-only", action="store_true", help="only generate_batch (Llama)")
-    parser.add_argument("--generate-rounds", type=int, default=3, help="interleaved generate timings (median kept)")
+    parser.add_argument("--generate-rounds", type=int, default=5, help="interleaved generate timings (median kept)")
     args = parser.parse_args()
     ops = ad_transformers.ops_for(torch.device(args.device))
     print(f"attn_dispatch ops on cuda: {ops}")

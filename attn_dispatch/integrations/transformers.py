@@ -10,15 +10,17 @@ The mask function is ``sdpa``'s own (``masking_utils.sdpa_mask``, same arguments
 fallback below must hand ``sdpa`` exactly what it would have got. FlashAttention's 2D mask form would
 not do for that, and the 4D mask alone does not say where the queries sit, so the mask function also
 records, next to the tensor it returns, the 2D padding mask and offsets it was made from
-(``transformers_meta``). The first layer turns that record into unpad indices, ``cu_seqlens`` and max
-lengths with one host sync, and a packed plan (``make_attention_plan(cu_seqlens_k=...)``: FA3's scheduler
-metadata) with its bound per-layer call (``bind_attention``); every other layer of the forward reuses
-them (transformers' own FlashAttention path unpads, with a sync, in every layer, and FA3 schedules itself
-in every call).
+(``transformers_meta``). The first layer turns that record into the forward's metadata with one host
+sync, and a plan with its bound per-layer call (``make_attention_plan`` + ``bind_attention``: FA3's
+scheduler metadata made once); every other layer of the forward reuses them (transformers' own
+FlashAttention path unpads, with a sync, in every layer, and FA3 schedules itself in every call). A
+left-padded batch (``generate``'s prefill and decode) gets a padded plan: FA3 reads each row's keys in
+place from transformers' own q/k/v and writes the ``[B, Q, H, D]`` output, no pack and no scatter. Other
+batches it computes exactly (right padding) get a packed plan with the row movers around it.
 
 What runs where (per layer call):
 
-- the fast path, varlen FlashAttention (``attn_dispatch.load(device)``; cuda_fa3 on sm90), with
+- the fast path, FlashAttention (``attn_dispatch.load(device)``; cuda_fa3 on sm90), with
   bottom-right-aligned causal attention (FA3's), ``window_size=(sliding_window - 1, 0)`` and
   ``softcap``: q/k/v fp16/bf16 of one dtype and device, a head dim that is a multiple of 8 and at most
   256 (v's the same), query heads a multiple of key heads (GQA), no dropout, no ``output_attentions``, a
@@ -155,12 +157,14 @@ def attn_dispatch_attention(
     if ops is not None:
         window = kwargs.get("sliding_window")
         if attention_mask is None:
-            return _dense(ops, query, key, value, kwargs, window), None
+            batch, _, q_len, _ = query.shape
+            unpad = meta.unpadded(query.device, batch, q_len, key.shape[2])
+            return _attention(ops, unpad, query, key, value, kwargs, window), None
         record = meta.lookup(attention_mask)
         if record is not None and record.window == window and _shapes_match(record, query, key):
             unpad = meta.metadata(record)
             if unpad.exact:
-                return _varlen(ops, unpad, query, key, value, kwargs, window), None
+                return _attention(ops, unpad, query, key, value, kwargs, window), None
     return sdpa_attention.sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -201,32 +205,16 @@ def _params_for(window: int | None, softcap: float) -> AttentionParams:
     return AttentionParams(causal=True, window_size=(window - 1, 0) if window else (-1, -1), softcap=softcap)
 
 
-def _dense(ops, query, key, value, kwargs, window) -> torch.Tensor:
-    """No mask (no padding): every row full. Like ``sdpa``, a longer key than query with Q > 1 (an empty
-    StaticCache's prefill, top-left causal there) keeps the first Q keys."""
+def _attention(ops, unpad: meta.Meta, query, key, value, kwargs, window) -> torch.Tensor:
+    """The forward's planned FlashAttention (metadata made once per forward) for this layer: read in place
+    into a new ``[B, Q, H, D]`` output (padded plan), or unpad with the forward's indices, run into the
+    forward's output buffer, and re-pad (packed plan)."""
     batch, heads, q_len, head_dim = query.shape
-    if 1 < q_len < key.shape[2]:
-        key, value = key[:, :, :q_len], value[:, :, :q_len]
-    kv_heads, kv_len = key.shape[1], key.shape[2]
-    cu_q, cu_k = meta.dense_cu_seqlens(query.device, batch, q_len, kv_len)
-    out = query.new_empty(batch, q_len, heads, head_dim)
-    ops.varlen_attention_out(
-        query.transpose(1, 2).reshape(batch * q_len, heads, head_dim),
-        key.transpose(1, 2).reshape(batch * kv_len, kv_heads, head_dim),
-        value.transpose(1, 2).reshape(batch * kv_len, kv_heads, head_dim),
-        out.view(batch * q_len, heads, head_dim),
-        cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=q_len, max_seqlen_k=kv_len,
-        params=_params(kwargs, window), softmax_scale=kwargs.get("scaling"),
-    )  # fmt: skip
-    return out
-
-
-def _varlen(ops, unpad: meta.Meta, query, key, value, kwargs, window) -> torch.Tensor:
-    """Unpad with the forward's indices, run the forward's planned varlen FlashAttention (metadata made once
-    per forward) into the forward's output buffer, re-pad."""
-    _, heads, _, head_dim = query.shape
     run = unpad.run_for(ops, query, key.shape[1], _params(kwargs, window), kwargs.get("scaling"))
-    movers = unpad.movers  # varlen_diffusion's fused row movers on CUDA (attn_dispatch_flash.rows)
+    if unpad.padded:
+        out = query.new_empty(batch, q_len, heads, head_dim)
+        return run(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), out)
+    movers = unpad.packed().movers  # varlen_diffusion's fused row movers on CUDA (attn_dispatch_flash.rows)
     k, v = movers.pack_kv(key.transpose(1, 2), value.transpose(1, 2))  # from the [B, K, H, D] views
     out = unpad.out_buffer(query, heads, head_dim)
     run(movers.pack_q(query.transpose(1, 2)), k, v, out)

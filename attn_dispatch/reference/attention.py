@@ -64,7 +64,9 @@ def make_attention_plan(
     as ``varlen_attention_out`` takes them): ``cu_seqlens_q`` and ``cu_seqlens_k``. Padded
     (``bind_attention``'s run over a padded batch's ``[B, S, heads, d]`` q/k/v/out, read in place, no pack
     and no scatter): ``cache_seqlens`` as each row's key end and ``key_starts`` as its first key, with
-    ``max_seqlen_q``/``max_seqlen_k`` the batch's query and key lengths ``S_q``/``S_k``.
+    ``max_seqlen_q``/``max_seqlen_k`` the batch's query and key lengths ``S_q``/``S_k``. Padded plans are
+    optional: an implementation that cannot read padded rows in place (cuda_fa3 over FA4) refuses them with
+    a ValueError naming ``key_starts``, and the caller makes a packed plan instead.
 
     ``layer_params`` lists the distinct :class:`AttentionParams` the model's layers use (a model mixing
     sliding-window and global layers lists both); a layer may only use params listed here.

@@ -78,9 +78,10 @@ def validate_make_attention_plan(
 
 
 def _check_paged_batch(cache_seqlens, page_table, cu_seqlens_q, page_size, max_seqlen_k) -> None:
-    if cache_seqlens is None or page_table is None or page_size is None:
-        missing = [n for n, v in (("cache_seqlens", cache_seqlens), ("page_table", page_table), ("page_size", page_size)) if v is None]
-        fail(missing[0], "is required: a paged plan takes cache_seqlens, page_table and page_size (a packed plan: cu_seqlens_k; a padded one: key_starts)")
+    required = (("cache_seqlens", cache_seqlens), ("page_table", page_table), ("page_size", page_size), ("cu_seqlens_q", cu_seqlens_q))
+    missing = [name for name, value in required if value is None]
+    if missing:
+        fail(missing[0], "is required: a paged plan takes cache_seqlens, page_table, page_size and cu_seqlens_q (a packed plan: cu_seqlens_q and cu_seqlens_k; a padded one: cache_seqlens and key_starts)")
     check_tensor("cache_seqlens", cache_seqlens, ndim=1, dtype=INDEX_DTYPE)
     device, batch = cache_seqlens.device, cache_seqlens.shape[0]
     check_tensor("page_table", page_table, ndim=2, dtype=INDEX_DTYPE, device=device)
@@ -106,6 +107,8 @@ def _check_packed_batch(cache_seqlens, page_table, cu_seqlens_q, cu_seqlens_k, p
             fail(name, "must be None in a packed plan (cu_seqlens_k given): key lengths are cu_seqlens_k's segments")
     if static_plan is not None:
         fail("static_plan", "applies to paged plans only; make a packed plan inside the graph capture instead")
+    if cu_seqlens_q is None:
+        fail("cu_seqlens_q", "is required in a packed plan (cu_seqlens_k given): query tokens per sequence")
     check_tensor("cu_seqlens_q", cu_seqlens_q, ndim=1, dtype=INDEX_DTYPE)
     check_tensor("cu_seqlens_k", cu_seqlens_k, ndim=1, dtype=INDEX_DTYPE, device=cu_seqlens_q.device)
     if cu_seqlens_q.shape[0] < 2:

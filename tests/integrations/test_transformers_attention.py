@@ -24,7 +24,7 @@ def calls():
     """Inject cuda_fa3's ops over the stand-in provider; yield its call counters; undo after."""
     provider, counters = make_torch_provider()
     integration.use_ops(attn_dispatch_cuda_fa3.build_ops(provider))
-    integration.stats.builds = integration.stats.plans = 0
+    integration.stats.builds = integration.stats.plans = integration.stats.padded_plans = 0
     yield counters
     integration.use_ops(None)
 
@@ -105,12 +105,79 @@ def test_metadata_built_once_per_forward(calls, layers):
     assert (integration.stats.plans, calls.metadata) == (2, 2)
 
 
-def test_right_padded_batch_matches_sdpa(calls):
-    model, (ids, _) = llama(), left_padded_batch()
+def right_padded_mask(ids):
     mask = torch.ones_like(ids)
     mask[1, -3:] = 0
+    return mask
+
+
+def test_left_padded_forwards_read_q_k_v_in_place(calls, monkeypatch):
+    """generate's left-padded prefill and decode steps take padded plans: no row movers, no pack, no scatter."""
+    from attn_dispatch.integrations import transformers_meta
+
+    def no_movers(*args, **kwargs):
+        raise AssertionError("a left-padded forward packed its rows")
+
+    monkeypatch.setattr(transformers_meta, "RowMovers", no_movers)
+    model, (ids, mask) = llama(), left_padded_batch()
+    model.set_attn_implementation("attn_dispatch")
+    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert integration.stats.plans == integration.stats.padded_plans == 4  # one per forward
+    assert calls.fwd == calls.fwd_with_metadata == 4 * 2
+
+
+def test_padded_and_packed_routes_agree(calls, monkeypatch):
+    """The same left-padded forward through the padded plan and, forced, through the packed one."""
+    from attn_dispatch.integrations import transformers_meta
+
+    model, (ids, mask) = llama(), left_padded_batch()
+    padded = logits(model, "attn_dispatch", ids, mask)
+    monkeypatch.setattr(transformers_meta, "_no_padded_plans", _Everything())
+    packed = logits(model, "attn_dispatch", ids, mask)
+    assert (integration.stats.plans, integration.stats.padded_plans) == (2, 1)
+    valid = mask.bool()
+    torch.testing.assert_close(padded[valid].float(), packed[valid].float(), atol=1e-2, rtol=1e-2)
+
+
+class _Everything:
+    def __contains__(self, item) -> bool:
+        return True
+
+
+def test_an_op_group_without_padded_plans_gets_packed_ones(calls):
+    """An op group that refuses padded plans by naming key_starts (cuda_fa3 over FA4) is asked once; its
+    forwards then run packed plans."""
+    from types import SimpleNamespace
+
+    from attn_dispatch.integrations import transformers_meta
+
+    provider, _ = make_torch_provider()
+    ops = attn_dispatch_cuda_fa3.build_ops(provider)
+    refusals = []
+
+    def make_attention_plan(**kwargs):
+        if kwargs.get("key_starts") is not None:
+            refusals.append(1)
+            raise ValueError("key_starts: FA4 cannot read left-padded rows in place; make a packed plan")
+        return ops["make_attention_plan"](**kwargs)
+
+    group = SimpleNamespace(**{**ops, "make_attention_plan": make_attention_plan})
+    integration.use_ops(group)
+    try:
+        model, (ids, mask) = llama(), left_padded_batch()
+        first = logits(model, "attn_dispatch", ids, mask)
+        logits(model, "attn_dispatch", ids, mask)
+    finally:
+        transformers_meta._no_padded_plans.discard(id(group))
+    assert len(refusals) == 1 and integration.stats.padded_plans == 0 and integration.stats.plans == 2
+    torch.testing.assert_close(first[mask.bool()].float(), logits(model, "sdpa", ids, mask)[mask.bool()].float(), atol=2e-2, rtol=2e-2)
+
+
+def test_right_padded_batch_matches_sdpa(calls):
+    model, (ids, _) = llama(), left_padded_batch()
+    mask = right_padded_mask(ids)
     ours = logits(model, "attn_dispatch", ids, mask)
-    assert calls.fwd == 2
+    assert calls.fwd == 2 and integration.stats.padded_plans == 0  # packed: padding after the valid tokens
     reference = logits(model, "sdpa", ids, mask)
     torch.testing.assert_close(ours[mask.bool()].float(), reference[mask.bool()].float(), atol=2e-2, rtol=2e-2)
 
@@ -223,7 +290,8 @@ def test_triton_row_movers_give_the_torch_routes_bytes(calls, monkeypatch):
 
     if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
         pytest.skip("the Triton route needs TRITON_INTERPRET=1 or a GPU")
-    model, (ids, mask) = llama(), left_padded_batch()
+    model, (ids, _) = llama(), left_padded_batch()
+    mask = right_padded_mask(ids)  # a packed forward: the row movers run (a left-padded one reads in place)
     by_route = {}
     for route in ("torch", "triton"):
         monkeypatch.setattr(transformers_meta, "RowMovers", functools.partial(unpad.RowMovers, route=route))

@@ -39,7 +39,7 @@ def call_attention_out(q, k, v, out, args: FlashArgs, route: int) -> None:
     left, right = args.window_size
     attention_out(
         q, k, v, out, args.cu_seqlens_q, args.cu_seqlens_k, args.seqused_q, args.seqused_k, args.page_table,
-        args.scheduler_metadata, args.max_seqlen_q, args.max_seqlen_k, args.softmax_scale, args.causal, left,
+        args.leftpad_k, args.scheduler_metadata, args.max_seqlen_q, args.max_seqlen_k, args.softmax_scale, args.causal, left,
         right, args.softcap, args.num_splits, args.pack_gqa, route,
     )  # fmt: skip
 
@@ -55,6 +55,7 @@ def _attention_out(
     seqused_q: Optional[torch.Tensor],
     seqused_k: Optional[torch.Tensor],
     page_table: Optional[torch.Tensor],
+    leftpad_k: Optional[torch.Tensor],
     scheduler_metadata: Optional[torch.Tensor],
     max_seqlen_q: int,
     max_seqlen_k: int,
@@ -67,17 +68,18 @@ def _attention_out(
     pack_gqa: Optional[bool],
     route: int,
 ) -> None:
-    """Attention written into the first ``q.shape[0]`` rows of the engine's ``out``."""
+    """Attention written into the first ``q.shape[0]`` rows of the engine's ``out`` (batch mode, 4D ``q``
+    with ``leftpad_k``: into ``out`` as it is)."""
     provider, original, strict = _routes[route]
     args = FlashArgs(
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_q=seqused_q, seqused_k=seqused_k,
-        page_table=page_table, scheduler_metadata=scheduler_metadata, max_seqlen_q=max_seqlen_q,
+        page_table=page_table, leftpad_k=leftpad_k, scheduler_metadata=scheduler_metadata, max_seqlen_q=max_seqlen_q,
         max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale, causal=causal, window_size=(window_left, window_right),
         softcap=softcap, num_splits=num_splits, pack_gqa=pack_gqa,
     )  # fmt: skip
-    tokens, heads, head_dim = q.shape
+    tokens, heads, head_dim = q.shape[0], q.shape[-2], q.shape[-1]
     call = bind_layer_call(provider, args, original=original, shape=(heads, k.shape[-2], head_dim), strict=strict)
-    call(q, k, v, out[:tokens].view(tokens, heads, v.shape[-1]))
+    call(q, k, v, out if q.dim() == 4 else out[:tokens].view(tokens, heads, v.shape[-1]))
 
 
 attention_out = torch.library.custom_op(f"{OP_NAMESPACE}::attention_out", mutates_args={"out"})(_attention_out)

@@ -56,8 +56,9 @@ class AttentionOutOps:
         *,
         cache_seqlens: torch.Tensor | None = None,
         page_table: torch.Tensor | None = None,
-        cu_seqlens_q: torch.Tensor,
+        cu_seqlens_q: torch.Tensor | None = None,
         cu_seqlens_k: torch.Tensor | None = None,
+        key_starts: torch.Tensor | None = None,
         max_seqlen_q: int,
         max_seqlen_k: int,
         page_size: int | None = None,
@@ -69,8 +70,8 @@ class AttentionOutOps:
         layer_params: Sequence[AttentionParams] = (DEFAULT_PARAMS,),
         static_plan: AttentionPlan | None = None,
     ) -> AttentionPlan:
-        """Describe one forward batch (paged, or packed with ``cu_seqlens_k``) and make FA3's scheduler
-        metadata once per distinct ``layer_params``.
+        """Describe one forward batch (paged; packed with ``cu_seqlens_k``; padded with ``key_starts``, FA3
+        only) and make FA3's scheduler metadata once per distinct ``layer_params``.
 
         ``max_seqlen_k`` must bound every ``cache_seqlens`` entry: FA3 schedules for it and widens windows
         that reach past it to unbounded. A CUDA graph serves at most the ``max_seqlen_k`` it was captured
@@ -82,7 +83,7 @@ class AttentionOutOps:
         """
         return make_plan(
             self.provider, original=self.original, cache_seqlens=cache_seqlens, page_table=page_table,
-            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, page_size=page_size,
+            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, key_starts=key_starts, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, page_size=page_size,
             num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, head_dim_v=head_dim_v, dtype=dtype,
             layer_params=layer_params, static_plan=static_plan,
         )  # fmt: skip
@@ -157,12 +158,14 @@ class AttentionOutOps:
     def bind_attention(
         self, plan: AttentionPlan, *, params: AttentionParams = DEFAULT_PARAMS, softmax_scale: float | None = None
     ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-        """``run(q, k, v, out) -> out``: one layer over ``plan`` (paged or packed), the kernel call bound now.
+        """``run(q, k, v, out) -> out``: one layer over ``plan`` (paged, packed or padded), the kernel call
+        bound now.
 
         Per call the run compares q/k/v/out's shapes with the last call's that passed the op's detailed check
         (every layer of a step has the same; the check runs again on any change), and q's dtype and GPU with
         the plan's; FA3 checks the rest (dtypes and strides of k, v and out against q's). ``out`` goes to the
-        kernel as it is when it is ``[tokens, heads, head_dim_v]``, else viewed so. No lookup, no pluggy.
+        kernel as it is when it is ``[tokens, heads, head_dim_v]`` (a padded plan's: always ``[B, S_q, heads,
+        head_dim_v]``), else viewed so. No lookup, no pluggy.
         Bad input raises the op's ValueError naming the argument before anything is written.
         """
         validate_bind_attention(plan, params=params, softmax_scale=softmax_scale)
@@ -175,6 +178,7 @@ class AttentionOutOps:
             call = bind_layer_call(self.provider, args, original=self.original, shape=shape, strict=self.strict)
         provider_name, route = self.provider.name, self._route
         heads, head_dim_v, dtype, device_index = plan.num_heads, plan.head_dim_v, plan.dtype, plan.device_index
+        padded = plan.key_starts is not None  # [B, S, heads, d] tensors, out as FA3 writes it
         # The shapes of the last call that passed the detailed check, and whether its out needed a view, as
         # one tuple (a thread never reads one without the other). Every layer of a step passes the same
         # shapes, so the per-call test is one tuple comparison.
@@ -198,7 +202,7 @@ class AttentionOutOps:
                 shapes, fits = None, False
             if not fits:
                 detailed_check(q, k, v, out)
-                needs_view = out.dim() != 3 or out.shape[0] != q.shape[0]
+                needs_view = not padded and (out.dim() != 3 or out.shape[0] != q.shape[0])
                 passed = (shapes, needs_view)
             try:  # FA3 checks the dtypes and strides of k, v and out against q's
                 call(q, k, v, out_rows(out, q.shape[0], heads, head_dim_v) if needs_view else out)

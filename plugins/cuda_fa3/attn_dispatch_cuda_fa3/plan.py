@@ -61,6 +61,7 @@ class FlashPlan(AttentionPlan):
 
     def __post_init__(self) -> None:
         # k and v: a paged plan's caches [pages, page_size, kv_heads, d], a packed plan's rows [keys, kv_heads, d]
+        # (a padded plan's runs check their own 4D shapes: these tails serve paged_attention_out)
         pages = (self.page_size,) if self.page_table is not None else ()
         object.__setattr__(self, "q_tail", torch.Size((self.num_heads, self.head_dim)))
         object.__setattr__(self, "k_cache_tail", torch.Size((*pages, self.num_kv_heads, self.head_dim)))
@@ -82,6 +83,8 @@ def make_plan(provider: FlashProvider, *, original: bool, static_plan: Attention
     checked by the op's validator (FlashAttention's dtypes: fp16/bf16) before anything is made.
     """
     head_dim_v, distinct = validate_make_attention_plan(**arguments, static_plan=static_plan, dtypes=FLASH_DTYPES)
+    if arguments["key_starts"] is not None and provider.fa_version != 3:
+        fail("key_starts", f"{provider.name} (FA{provider.fa_version}) cannot read left-padded rows in place; make a packed plan")
     if arguments["cu_seqlens_k"] is not None:  # packed: FA3's metadata wants each sequence's key count
         arguments = {**arguments, "cache_seqlens": packed_key_lengths(arguments["cu_seqlens_k"])}
     plan = FlashPlan(**{**arguments, "head_dim_v": head_dim_v, "layer_params": distinct}, provider=provider.name)
@@ -118,6 +121,7 @@ def _scheduler_metadata(provider: FlashProvider, plan: FlashPlan, params: Attent
         softcap=params.softcap,
         num_splits=params.num_splits,
         pack_gqa=params.pack_gqa,
+        leftpad_k=plan.key_starts,
     )
 
 
@@ -186,7 +190,7 @@ def paged_args(plan: FlashPlan, params: AttentionParams, softmax_scale: float | 
     """The kernel arguments of a paged layer with ``params`` over ``plan`` (see :func:`plan_args`);
     ValueError, naming ``plan``, for a packed plan."""
     if isinstance(plan, AttentionPlan) and plan.page_table is None:
-        fail("plan", "is a packed plan (made with cu_seqlens_k): run it through bind_attention")
+        fail("plan", f"is a {plan.kind} plan (made without a page table): run it through bind_attention")
     return plan_args(plan, params, softmax_scale, provider_name)
 
 
@@ -195,16 +199,17 @@ def plan_args(plan: FlashPlan, params: AttentionParams, softmax_scale: float | N
     params' scheduling, the metadata made for exactly those. ValueError when the plan is another's or
     ``params`` was not planned (a layer handed another key's metadata would be misscheduled silently).
     A packed plan's keys are addressed by ``cu_seqlens_k`` (as ``varlen_attention_out``'s call, plus the
-    metadata), a paged plan's by the page table and ``seqused_k``."""
+    metadata), a paged plan's by the page table and ``seqused_k``, a padded plan's by ``leftpad_k`` (starts)
+    and ``seqused_k`` (ends) in FA3's batch mode."""
     check_plan_is_ours(plan, provider_name)
     check_instance("params", params, AttentionParams)
     check_scale(softmax_scale)
     if params not in plan.layer_params:
         fail("params", f"{params} is not among the plan's layer_params {plan.layer_params}; list it in make_attention_plan(layer_params=...)")
-    paged = plan.page_table is not None
+    packed = plan.cu_seqlens_k is not None
     return FlashArgs(
-        cu_seqlens_q=plan.cu_seqlens_q, cu_seqlens_k=None if paged else plan.cu_seqlens_k,
-        seqused_k=plan.cache_seqlens if paged else None, page_table=plan.page_table,
+        cu_seqlens_q=plan.cu_seqlens_q, cu_seqlens_k=plan.cu_seqlens_k, leftpad_k=plan.key_starts,
+        seqused_k=None if packed else plan.cache_seqlens, page_table=plan.page_table,
         max_seqlen_q=plan.max_seqlen_q, max_seqlen_k=plan.max_seqlen_k,
         softmax_scale=plan.head_dim**-0.5 if softmax_scale is None else softmax_scale, causal=params.causal,
         window_size=params.window_size, softcap=params.softcap, scheduler_metadata=plan.metadata.get(params),

@@ -7,7 +7,7 @@ import pytest
 import torch
 from attn_dispatch import OP_NAMES, load, reference
 from attn_dispatch.bad_inputs import CASES as HOST_CASES
-from attn_dispatch.bad_inputs import expect_refused
+from attn_dispatch.bad_inputs import NotApplicable, expect_refused
 from attn_dispatch_flash import probe
 from attn_dispatch.plans import DEFAULT_PARAMS, AttentionParams
 from attn_dispatch_cuda_fa3 import build_ops, stats
@@ -356,5 +356,8 @@ ATTENTION_OUT_OPS = ("make_attention_plan", "paged_attention_out", "varlen_atten
 def test_host_bad_input_cases_are_refused_with_the_real_provider(provider, case, original):
     """The host's bad-input cases (what the CPU reference refuses) on the H200: same argument named."""
     ops = {op: getattr(reference, op) for op in OP_NAMES} | build_ops(provider, original=original)
-    expect_refused(ops, case, "cuda", torch.bfloat16)
+    try:
+        expect_refused(ops, case, "cuda", torch.bfloat16)
+    except NotApplicable as exc:  # padded plans are optional: FA4 makes none
+        pytest.skip(str(exc))
     torch.cuda.synchronize()

@@ -24,14 +24,17 @@ METADATA = dict(
 )  # fmt: skip
 
 
-def fa3_module(*, with_out: bool, with_ver: bool = False, with_metadata: bool = True) -> tuple[types.ModuleType, list]:
+def fa3_module(
+    *, with_out: bool, with_ver: bool = False, with_metadata: bool = True, with_leftpad: bool = True
+) -> tuple[types.ModuleType, list]:
     """A module with FA3's Python wrappers' signatures (sglang-kernel 0.4.10 / upstream hopper), recording calls."""
     calls: list[tuple[str, dict]] = []
     extra = ", ver=3" if with_ver else ""
     out_arg = ", out=None" if with_out else ""
+    leftpad_arg = " cache_leftpad=None," if with_leftpad else ""
     source = f"""
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary_cos=None, rotary_sin=None,
-        cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, page_table=None, cu_seqlens_q=None,
+        cache_seqlens=None, cache_batch_idx=None,{leftpad_arg} page_table=None, cu_seqlens_q=None,
         cu_seqlens_k_new=None, max_seqlen_q=None, rotary_seqlens=None, q_descale=None, k_descale=None,
         v_descale=None, softmax_scale=None, causal=False, window_size=(-1, -1), attention_chunk=0, softcap=0.0,
         rotary_interleaved=True, scheduler_metadata=None, num_splits=0, pack_gqa=None, sm_margin=0,
@@ -92,15 +95,64 @@ def test_sgl_kernel_maps_paged_and_packed_calls(monkeypatch):
     assert (args["batch_size"], args["max_seqlen_q"], args["max_seqlen_k"], args["num_heads"], args["num_heads_k"], args["headdim"]) == (2, 1, 64, 4, 2, 8)
     assert args["cache_seqlens"] is SEQLENS and args["qkv_dtype"] is torch.bfloat16 and args["headdim_v"] == 8
     assert args["page_size"] == 16 and args["window_size"] == (16, 0) and args["has_softcap"] is True
+    assert args["cache_leftpad"] is None  # not a padded batch
 
 
-@pytest.mark.parametrize("what", ["no out", "no metadata"])
+@pytest.mark.parametrize("what", ["no out", "no metadata", "no cache_leftpad"])
 def test_old_sgl_kernel_is_passed_over_with_a_reason(monkeypatch, what):
-    module, _ = fa3_module(with_out=what != "no out", with_metadata=what != "no metadata")
+    module, _ = fa3_module(
+        with_out=what != "no out", with_metadata=what != "no metadata", with_leftpad=what != "no cache_leftpad"
+    )  # fmt: skip
     install_sgl_kernel(monkeypatch, module)
     provider, reason = flash_providers.probe(("sgl_kernel",))
     assert provider is None
-    assert "sgl_kernel: ImportError" in reason and ("out" in reason or "get_scheduler_metadata" in reason)
+    missing = {"no out": "lacks out", "no metadata": "get_scheduler_metadata", "no cache_leftpad": "lacks cache_leftpad"}[what]
+    assert "sgl_kernel: ImportError" in reason and missing in reason
+
+
+def test_upstream_fa3_without_cache_leftpad_is_passed_over(monkeypatch):
+    module, _ = fa3_module(with_out=False, with_leftpad=False)
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", module)
+    provider, reason = flash_providers.probe(("flash_attn_interface",))
+    assert provider is None
+    assert "flash_attn_interface.flash_attn_with_kvcache lacks cache_leftpad" in reason
+
+
+# Batch mode over left-padded rows: [B, S, H, D] tensors, each row's keys [leftpad_k[b], seqused_k[b]).
+Q4, K4, V4, OUT4 = (torch.zeros(2, 5, 4, 8) for _ in range(4))
+STARTS, ENDS = torch.tensor([3, 0], dtype=torch.int32), torch.tensor([5, 4], dtype=torch.int32)
+BATCH = dict(max_seqlen_q=5, max_seqlen_k=5, softmax_scale=0.5, causal=True, window_size=(3, 0), softcap=2.0,
+             seqused_k=ENDS, leftpad_k=STARTS)  # fmt: skip
+
+
+@pytest.mark.parametrize("package", ["sgl_kernel", "flash_attn_interface"])
+def test_wrappers_route_leftpad_k_to_flash_attn_with_kvcache(monkeypatch, package):
+    module, calls = fa3_module(with_out=package == "sgl_kernel", with_ver=package == "sgl_kernel")
+    if package == "sgl_kernel":
+        install_sgl_kernel(monkeypatch, module)
+    else:
+        monkeypatch.setitem(sys.modules, "flash_attn_interface", module)
+    provider, _ = flash_providers.probe((package,))
+    out = OUT4 if provider.writes_out else None
+    result = provider.bind(FlashArgs(scheduler_metadata="meta", **BATCH))(Q4, K4, V4, out)
+    assert result == "result"
+    name, args = calls[-1]
+    assert name == "with_kvcache" and args["q"] is Q4 and args["k_cache"] is K4 and args["v_cache"] is V4
+    assert args["cache_seqlens"] is ENDS and args["cache_leftpad"] is STARTS and args["scheduler_metadata"] == "meta"
+    assert args["page_table"] is None and args["cu_seqlens_q"] is None and args["max_seqlen_q"] is None
+    assert args["causal"] is True and args["window_size"] == (3, 0) and args["softcap"] == 2.0 and args["softmax_scale"] == 0.5
+    assert args.get("out") is out and args.get("ver", 3) == 3
+    provider.fwd(Q4, K4, V4, out=out, **BATCH)  # no metadata: the wrapper makes none
+    assert calls[-1][0] == "with_kvcache" and calls[-1][1]["scheduler_metadata"] is None
+
+    for extra in (dict(page_table=TABLE), dict(cu_seqlens_q=CU), dict(cu_seqlens_k=CU)):
+        with pytest.raises(NotImplementedError, match="leftpad_k"):
+            provider.bind(FlashArgs(**BATCH, **extra))
+
+    assert provider.scheduler_metadata(**{**METADATA, "cu_seqlens_q": None, "page_size": None, "leftpad_k": STARTS}) == "metadata"
+    name, args = calls[-1]
+    assert name == "metadata" and args["cache_leftpad"] is STARTS and args["cache_seqlens"] is SEQLENS
+    assert args["cu_seqlens_q"] is None and args["page_size"] is None
 
 
 def test_upstream_fa3_returns_a_fresh_tensor_and_refuses_out(monkeypatch):
@@ -205,6 +257,13 @@ def test_vllm_raw_ops_get_every_argument_in_its_place():
     assert meta["seqused_k"] is SEQLENS and meta["cu_seqlens_q"] is CU and meta["qkv_dtype"] == torch.bfloat16
     assert (meta["page_size"], meta["is_causal"], meta["window_size_left"], meta["window_size_right"]) == (16, True, 16, 0)
     assert meta["has_softcap"] is True and meta["max_seqlen_k"] == 64 and meta["cu_seqlens_k"] is None
+    assert meta["leftpad_k"] is None and meta["seqused_q"] is None and meta["cu_seqlens_k_new"] is None
+
+    # A padded batch's: the key starts in the leftpad_k position, the ends as seqused_k, no cu_seqlens_q.
+    provider.scheduler_metadata(**{**METADATA, "cu_seqlens_q": None, "page_size": None, "leftpad_k": starts})
+    meta = calls[-1][1]
+    assert meta["leftpad_k"] is starts and meta["seqused_k"] is SEQLENS and meta["cu_seqlens_q"] is None
+    assert meta["page_size"] is None and meta["seqused_q"] is None and meta["cu_seqlens_k_new"] is None
 
 
 def test_generic_bind_is_fwd_with_the_arguments_fixed():
