@@ -11,7 +11,9 @@ Per model, for each implementation (the reference first: ``sdpa`` for Llama; ``e
 whose softcap ``sdpa`` ignores):
 - prefill forward: wall ms (median of interleaved rounds, synchronised), GPU ms (profiler: all kernels,
   and the attention kernels alone), last-token logits against the reference (max abs error, argmax);
-- ``generate``: greedy, ``--new-tokens`` tokens, tokens/s, and whether the first two generated tokens
+- ``generate``: greedy, ``--new-tokens`` tokens, tokens/s (median of interleaved rounds), the median
+  decode step (ms, timed by a stopping criterion at every step of every round: robust to a round's slow
+  moments, and free of the prefill), and whether the first two generated tokens
   (the prefill's argmax and the first decode step's) equal the reference's; where they differ, both
   top-2 margins (near-ties under random weights);
 - the first decode step teacher forced (every implementation fed the reference's first token): argmax
@@ -28,7 +30,7 @@ import statistics
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, Gemma2Config, GenerationConfig, LlamaConfig
+from transformers import AutoModelForCausalLM, Gemma2Config, GenerationConfig, LlamaConfig, StoppingCriteria, StoppingCriteriaList
 
 import attn_dispatch.integrations.transformers as ad_transformers
 
@@ -64,6 +66,21 @@ def padded_batch(vocab: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         ids[row, width - n :] = torch.randint(3, vocab, (n,), generator=g)
         mask[row, width - n :] = 1
     return ids.to(device), mask.to(device)
+
+
+class StepClock(StoppingCriteria):
+    """Times each generation step (it is asked once per step, after the step's logits); stops nothing."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.stamps.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def decode_steps_ms(self) -> list[float]:
+        """Durations of the decode steps (the first stamp ends the prefill step)."""
+        return [(b - a) * 1e3 for a, b in zip(self.stamps, self.stamps[1:])]
 
 
 def sync() -> None:
@@ -152,18 +169,23 @@ def bench_model(name: str, new_tokens: int, rounds: int, device: str, small: boo
             )  # fmt: skip
             scores[impl] = [step.float() for step in warm.scores]  # the logits of the first two generated tokens
         rates: dict[str, list[float]] = {impl: [] for impl in implementations}
+        steps: dict[str, list[float]] = {impl: [] for impl in implementations}
         for _ in range(generate_rounds):  # interleaved, median kept: one slow moment of the host hits one round
             for impl in implementations:
                 model.set_attn_implementation(impl)
+                clock = StepClock()
                 sync()
                 t0 = time.perf_counter()
-                out = model.generate(ids, attention_mask=mask, generation_config=config)
+                out = model.generate(ids, attention_mask=mask, generation_config=config, stopping_criteria=StoppingCriteriaList([clock]))
                 sync()
                 tokens[impl] = out[:, ids.shape[1] :]
                 rates[impl].append(tokens[impl].numel() / (time.perf_counter() - t0))
+                steps[impl] += clock.decode_steps_ms()
         for impl in implementations:
             rows[impl]["generate_tokens_per_s"] = statistics.median(rates[impl])
             rows[impl]["generate_tokens_per_s_rounds"] = rates[impl]
+            rows[impl]["decode_step_ms_median"] = statistics.median(steps[impl])
+            rows[impl]["decode_steps_timed"] = len(steps[impl])
         decode_logits = {}  # the first decode step, every implementation fed the reference's first token
         for impl in implementations:
             model.set_attn_implementation(impl)
@@ -278,7 +300,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny configs (a CPU smoke test of this script)")
     parser.add_argument("--paged-only", action="store_true", help="only generate_batch (Llama)")
-    parser.add_argument("--generate-rounds", type=int, default=5, help="interleaved generate timings (median kept)")
+    parser.add_argument("--generate-rounds", type=int, default=7, help="interleaved generate timings (median kept)")
     args = parser.parse_args()
     ops = ad_transformers.ops_for(torch.device(args.device))
     print(f"attn_dispatch ops on cuda: {ops}")

@@ -4,9 +4,10 @@ transformers builds one attention mask per forward (one per layer type: full and
 registered mask function, and hands that same tensor to every layer. The integration's mask function
 returns exactly what ``sdpa`` gets (so the ``sdpa`` fallback is unchanged) and :func:`remember` records,
 next to the returned tensor, the 2D padding mask and offsets it was made from. The first layer that
-runs the fast path with that mask tensor calls :func:`metadata`, which builds the unpad indices,
-``cu_seqlens`` and max lengths with one host sync; every later layer of the forward finds them on the
-record (no sync, no rebuild). A record matches only the very tensor it was made for (identity) while
+runs the fast path with that mask tensor calls :func:`metadata`, which copies the padding mask to the
+host (the forward's one sync; a StaticCache's query offset is a second, one-scalar copy), decides the
+route there and uploads what the kernels read; every later layer of the forward finds it on the record
+(no sync, no rebuild). A record matches only the very tensor it was made for (identity) while
 that tensor is unwritten (``_version``), and the newest few records are kept (older forwards' masks
 drop out), so metadata is never stale.
 
@@ -25,8 +26,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .unpad import RowMovers
 
@@ -36,7 +37,7 @@ _records: deque[MaskRecord] = deque(maxlen=_RECENT)
 
 @dataclass
 class Stats:
-    """Counters for tests: ``builds`` counts unpadding builds (each is one host sync), ``plans`` the plans
+    """Counters for tests: ``builds`` counts metadata builds (each is one host sync), ``plans`` the plans
     made over them (each one launch of FA3's metadata kernel), ``padded_plans`` those of them padded."""
 
     builds: int = 0
@@ -63,9 +64,9 @@ class Meta:
     key_ends: torch.Tensor | None = None  # int32 [B]
     q_length: int = 0
     kv_length: int = 0
-    q_valid: torch.Tensor | None = None  # bool [B, Q] / [B, K]: what the packed route packs
-    k_valid: torch.Tensor | None = None
-    counts: tuple[int, int, int, int] = (0, 0, 0, 0)  # max_q, max_k, total_q, total_k (host ints)
+    q_valid: np.ndarray | None = None  # bool [B, Q] / [B, K] on the host: what the packed route packs
+    k_valid: np.ndarray | None = None
+    device: torch.device | None = None
     packing: Packing | None = None
     out: dict = field(default_factory=dict)  # (heads, head_dim, dtype) -> [total_q, heads, head_dim] buffer
     runs: dict = field(default_factory=dict)  # (id(ops), heads, kv_heads, head_dim, dtype, params, scale) -> bound run
@@ -104,20 +105,23 @@ class Meta:
         return run
 
     def packed(self) -> Packing:
-        """The packed route's indices, lengths and row movers (device work, no sync: the sizes are known)."""
+        """The packed route's indices, lengths and row movers, from the host masks (one upload each)."""
         if self.packing is None:
-            max_q, max_k, total_q, total_k = self.counts
-            idx_q = torch.nonzero_static(self.q_valid.reshape(-1), size=total_q).squeeze(1)
-            idx_k = torch.nonzero_static(self.k_valid.reshape(-1), size=total_k).squeeze(1)
-            batch = self.q_valid.shape[0]
+            n_q, n_k = self.q_valid.sum(1), self.k_valid.sum(1)
+
+            def up(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+                return torch.from_numpy(np.ascontiguousarray(array)).to(device=self.device, dtype=dtype)
+
+            idx_q = up(np.flatnonzero(self.q_valid), torch.int64)
+            idx_k = up(np.flatnonzero(self.k_valid), torch.int64)
             self.packing = Packing(
                 idx_q=idx_q,
                 idx_k=idx_k,
-                movers=RowMovers(idx_q, idx_k, batch, self.q_length, self.kv_length),
-                cu_seqlens_q=F.pad(torch.cumsum(self.q_valid.sum(1), 0, dtype=torch.int32), (1, 0)),
-                cu_seqlens_k=F.pad(torch.cumsum(self.k_valid.sum(1), 0, dtype=torch.int32), (1, 0)),
-                max_seqlen_q=max_q,
-                max_seqlen_k=max_k,
+                movers=RowMovers(idx_q, idx_k, self.q_valid.shape[0], self.q_length, self.kv_length),
+                cu_seqlens_q=up(np.concatenate([[0], np.cumsum(n_q)]), torch.int32),
+                cu_seqlens_k=up(np.concatenate([[0], np.cumsum(n_k)]), torch.int32),
+                max_seqlen_q=int(n_q.max()),
+                max_seqlen_k=int(n_k.max()),
             )
         return self.packing
 
@@ -126,7 +130,7 @@ class Meta:
         key = (heads, head_dim, like.dtype)
         buf = self.out.get(key)
         if buf is None:
-            buf = self.out[key] = like.new_empty(self.counts[2], heads, head_dim)
+            buf = self.out[key] = like.new_empty(self.packed().idx_q.numel(), heads, head_dim)
         return buf
 
 
@@ -194,53 +198,56 @@ def metadata(record: MaskRecord) -> Meta:
 
 
 def _build(r: MaskRecord) -> Meta:
+    """The forward's metadata, computed on the host: the padding mask comes down once (the forward's one
+    sync), a few numpy operations on ``[B, K]`` decide the route, and the key ranges go up in one copy.
+    (The same on the device took some 60 small kernel launches per forward, several hundred us of host
+    time in a decode step; numpy on a few thousand booleans takes tens.)"""
     stats.builds += 1
-    device = r.mask.device
-    kv_pos = torch.arange(r.kv_length, device=device) + r.kv_offset  # absolute positions
-    q_pos = torch.arange(r.q_length, device=device) + r.q_offset  # q_offset: an int, or a StaticCache's 0-dim tensor
-    last = q_pos[-1]  # keys past the last query position are unwritten (StaticCache)
+    q_offset = int(r.q_offset)  # an int, or a StaticCache's 0-dim tensor (a sync of one scalar)
+    kv_pos = np.arange(r.kv_length) + r.kv_offset  # absolute positions
+    q_pos = np.arange(r.q_length) + q_offset
+    written = kv_pos <= q_pos[-1]  # keys past the last query position are unwritten (StaticCache)
     if r.padding is None:
-        k_valid = (kv_pos <= last).expand(r.batch, -1)
-        q_valid = torch.ones(r.batch, r.q_length, dtype=torch.bool, device=device)
+        k_valid = np.broadcast_to(written, (r.batch, r.kv_length))
+        q_valid = np.ones((r.batch, r.q_length), dtype=bool)
     else:
-        padding = r.padding.to(device=device, dtype=torch.bool)
-        k_valid = padding[:, kv_pos] & (kv_pos <= last)
-        q_valid = padding.gather(1, q_pos.expand(r.batch, -1))
+        padding = r.padding.to(dtype=torch.bool).cpu().numpy()  # the sync
+        k_valid = padding[:, kv_pos] & written
+        q_valid = padding[:, q_pos]
     n_k, first_k, contiguous_k = _runs(k_valid)
     n_q, first_q, contiguous_q = _runs(q_valid)
     # Bottom-right alignment is exact when each row's valid keys are one run and its valid queries are the
     # last tokens of that run (left or right padding, prefill or decode); distances (sliding windows) then
     # survive packing too.
     end_k = r.kv_offset + first_k + n_k
-    end_q = r.q_offset + first_q + n_q
+    end_q = q_offset + first_q + n_q
     aligned = contiguous_k & contiguous_q & ((n_q == 0) | (end_k == end_q))
+    if not aligned.all() or n_q.sum() == 0:
+        return Meta(exact=False)
     # Read in place (padded plan) when, besides, the valid queries end the query block and the padding
     # queries before them see no key (all queries valid, or as many keys as valid queries): FA3's batch
     # mode aligns all Q queries of a row bottom-right over its keys.
-    in_place = aligned & (first_q + n_q == r.q_length) & ((n_q == r.q_length) | (n_k == n_q))
-    summary = torch.stack([n_q.max(), n_k.max(), n_q.sum(), n_k.sum(), aligned.all().long(), in_place.all().long()]).tolist()  # the sync
-    max_q, max_k, total_q, total_k, exact, padded = summary
-    if not exact or total_q == 0:
-        return Meta(exact=False)
+    in_place = (first_q + n_q == r.q_length) & ((n_q == r.q_length) | (n_k == n_q))
+    ranges = torch.from_numpy(np.stack([first_k, first_k + n_k]).astype(np.int32)).to(r.mask.device)
     return Meta(
         exact=True,
-        padded=bool(padded),
-        key_starts=first_k.to(torch.int32),
-        key_ends=(first_k + n_k).to(torch.int32),
+        padded=bool(in_place.all()),
+        key_starts=ranges[0],
+        key_ends=ranges[1],
         q_length=r.q_length,
         kv_length=r.kv_length,
         q_valid=q_valid,
         k_valid=k_valid,
-        counts=(max_q, max_k, total_q, total_k),
+        device=r.mask.device,
     )
 
 
-def _runs(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _runs(valid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per row of a [B, L] bool mask: count, first valid index (0 if none), and whether the valid entries
-    form one contiguous run. Device ops only."""
+    form one contiguous run."""
     count = valid.sum(1)
-    first = torch.where(count > 0, valid.int().argmax(1), 0)
-    cols = torch.arange(valid.shape[1], device=valid.device)
+    first = valid.argmax(1)  # 0 for a row with none
+    cols = np.arange(valid.shape[1])
     run = (cols >= first[:, None]) & (cols < (first + count)[:, None])
     return count, first, (run == valid).all(1)
 
@@ -266,8 +273,8 @@ def unpadded(device: torch.device, batch: int, q_length: int, kv_length: int) ->
             key_ends=torch.full((batch,), end, dtype=torch.int32, device=device),
             q_length=q_length,
             kv_length=kv_length,
-            q_valid=torch.ones(batch, q_length, dtype=torch.bool, device=device),
-            k_valid=(torch.arange(kv_length, device=device) < end).expand(batch, -1),
-            counts=(q_length, end, batch * q_length, batch * end),
+            q_valid=np.ones((batch, q_length), dtype=bool),
+            k_valid=np.broadcast_to(np.arange(kv_length) < end, (batch, kv_length)),
+            device=device,
         )
     return cached

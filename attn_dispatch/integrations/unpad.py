@@ -3,7 +3,7 @@
 transformers hands attention ``[B, H, L, D]`` tensors; varlen FlashAttention takes packed ``[total, H, D]``
 rows. In a padded forward every layer packs Q, K and V with the forward's indices and scatters its output
 back to ``[B, L, H, D]``, zeros in the padded rows. :class:`RowMovers` does both for one forward's indices
-(``transformers_meta.Meta.idx_q`` / ``idx_k``), by one of two routes. Both are plain copies, so their
+(``transformers_meta.Packing.idx_q`` / ``idx_k``), by one of two routes. Both are plain copies, so their
 results are byte-identical:
 
 - ``"triton"``: the fused row movers of :mod:`attn_dispatch_flash.rows_launch` (the ones varlen_diffusion
@@ -62,7 +62,7 @@ class RowMovers:
     """Pack the valid rows of [B, L, H, D] views and scatter packed rows back, for one forward's indices.
 
     ``idx_q`` / ``idx_k``: int64 flat row indices ``b * L + s`` of the valid query / key rows, in the
-    order the packed tensors hold them (``transformers_meta.Meta.idx_q`` / ``idx_k``), on the device of
+    order the packed tensors hold them (``transformers_meta.Packing.idx_q`` / ``idx_k``), on the device of
     the tensors to move. ``batch``, ``q_len``, ``kv_len``: the padded sizes they index. ``route``:
     ``"triton"``, ``"torch"``, or None to choose (see the module docstring); the choice is ``.route``.
 

@@ -44,7 +44,7 @@ def valid_rows(padding: str, batch: int, length: int, *, device: str = DEVICE) -
 
 
 def flat_indices(valid: torch.Tensor) -> torch.Tensor:
-    return valid.reshape(-1).nonzero().squeeze(1)  # int64, what transformers_meta.Meta.idx_q/idx_k hold
+    return valid.reshape(-1).nonzero().squeeze(1)  # int64, what transformers_meta.Packing.idx_q/idx_k hold
 
 
 def heads_first(batch: int, heads: int, length: int, head_dim: int, dtype: torch.dtype, seed: int) -> torch.Tensor:

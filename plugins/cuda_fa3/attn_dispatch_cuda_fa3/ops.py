@@ -161,9 +161,11 @@ class AttentionOutOps:
         """``run(q, k, v, out) -> out``: one layer over ``plan`` (paged, packed or padded), the kernel call
         bound now.
 
-        Per call the run compares q/k/v/out's shapes with the last call's that passed the op's detailed check
-        (every layer of a step has the same; the check runs again on any change), and q's dtype and GPU with
-        the plan's; FA3 checks the rest (dtypes and strides of k, v and out against q's). ``out`` goes to the
+        Per call the run compares q's, k's and out's shapes with the last call's that passed the op's detailed
+        check (every layer of a step has the same; the check runs again on any change), and q's dtype with
+        the plan's: what FA3 cannot check against the plan's metadata, and whether out needs a view. FA3
+        checks the rest before it launches (v against k; dtypes, devices and strides against q's), and its
+        refusal is named. ``out`` goes to the
         kernel as it is when it is ``[tokens, heads, head_dim_v]`` (a padded plan's: always ``[B, S_q, heads,
         head_dim_v]``), else viewed so. No lookup, no pluggy.
         Bad input raises the op's ValueError naming the argument before anything is written.
@@ -177,11 +179,11 @@ class AttentionOutOps:
             shape = (plan.num_heads, plan.num_kv_heads, plan.head_dim)
             call = bind_layer_call(self.provider, args, original=self.original, shape=shape, strict=self.strict)
         provider_name, route = self.provider.name, self._route
-        heads, head_dim_v, dtype, device_index = plan.num_heads, plan.head_dim_v, plan.dtype, plan.device_index
+        heads, head_dim_v, dtype = plan.num_heads, plan.head_dim_v, plan.dtype
         padded = plan.key_starts is not None  # [B, S, heads, d] tensors, out as FA3 writes it
-        # The shapes of the last call that passed the detailed check, and whether its out needed a view, as
-        # one tuple (a thread never reads one without the other). Every layer of a step passes the same
-        # shapes, so the per-call test is one tuple comparison.
+        # q's, k's and out's shapes in the last call that passed the detailed check, and whether its out needed a
+        # view, as one tuple (a thread never reads one without the other). Every layer of a step passes the
+        # same shapes, so the per-call test is one tuple comparison.
         passed: tuple = (None, False)
 
         def detailed_check(q, k, v, out) -> torch.Tensor:
@@ -196,15 +198,15 @@ class AttentionOutOps:
                 return out
             passed_shapes, needs_view = passed
             try:
-                shapes = (q.shape, k.shape, v.shape, out.shape)
-                fits = shapes == passed_shapes and q.dtype is dtype and q.get_device() == device_index
+                shapes = (q.shape, k.shape, out.shape)
+                fits = shapes == passed_shapes and q.dtype is dtype
             except AttributeError:  # not a tensor: the detailed check names it
                 shapes, fits = None, False
             if not fits:
                 detailed_check(q, k, v, out)
                 needs_view = not padded and (out.dim() != 3 or out.shape[0] != q.shape[0])
                 passed = (shapes, needs_view)
-            try:  # FA3 checks the dtypes and strides of k, v and out against q's
+            try:  # FA3 checks v and out (shapes, dtypes, devices, strides) against q and k before launching
                 call(q, k, v, out_rows(out, q.shape[0], heads, head_dim_v) if needs_view else out)
             except Exception as exc:
                 name_the_argument(exc, detailed_check, q, k, v, out)
