@@ -165,9 +165,8 @@ class AttentionOutOps:
         check (every layer of a step has the same; the check runs again on any change), and q's dtype with
         the plan's: what FA3 cannot check against the plan's metadata, and whether out needs a view. FA3
         checks the rest before it launches (v against k; dtypes, devices and strides against q's), and its
-        refusal is named. ``out`` goes to the
-        kernel as it is when it is ``[tokens, heads, head_dim_v]`` (a padded plan's: always ``[B, S_q, heads,
-        head_dim_v]``), else viewed so. No lookup, no pluggy.
+        refusal is named. ``out`` goes to the kernel as it is when it is ``[tokens, heads, head_dim_v]`` (a
+        padded plan's: always ``[B, S_q, heads, head_dim_v]``), else viewed so. No lookup, no pluggy.
         Bad input raises the op's ValueError naming the argument before anything is written.
         """
         validate_bind_attention(plan, params=params, softmax_scale=softmax_scale)
@@ -181,8 +180,8 @@ class AttentionOutOps:
         provider_name, route = self.provider.name, self._route
         heads, head_dim_v, dtype = plan.num_heads, plan.head_dim_v, plan.dtype
         padded = plan.key_starts is not None  # [B, S, heads, d] tensors, out as FA3 writes it
-        # q's, k's and out's shapes in the last call that passed the detailed check, and whether its out needed a
-        # view, as one tuple (a thread never reads one without the other). Every layer of a step passes the
+        # q's, k's and out's shapes in the last call that passed the detailed check, and whether its out
+        # needed a view, as one tuple (a thread never reads one without the other). Every layer of a step passes the
         # same shapes, so the per-call test is one tuple comparison.
         passed: tuple = (None, False)
 
