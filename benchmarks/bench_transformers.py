@@ -238,17 +238,22 @@ def disagreements(ours: list[torch.Tensor], theirs: list[torch.Tensor]) -> list[
     return found
 
 
-def bench_paged(model, ids, mask) -> dict:
-    """generate_batch with each paged implementation registered here; tokens compared with paged|sdpa."""
+def bench_paged(model, ids, mask, graphs: bool = False) -> dict:
+    """generate_batch with each paged implementation registered here; tokens compared with paged|sdpa.
+    ``graphs``: continuous batching's CUDA graphs forced on (``ContinuousBatchingConfig(use_cuda_graph=True)``;
+    by default transformers uses them only for FlashAttention names)."""
+    from transformers import ContinuousBatchingConfig
+
     prompts = [row[m.bool()].tolist() for row, m in zip(ids.cpu(), mask.cpu())]
     config = GenerationConfig(max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=0, eos_token_id=None)
     results, outputs = {}, {}
     for impl in ("paged|sdpa", "paged|eager", "paged|attn_dispatch"):
         try:
             model.set_attn_implementation(impl)
+            batching = ContinuousBatchingConfig(use_cuda_graph=True) if graphs else None
             sync()
             t0 = time.perf_counter()
-            done = model.generate_batch(inputs=prompts, generation_config=config)
+            done = model.generate_batch(inputs=prompts, generation_config=config, continuous_batching_config=batching)
             sync()
             seconds = time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001  (report, keep benchmarking)
@@ -300,6 +305,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny configs (a CPU smoke test of this script)")
     parser.add_argument("--paged-only", action="store_true", help="only generate_batch (Llama)")
+    parser.add_argument("--paged-graphs", action="store_true", help="with --paged-only: CUDA graphs forced on too")
     parser.add_argument("--generate-rounds", type=int, default=7, help="interleaved generate timings (median kept)")
     args = parser.parse_args()
     ops = ad_transformers.ops_for(torch.device(args.device))
@@ -310,7 +316,13 @@ def main() -> None:
         with torch.device(args.device):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
         ids, mask = padded_batch(model.config.vocab_size, args.device)
-        print(json.dumps(bench_paged(model.eval(), ids, mask), indent=1))
+        report = {"eager": bench_paged(model.eval(), ids, mask)}
+        if args.paged_graphs:
+            report["cuda_graphs"] = bench_paged(model, ids, mask, graphs=True)
+        print(json.dumps(report, indent=1))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1)
         return
     report = {"kernel_check": kernel_check(args.device)} if args.device == "cuda" else {}
     for name in args.models.split(","):
