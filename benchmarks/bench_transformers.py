@@ -246,11 +246,11 @@ def bench_paged(model, ids, mask, graphs: bool = False) -> dict:
 
     prompts = [row[m.bool()].tolist() for row, m in zip(ids.cpu(), mask.cpu())]
     config = GenerationConfig(max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=0, eos_token_id=None)
-    results, outputs = {}, {}
+    results, outputs, logprobs = {}, {}, {}
     for impl in ("paged|sdpa", "paged|eager", "paged|attn_dispatch"):
         try:
             model.set_attn_implementation(impl)
-            batching = ContinuousBatchingConfig(use_cuda_graph=True) if graphs else None
+            batching = ContinuousBatchingConfig(use_cuda_graph=True if graphs else None, return_logprobs=True)
             sync()
             t0 = time.perf_counter()
             done = model.generate_batch(inputs=prompts, generation_config=config, continuous_batching_config=batching)
@@ -259,14 +259,24 @@ def bench_paged(model, ids, mask, graphs: bool = False) -> dict:
         except Exception as exc:  # noqa: BLE001  (report, keep benchmarking)
             results[impl] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             continue
-        outputs[impl] = [done[key].generated_tokens for key in sorted(done, key=lambda k: int(k.split("_")[-1]) if k.split("_")[-1].isdigit() else k)]
+        ordered = sorted(done, key=lambda k: int(k.split("_")[-1]) if k.split("_")[-1].isdigit() else k)
+        outputs[impl] = [done[key].generated_tokens for key in ordered]
+        logprobs[impl] = [done[key].logprobs for key in ordered]
         errors = [done[key].error for key in done if done[key].error]
         results[impl] = {"seconds": seconds, "generated_tokens": sum(map(len, outputs[impl])), "errors": errors[:1]}
     for impl, toks in outputs.items():
         if "paged|sdpa" in outputs:
             theirs = outputs["paged|sdpa"]
             results[impl]["requests_equal_to_paged_sdpa"] = sum(a == b for a, b in zip(toks, theirs))
-            results[impl]["common_prefix_with_paged_sdpa"] = [_common_prefix(a, b) for a, b in zip(toks, theirs)]
+            prefixes = [_common_prefix(a, b) for a, b in zip(toks, theirs)]
+            results[impl]["common_prefix_with_paged_sdpa"] = prefixes
+            # The chosen tokens' log-probabilities where both chose the same tokens: a wrong attention shows
+            # there at once, a bf16 tie does not
+            diffs = [
+                abs(a - b) for n, ours, ref in zip(prefixes, logprobs[impl], logprobs["paged|sdpa"])
+                for a, b in zip(ours[:n], ref[:n])
+            ]  # fmt: skip
+            results[impl]["logprob_max_abs_diff_on_common_prefix"] = max(diffs, default=None)
     return results
 
 
