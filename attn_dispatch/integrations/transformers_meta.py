@@ -69,7 +69,7 @@ class Meta:
     device: torch.device | None = None
     packing: Packing | None = None
     out: dict = field(default_factory=dict)  # (heads, head_dim, dtype) -> [total_q, heads, head_dim] buffer
-    runs: dict = field(default_factory=dict)  # (id(ops), heads, kv_heads, head_dim, dtype, params, scale) -> bound run
+    runs: dict = field(default_factory=dict)  # (id(ops), heads, kv_heads, head_dim, dtype, params, scale) -> (ops, run)
 
     def run_for(self, ops, query: torch.Tensor, kv_heads: int, params, scale: float | None):
         """The forward's bound attention call for a layer like this one: a plan over this batch (FA3's
@@ -78,30 +78,32 @@ class Meta:
         Padded where the batch allows and the op group can; else packed (``self.padded`` then turns False)."""
         _, heads, _, head_dim = query.shape
         key = (id(ops), heads, kv_heads, head_dim, query.dtype, params, scale)  # an op group may be unhashable
-        run = self.runs.get(key)
-        if run is None:
-            shape = dict(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, dtype=query.dtype, layer_params=(params,))
-            plan = None
-            if self.padded and id(ops) not in _no_padded_plans:
-                try:
-                    plan = ops.make_attention_plan(
-                        cache_seqlens=self.key_ends, key_starts=self.key_starts, max_seqlen_q=self.q_length,
-                        max_seqlen_k=self.kv_length, **shape,
-                    )  # fmt: skip
-                    stats.padded_plans += 1
-                except ValueError as exc:  # an op group without padded plans (FA4) says so by name, once
-                    if not str(exc).startswith("key_starts"):
-                        raise
-                    _no_padded_plans.add(id(ops))
-            if plan is None:
-                self.padded = False
-                p = self.packed()
+        entry = self.runs.get(key)
+        if entry is not None and entry[0] is ops:  # the entry holds the group: no other can take its id
+            return entry[1]
+        shape = dict(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, dtype=query.dtype, layer_params=(params,))
+        plan = None
+        if self.padded and _no_padded_plans.get(id(ops)) is not ops:
+            try:
                 plan = ops.make_attention_plan(
-                    cu_seqlens_q=p.cu_seqlens_q, cu_seqlens_k=p.cu_seqlens_k, max_seqlen_q=p.max_seqlen_q,
-                    max_seqlen_k=p.max_seqlen_k, **shape,
+                    cache_seqlens=self.key_ends, key_starts=self.key_starts, max_seqlen_q=self.q_length,
+                    max_seqlen_k=self.kv_length, **shape,
                 )  # fmt: skip
-            stats.plans += 1
-            run = self.runs[key] = ops.bind_attention(plan, params=params, softmax_scale=scale)
+                stats.padded_plans += 1
+            except ValueError as exc:  # an op group without padded plans (FA4) says so by name, once
+                if not str(exc).startswith("key_starts"):
+                    raise
+                _no_padded_plans[id(ops)] = ops
+        if plan is None:
+            self.padded = False
+            p = self.packed()
+            plan = ops.make_attention_plan(
+                cu_seqlens_q=p.cu_seqlens_q, cu_seqlens_k=p.cu_seqlens_k, max_seqlen_q=p.max_seqlen_q,
+                max_seqlen_k=p.max_seqlen_k, **shape,
+            )  # fmt: skip
+        stats.plans += 1
+        run = ops.bind_attention(plan, params=params, softmax_scale=scale)
+        self.runs[key] = (ops, run)
         return run
 
     def packed(self) -> Packing:
@@ -134,8 +136,9 @@ class Meta:
         return buf
 
 
-# Op groups that refused a padded plan (FA4 reads no left-padded rows): they get packed plans from then on.
-_no_padded_plans: set[int] = set()
+# Op groups that refused a padded plan (FA4 reads no left-padded rows), by id: they get packed plans from
+# then on. Each is held, so its id never names another group.
+_no_padded_plans: dict[int, object] = {}
 
 
 @dataclass

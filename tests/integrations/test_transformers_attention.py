@@ -132,16 +132,12 @@ def test_padded_and_packed_routes_agree(calls, monkeypatch):
 
     model, (ids, mask) = llama(), left_padded_batch()
     padded = logits(model, "attn_dispatch", ids, mask)
-    monkeypatch.setattr(transformers_meta, "_no_padded_plans", _Everything())
+    group = integration.ops_for(torch.device("cpu"))  # the injected op group, recorded as refusing padded plans
+    monkeypatch.setitem(transformers_meta._no_padded_plans, id(group), group)
     packed = logits(model, "attn_dispatch", ids, mask)
     assert (integration.stats.plans, integration.stats.padded_plans) == (2, 1)
     valid = mask.bool()
     torch.testing.assert_close(padded[valid].float(), packed[valid].float(), atol=1e-2, rtol=1e-2)
-
-
-class _Everything:
-    def __contains__(self, item) -> bool:
-        return True
 
 
 def test_an_op_group_without_padded_plans_gets_packed_ones(calls):
@@ -168,7 +164,7 @@ def test_an_op_group_without_padded_plans_gets_packed_ones(calls):
         first = logits(model, "attn_dispatch", ids, mask)
         logits(model, "attn_dispatch", ids, mask)
     finally:
-        transformers_meta._no_padded_plans.discard(id(group))
+        transformers_meta._no_padded_plans.pop(id(group), None)
     assert len(refusals) == 1 and integration.stats.padded_plans == 0 and integration.stats.plans == 2
     torch.testing.assert_close(first[mask.bool()].float(), logits(model, "sdpa", ids, mask)[mask.bool()].float(), atol=2e-2, rtol=2e-2)
 
@@ -298,3 +294,16 @@ def test_triton_row_movers_give_the_torch_routes_bytes(calls, monkeypatch):
         by_route[route] = logits(model, "attn_dispatch", ids, mask)
     assert calls.fwd == 4
     assert torch.equal(by_route["torch"], by_route["triton"])
+
+
+def test_a_new_op_group_gets_its_own_plans(calls):
+    """Plans cached across forwards (an unpadded batch's) belong to the op group that made them: a newly
+    injected group runs its own kernels, even if it took the old group's id."""
+    model, (ids, _) = llama(), left_padded_batch()
+    full = torch.ones_like(ids)
+    logits(model, "attn_dispatch", ids, full)
+    assert calls.fwd == 2
+    provider, other_calls = make_torch_provider()
+    integration.use_ops(attn_dispatch_cuda_fa3.build_ops(provider))
+    logits(model, "attn_dispatch", ids, full)
+    assert (calls.fwd, other_calls.fwd) == (2, 2)
