@@ -175,11 +175,13 @@ def fa3_style_metadata(get_scheduler_metadata: Callable[..., torch.Tensor]) -> C
         cache_seqlens, cu_seqlens_q, page_size, dtype, causal, window_size, softcap, num_splits, pack_gqa,
         leftpad_k=None,
     ):  # fmt: skip
+        # cache_leftpad only for a padded batch: a wrapper without that keyword still plans the other kinds
+        leftpad = {} if leftpad_k is None else {"cache_leftpad": leftpad_k}
         return get_scheduler_metadata(
             batch_size, max_seqlen_q, max_seqlen_k, num_heads, num_kv_heads, head_dim, cache_seqlens,
-            qkv_dtype=dtype, headdim_v=head_dim_v, cu_seqlens_q=cu_seqlens_q, cache_leftpad=leftpad_k,
-            page_size=page_size, causal=causal, window_size=tuple(window_size), has_softcap=softcap > 0,
-            num_splits=num_splits, pack_gqa=pack_gqa,
+            qkv_dtype=dtype, headdim_v=head_dim_v, cu_seqlens_q=cu_seqlens_q, page_size=page_size, causal=causal,
+            window_size=tuple(window_size), has_softcap=softcap > 0, num_splits=num_splits, pack_gqa=pack_gqa,
+            **leftpad,
         )  # fmt: skip
 
     return scheduler_metadata
