@@ -90,9 +90,7 @@ def _check_paged_batch(cache_seqlens, page_table, cu_seqlens_q, page_size, max_s
         fail("page_table", f"has {page_table.shape[0]} rows but cache_seqlens has batch {batch}")
     if cu_seqlens_q.shape[0] != batch + 1:
         fail("cu_seqlens_q", f"expected {batch + 1} entries (batch + 1), got {cu_seqlens_q.shape[0]}")
-    for name, t in (("cache_seqlens", cache_seqlens), ("cu_seqlens_q", cu_seqlens_q)):
-        if not t.is_contiguous():
-            fail(name, f"must be contiguous (strides {t.stride()})")
+    _check_contiguous(cache_seqlens=cache_seqlens, cu_seqlens_q=cu_seqlens_q)
     check_last_dim_contiguous("page_table", page_table)
     check_int("page_size", page_size)
     check_int("max_seqlen_k", max_seqlen_k)
@@ -102,11 +100,8 @@ def _check_paged_batch(cache_seqlens, page_table, cu_seqlens_q, page_size, max_s
 
 
 def _check_packed_batch(cache_seqlens, page_table, cu_seqlens_q, cu_seqlens_k, page_size, static_plan) -> None:
-    for name, value in (("cache_seqlens", cache_seqlens), ("page_table", page_table), ("page_size", page_size)):
-        if value is not None:
-            fail(name, "must be None in a packed plan (cu_seqlens_k given): key lengths are cu_seqlens_k's segments")
-    if static_plan is not None:
-        fail("static_plan", "applies to paged plans only; make a packed plan inside the graph capture instead")
+    _refuse_others("packed", "(cu_seqlens_k given): key lengths are cu_seqlens_k's segments", static_plan,
+                   cache_seqlens=cache_seqlens, page_table=page_table, page_size=page_size)  # fmt: skip
     if cu_seqlens_q is None:
         fail("cu_seqlens_q", "is required in a packed plan (cu_seqlens_k given): query tokens per sequence")
     check_tensor("cu_seqlens_q", cu_seqlens_q, ndim=1, dtype=INDEX_DTYPE)
@@ -115,17 +110,12 @@ def _check_packed_batch(cache_seqlens, page_table, cu_seqlens_q, cu_seqlens_k, p
         fail("cu_seqlens_q", f"expected batch + 1 >= 2 entries, got {cu_seqlens_q.shape[0]}")
     if cu_seqlens_k.shape[0] != cu_seqlens_q.shape[0]:
         fail("cu_seqlens_k", f"expected {cu_seqlens_q.shape[0]} entries, as cu_seqlens_q, got {cu_seqlens_k.shape[0]}")
-    for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        if not t.is_contiguous():
-            fail(name, f"must be contiguous (strides {t.stride()})")
+    _check_contiguous(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
 
 
 def _check_padded_batch(cache_seqlens, page_table, cu_seqlens_q, key_starts, page_size, static_plan) -> None:
-    for name, value in (("page_table", page_table), ("page_size", page_size), ("cu_seqlens_q", cu_seqlens_q)):
-        if value is not None:
-            fail(name, "must be None in a padded plan (key_starts given): every row has max_seqlen_q queries")
-    if static_plan is not None:
-        fail("static_plan", "applies to paged plans only; make a padded plan inside the graph capture instead")
+    _refuse_others("padded", "(key_starts given): every row has max_seqlen_q queries", static_plan,
+                   page_table=page_table, page_size=page_size, cu_seqlens_q=cu_seqlens_q)  # fmt: skip
     if cache_seqlens is None:
         fail("cache_seqlens", "is required in a padded plan: each row's key end (keys key_starts[b]:cache_seqlens[b])")
     check_tensor("cache_seqlens", cache_seqlens, ndim=1, dtype=INDEX_DTYPE)
@@ -134,7 +124,20 @@ def _check_padded_batch(cache_seqlens, page_table, cu_seqlens_q, key_starts, pag
         fail("key_starts", f"has {key_starts.shape[0]} entries but cache_seqlens has batch {cache_seqlens.shape[0]}")
     if cache_seqlens.shape[0] < 1:
         fail("cache_seqlens", "expected a batch of at least one row, got 0 entries")
-    for name, t in (("cache_seqlens", cache_seqlens), ("key_starts", key_starts)):
+    _check_contiguous(cache_seqlens=cache_seqlens, key_starts=key_starts)
+
+
+def _refuse_others(kind: str, why: str, static_plan, **others) -> None:
+    """A packed or padded plan takes none of ``others`` (another kind's arguments) and no ``static_plan``."""
+    for name, value in others.items():
+        if value is not None:
+            fail(name, f"must be None in a {kind} plan {why}")
+    if static_plan is not None:
+        fail("static_plan", f"applies to paged plans only; make a {kind} plan inside the graph capture instead")
+
+
+def _check_contiguous(**tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
         if not t.is_contiguous():
             fail(name, f"must be contiguous (strides {t.stride()})")
 

@@ -8,7 +8,6 @@ import torch
 from attn_dispatch import OP_NAMES, load, reference
 from attn_dispatch.bad_inputs import CASES as HOST_CASES
 from attn_dispatch.bad_inputs import NotApplicable, expect_refused
-from attn_dispatch_flash import probe
 from attn_dispatch.plans import DEFAULT_PARAMS, AttentionParams
 from attn_dispatch_cuda_fa3 import build_ops, stats
 from fa3_batches import cumulative, packed_batch, paged_batch
@@ -18,18 +17,6 @@ pytestmark = pytest.mark.cuda
 SLIDING = AttentionParams(window_size=(127, 0))
 NOT_CAUSAL = AttentionParams(causal=False)
 SOFTCAP = AttentionParams(softcap=30.0)
-
-
-@pytest.fixture(scope="module")
-def provider():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("FA3 needs an sm90 GPU")
-    found, reason = probe()
-    if found is None:
-        pytest.skip(reason)
-    return found
 
 
 def clone_args(args: dict) -> dict:

@@ -9,24 +9,11 @@ import torch
 from attn_dispatch import reference
 from attn_dispatch.plans import DEFAULT_PARAMS, AttentionParams
 from attn_dispatch_cuda_fa3 import build_ops, stats
-from attn_dispatch_flash import probe
 
 pytestmark = pytest.mark.cuda
 
 SOFTCAP = AttentionParams(softcap=30.0)
 WINDOW = AttentionParams(window_size=(127, 0))
-
-
-@pytest.fixture(scope="module")
-def provider():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("FA3 needs an sm90 GPU")
-    found, reason = probe()
-    if found is None:
-        pytest.skip(reason)
-    return found
 
 
 def left_padded(lens, q_len, buffer, heads, kv_heads, head_dim, seed=0):
