@@ -202,21 +202,25 @@ def metadata(record: MaskRecord) -> Meta:
 
 def _build(r: MaskRecord) -> Meta:
     """The forward's metadata, computed on the host: the padding mask comes down once (the forward's one
-    sync), a few numpy operations on ``[B, K]`` decide the route, and the key ranges go up in one copy.
+    sync), a few numpy reductions over ``[B, K]`` decide the route, and the key ranges go up in one copy.
     (The same on the device took some 60 small kernel launches per forward, several hundred us of host
-    time in a decode step; numpy on a few thousand booleans takes tens.)"""
+    time in a decode step.) Positions are contiguous, so rows are sliced, not gathered: this runs in every
+    decode step, where each host microsecond counts."""
     stats.builds += 1
     q_offset = int(r.q_offset)  # an int, or a StaticCache's 0-dim tensor (a sync of one scalar)
-    kv_pos = np.arange(r.kv_length) + r.kv_offset  # absolute positions
-    q_pos = np.arange(r.q_length) + q_offset
-    written = kv_pos <= q_pos[-1]  # keys past the last query position are unwritten (StaticCache)
+    # keys past the last query position are unwritten (StaticCache): only the first `written` keys count
+    written = min(max(q_offset + r.q_length - r.kv_offset, 0), r.kv_length)
     if r.padding is None:
-        k_valid = np.broadcast_to(written, (r.batch, r.kv_length))
+        k_valid = np.zeros((r.batch, r.kv_length), dtype=bool)
+        k_valid[:, :written] = True
         q_valid = np.ones((r.batch, r.q_length), dtype=bool)
     else:
+        if q_offset < 0 or r.kv_offset < 0 or r.padding.shape[-1] < max(q_offset + r.q_length, r.kv_offset + r.kv_length):
+            return Meta(exact=False)  # positions outside the 2D mask: nothing this module knows how to read
         padding = r.padding.to(dtype=torch.bool).cpu().numpy()  # the sync
-        k_valid = padding[:, kv_pos] & written
-        q_valid = padding[:, q_pos]
+        k_valid = padding[:, r.kv_offset : r.kv_offset + r.kv_length].copy()
+        k_valid[:, written:] = False
+        q_valid = padding[:, q_offset : q_offset + r.q_length]
     n_k, first_k, contiguous_k = _runs(k_valid)
     n_q, first_q, contiguous_q = _runs(q_valid)
     # Bottom-right alignment is exact when each row's valid keys are one run and its valid queries are the
@@ -225,7 +229,7 @@ def _build(r: MaskRecord) -> Meta:
     end_k = r.kv_offset + first_k + n_k
     end_q = q_offset + first_q + n_q
     aligned = contiguous_k & contiguous_q & ((n_q == 0) | (end_k == end_q))
-    if not aligned.all() or n_q.sum() == 0:
+    if not aligned.all() or not n_q.any():
         return Meta(exact=False)
     # Read in place (padded plan) when, besides, the valid queries end the query block and the padding
     # queries before them see no key (all queries valid, or as many keys as valid queries): FA3's batch
@@ -247,12 +251,11 @@ def _build(r: MaskRecord) -> Meta:
 
 def _runs(valid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per row of a [B, L] bool mask: count, first valid index (0 if none), and whether the valid entries
-    form one contiguous run."""
+    form one contiguous run (they do when the span from the first to the last holds them all)."""
     count = valid.sum(1)
     first = valid.argmax(1)  # 0 for a row with none
-    cols = np.arange(valid.shape[1])
-    run = (cols >= first[:, None]) & (cols < (first + count)[:, None])
-    return count, first, (run == valid).all(1)
+    last = valid.shape[1] - 1 - valid[:, ::-1].argmax(1)
+    return count, first, (count == 0) | (last - first + 1 == count)
 
 
 _unpadded: dict[tuple, Meta] = {}

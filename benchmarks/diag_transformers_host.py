@@ -1,0 +1,104 @@
+"""Where a decode step's host time goes, ``sdpa`` against ``attn_dispatch`` (issue 13's generate bar).
+
+    python3 benchmarks/diag_transformers_host.py [--tiny]
+
+The Llama-like model of ``bench_transformers`` generates from its left-padded batch; every attention
+call, mask-function call, metadata build and plan/bind is wrapped by a CPU timer (the wrappers cost well
+under a microsecond each). Printed per decode step (medians over steps and alternating rounds): the step's
+wall time and how much of it each part took. A diagnosis, not a benchmark: the ratios that count come from
+``bench_transformers``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+import attn_dispatch.integrations.transformers as ad_transformers
+from attn_dispatch.integrations import transformers_meta as meta
+from bench_transformers import StepClock, llama_config, padded_batch, sync, tiny
+
+clock: dict[str, float] = defaultdict(float)
+
+
+def timed_as(name: str, fn):
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            clock[name] += time.perf_counter() - start
+
+    return wrapper
+
+
+def instrument() -> None:
+    """Wrap, under the names transformers looks up, the attention and mask functions of both implementations."""
+    for impl in ("sdpa", "attn_dispatch"):
+        ALL_ATTENTION_FUNCTIONS._global_mapping[impl] = timed_as("attention", ALL_ATTENTION_FUNCTIONS[impl])
+        ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[impl] = timed_as("mask", ALL_MASK_ATTENTION_FUNCTIONS[impl])
+    meta._build = timed_as("build", meta._build)
+    meta.Meta.run_for = timed_as("run_for", meta.Meta.run_for)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=4)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = tiny(llama_config()) if args.tiny else llama_config()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").to(device).eval()
+    ids, mask = padded_batch(config.vocab_size, device)
+    if args.tiny:
+        ids, mask = ids[:, -64:], mask[:, -64:]
+    instrument()
+    rows = defaultdict(lambda: defaultdict(list))
+    for round_ in range(args.rounds):
+        for impl in ("sdpa", "attn_dispatch"):
+            model.set_attn_implementation(impl)
+            step_clock = StepClock()
+            # each step's share: the clock is read at every step boundary (the stopping criterion)
+            parts: list[dict] = []
+
+            class PartClock(StepClock):
+                def __call__(self, input_ids, scores, **kwargs):
+                    parts.append(dict(clock))
+                    return super().__call__(input_ids, scores, **kwargs)
+
+            step_clock = PartClock()
+            sync()
+            with torch.no_grad():
+                model.generate(
+                    input_ids=ids, attention_mask=mask, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                    do_sample=False, pad_token_id=0, stopping_criteria=[step_clock],
+                )  # fmt: skip
+            sync()
+            if round_ == 0:
+                continue  # warm-up: first generate of each implementation
+            steps = step_clock.decode_steps_ms()
+            rows[impl]["step"] += steps
+            for name in ("attention", "mask", "build", "run_for"):
+                deltas = [(b.get(name, 0.0) - a.get(name, 0.0)) * 1e3 for a, b in zip(parts, parts[1:])]
+                rows[impl][name] += deltas
+    print(f"decode step, host ms (medians over {len(rows['sdpa']['step'])} steps):")
+    print("| impl | step | attention fns | of which build | of which plan+bind (run_for) | mask fns | rest |")
+    print("|---|---|---|---|---|---|---|")
+    for impl, row in rows.items():
+        med = {k: statistics.median(v) for k, v in row.items()}
+        rest = med["step"] - med["attention"] - med["mask"]
+        print(f"| {impl} | {med['step']:.3f} | {med['attention']:.3f} | {med['build']:.3f} | {med['run_for']:.3f} | {med['mask']:.3f} | {rest:.3f} |")
+    print("stats:", ad_transformers.stats)
+
+
+if __name__ == "__main__":
+    main()
