@@ -52,7 +52,7 @@ def check_last_dim_contiguous(arg: str, t: torch.Tensor) -> None:
 def check_int(arg: str, value: object, *, minimum: int = 1) -> int:
     """A host int (a Python or numpy int, or a SymInt under torch.compile; not a bool, and not a tensor,
     whose value would need a device sync) that is at least ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)):
+    if type(value) is not int and (isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt))):
         fail(arg, f"expected an int, got {type(value).__name__} {value!r}")
     if value < minimum:
         fail(arg, f"must be {'positive' if minimum == 1 else f'>= {minimum}'}, got {value}")

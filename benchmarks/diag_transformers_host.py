@@ -12,9 +12,13 @@ wall time and how much of it each part took. A diagnosis, not a benchmark: the r
 from __future__ import annotations
 
 import argparse
+import cProfile
+import gc
+import pstats
 import statistics
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -53,6 +57,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--gc", choices=("on", "freeze", "off"), default="on", help="Python's cyclic GC during the rounds")
+    parser.add_argument("--profile", action="store_true", help="then cProfile one generate each: the functions that differ most")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = tiny(llama_config()) if args.tiny else llama_config()
@@ -62,6 +68,12 @@ def main() -> None:
     if args.tiny:
         ids, mask = ids[:, -64:], mask[:, -64:]
     instrument()
+    if args.gc == "freeze":
+        gc.collect()
+        gc.freeze()  # the model and the imports move to the permanent generation: full collections get cheap
+    elif args.gc == "off":
+        gc.disable()
+    print(f"gc: {args.gc}; thresholds {gc.get_threshold()}")
     rows = defaultdict(lambda: defaultdict(list))
     for round_ in range(args.rounds):
         for impl in ("sdpa", "attn_dispatch"):
@@ -77,17 +89,19 @@ def main() -> None:
 
             step_clock = PartClock()
             sync()
+            collections = sum(g["collections"] for g in gc.get_stats())
             with torch.no_grad():
                 model.generate(
                     input_ids=ids, attention_mask=mask, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                     do_sample=False, pad_token_id=0, stopping_criteria=[step_clock],
                 )  # fmt: skip
             sync()
+            rows[impl]["gc collections"].append(sum(g["collections"] for g in gc.get_stats()) - collections)
             if round_ == 0:
                 continue  # warm-up: first generate of each implementation
             steps = step_clock.decode_steps_ms()
             rows[impl]["step"] += steps
-            for name in ("attention", "mask", "build", "run_for"):
+            for name in ("attention", "mask", "build", "run_for"):  # per step: the clock read at its two ends
                 deltas = [(b.get(name, 0.0) - a.get(name, 0.0)) * 1e3 for a, b in zip(parts, parts[1:])]
                 rows[impl][name] += deltas
     print(f"decode step, host ms (medians over {len(rows['sdpa']['step'])} steps):")
@@ -97,7 +111,31 @@ def main() -> None:
         med = {k: statistics.median(v) for k, v in row.items()}
         rest = med["step"] - med["attention"] - med["mask"]
         print(f"| {impl} | {med['step']:.3f} | {med['attention']:.3f} | {med['build']:.3f} | {med['run_for']:.3f} | {med['mask']:.3f} | {rest:.3f} |")
+    for impl, row in rows.items():
+        print(f"{impl}: gc collections per generate {row['gc collections']}")
     print("stats:", ad_transformers.stats)
+    if args.profile:
+        profile_both(model, ids, mask, args.new_tokens)
+
+
+def profile_both(model, ids, mask, new_tokens: int) -> None:
+    """cProfile one generate per implementation; print the functions whose own time differs most per step."""
+    own: dict[str, dict] = {}
+    for impl in ("sdpa", "attn_dispatch"):
+        model.set_attn_implementation(impl)
+        profiler = cProfile.Profile()
+        with torch.no_grad():
+            profiler.enable()
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+            profiler.disable()
+        stats = pstats.Stats(profiler).stats  # (file, line, name) -> (cc, nc, tottime, cumtime, callers)
+        own[impl] = {f"{Path(f).name}:{line}({name})": (nc, tt) for (f, line, name), (cc, nc, tt, ct, _) in stats.items()}
+    keys = set(own["sdpa"]) | set(own["attn_dispatch"])
+    diff = sorted(keys, key=lambda k: abs(own["attn_dispatch"].get(k, (0, 0))[1] - own["sdpa"].get(k, (0, 0))[1]), reverse=True)
+    print(f"cProfile, own time per decode step (us), the 30 largest differences ({new_tokens} steps):")
+    for k in diff[:30]:
+        (n_s, t_s), (n_a, t_a) = own["sdpa"].get(k, (0, 0)), own["attn_dispatch"].get(k, (0, 0))
+        print(f"  {k}: sdpa {t_s / new_tokens * 1e6:.1f} ({n_s} calls), attn_dispatch {t_a / new_tokens * 1e6:.1f} ({n_a} calls)")
 
 
 if __name__ == "__main__":

@@ -39,14 +39,12 @@ the mask record depends on ``masking_utils`` internals of that version.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 
-from ..plans import AttentionParams
 from . import transformers_meta as meta
 from . import transformers_paged
 from .common import OpGroups, check_series
@@ -158,8 +156,7 @@ def attn_dispatch_attention(
         window = kwargs.get("sliding_window")
         if attention_mask is None:
             batch, _, q_len, _ = query.shape
-            unpad = meta.unpadded(query.device, batch, q_len, key.shape[2])
-            return _attention(ops, unpad, query, key, value, kwargs, window), None
+            return _attention(ops, meta.unpadded(query.device, batch, q_len, key.shape[2]), query, key, value, kwargs, window), None
         record = meta.lookup(attention_mask)
         if record is not None and record.window == window and _shapes_match(record, query, key):
             unpad = meta.metadata(record)
@@ -168,41 +165,38 @@ def attn_dispatch_attention(
     return sdpa_attention.sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
 def _fast_ops(module, query, key, value, kwargs) -> Any | None:
-    """The op group when this call may take the fast path (the module doc's list, mask aside), else None."""
-    if kwargs.get("output_attentions") or kwargs.get("dropout", 0.0) or kwargs.get("position_bias") is not None:
+    """The op group when this call may take the fast path (the module doc's list, mask aside), else None.
+    Every layer asks, in a host-bound decode step: plain attribute reads, cheapest first."""
+    if kwargs.get("output_attentions") or kwargs.get("dropout") or kwargs.get("position_bias") is not None:
         return None
     if not kwargs.get("is_causal", getattr(module, "is_causal", True)):
         return None
-    dtype = query.dtype
-    if (dtype is not torch.bfloat16 and dtype is not torch.float16) or key.dtype is not dtype or value.dtype is not dtype:
+    dtype, q_shape, k_shape, v_shape = query.dtype, query.shape, key.shape, value.shape
+    if dtype not in _FLASH_DTYPES or key.dtype is not dtype or value.dtype is not dtype:
         return None
-    if query.dim() != 4 or key.dim() != 4 or value.shape[:3] != key.shape[:3]:
+    if len(q_shape) != 4 or len(k_shape) != 4 or len(v_shape) != 4 or v_shape[:3] != k_shape[:3]:
         return None
-    batch, heads, _, head_dim = query.shape
-    if key.shape[0] != batch or heads % key.shape[1] or key.shape[3] != head_dim or value.shape[3] != head_dim:
+    batch, heads, _, head_dim = q_shape
+    if k_shape[0] != batch or heads % k_shape[1] or k_shape[3] != head_dim or v_shape[3] != head_dim:
         return None
-    if head_dim % 8 or head_dim > MAX_HEAD_DIM or key.device != query.device or value.device != query.device:
+    if head_dim % 8 or head_dim > MAX_HEAD_DIM:
         return None
-    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+    device = query.device
+    if key.device != device or value.device != device:
+        return None
+    if (query.requires_grad or key.requires_grad or value.requires_grad) and torch.is_grad_enabled():
         return None
     if torch.compiler.is_compiling():  # the first layer's metadata build syncs: keep a traced graph whole
         return None
-    return ops_for(query.device)
+    return ops_for(device)
 
 
 def _shapes_match(record: meta.MaskRecord, query: torch.Tensor, key: torch.Tensor) -> bool:
     return record.batch == query.shape[0] and record.q_length == query.shape[2] and record.kv_length == key.shape[2]
-
-
-def _params(kwargs: dict, window: int | None) -> AttentionParams:
-    return _params_for(window, float(kwargs.get("softcap") or 0.0))
-
-
-@functools.cache
-def _params_for(window: int | None, softcap: float) -> AttentionParams:
-    """Made once per (window, softcap): every layer asks, and making and checking params costs ~3 us."""
-    return AttentionParams(causal=True, window_size=(window - 1, 0) if window else (-1, -1), softcap=softcap)
 
 
 def _attention(ops, unpad: meta.Meta, query, key, value, kwargs, window) -> torch.Tensor:
@@ -210,7 +204,7 @@ def _attention(ops, unpad: meta.Meta, query, key, value, kwargs, window) -> torc
     into a new ``[B, Q, H, D]`` output (padded plan), or unpad with the forward's indices, run into the
     forward's output buffer, and re-pad (packed plan)."""
     batch, heads, q_len, head_dim = query.shape
-    run = unpad.run_for(ops, query, key.shape[1], _params(kwargs, window), kwargs.get("scaling"))
+    run = unpad.run_for(ops, query, key.shape[1], window, kwargs.get("softcap"), kwargs.get("scaling"))
     if unpad.padded:
         out = query.new_empty(batch, q_len, heads, head_dim)
         return run(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), out)

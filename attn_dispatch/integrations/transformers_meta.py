@@ -23,12 +23,14 @@ Two routes, chosen once per forward by that build:
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from ..plans import AttentionParams
 from .unpad import RowMovers
 
 _RECENT = 8  # masks kept: a forward makes one or two (full, sliding); a few forwards' worth is plenty
@@ -69,18 +71,19 @@ class Meta:
     device: torch.device | None = None
     packing: Packing | None = None
     out: dict = field(default_factory=dict)  # (heads, head_dim, dtype) -> [total_q, heads, head_dim] buffer
-    runs: dict = field(default_factory=dict)  # (id(ops), heads, kv_heads, head_dim, dtype, params, scale) -> (ops, run)
+    runs: dict = field(default_factory=dict)  # (id(ops), heads, kv_heads, head_dim, dtype, window, softcap, scale) -> (ops, run)
 
-    def run_for(self, ops, query: torch.Tensor, kv_heads: int, params, scale: float | None):
+    def run_for(self, ops, query: torch.Tensor, kv_heads: int, window: int | None, softcap: float | None, scale: float | None):
         """The forward's bound attention call for a layer like this one: a plan over this batch (FA3's
         scheduler metadata made here, once) and ``bind_attention``'s run over it, made by the first such
-        layer and reused by every other (one per distinct shape, params and scale: Gemma-2 has two).
+        layer and reused by every other (one per distinct shape, window, softcap and scale: Gemma-2 has two).
         Padded where the batch allows and the op group can; else packed (``self.padded`` then turns False)."""
         _, heads, _, head_dim = query.shape
-        key = (id(ops), heads, kv_heads, head_dim, query.dtype, params, scale)  # an op group may be unhashable
+        key = (id(ops), heads, kv_heads, head_dim, query.dtype, window, softcap, scale)  # an op group may be unhashable
         entry = self.runs.get(key)
         if entry is not None and entry[0] is ops:  # the entry holds the group: no other can take its id
             return entry[1]
+        params = layer_params(window, float(softcap or 0.0))
         shape = dict(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, dtype=query.dtype, layer_params=(params,))
         plan = None
         if self.padded and _no_padded_plans.get(id(ops)) is not ops:
@@ -134,6 +137,12 @@ class Meta:
         if buf is None:
             buf = self.out[key] = like.new_empty(self.packed().idx_q.numel(), heads, head_dim)
         return buf
+
+
+@functools.cache
+def layer_params(window: int | None, softcap: float) -> AttentionParams:
+    """transformers' causal attention with a sliding ``window`` (None: full) and ``softcap`` (0: none)."""
+    return AttentionParams(causal=True, window_size=(window - 1, 0) if window else (-1, -1), softcap=softcap)
 
 
 # Op groups that refused a padded plan (FA4 reads no left-padded rows), by id: they get packed plans from

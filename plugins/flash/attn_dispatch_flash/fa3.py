@@ -43,22 +43,25 @@ def raw_fa3_ops_provider(name: str, ops, version: str = "") -> FlashProvider:
     """A provider over FA3's raw ops ``ops.fwd`` and ``ops.get_scheduler_metadata`` (vllm's schema: 37 and 23
     positional arguments). Binding lays the 37 arguments out once; a layer's call then passes only its
     tensors. Separate from the import so the argument layout can be tested without a GPU."""
-    fa3_fwd = ops.fwd
-    fa3_metadata = ops.get_scheduler_metadata
+    # The overloads themselves: calling a packet resolves the overload on every call.
+    fa3_fwd = getattr(ops.fwd, "default", ops.fwd)
+    fa3_metadata = getattr(ops.get_scheduler_metadata, "default", ops.get_scheduler_metadata)
 
     def bind_args(a: FlashArgs) -> BoundCall:
         left, right = a.window_size
+        # Everything after `out`, laid out now: a layer's call adds only its four tensors (reading 30
+        # fields per call cost several us of host time in a host-bound decode step).
+        rest = (
+            a.cu_seqlens_q, a.cu_seqlens_k, None, a.seqused_q, a.seqused_k,  # cu_seqlens_k_new
+            a.max_seqlen_q, a.max_seqlen_k, a.page_table,
+            None, a.leftpad_k, None, None, None, None, None, None,  # kv_batch_idx, leftpad_k, rotary x3, descales x3
+            a.softmax_scale, a.causal, left, right, a.softcap,
+            True, a.scheduler_metadata, a.num_splits, a.pack_gqa, 0,  # rotary_interleaved, ..., sm_margin
+            None, 1, 0, None,  # s_aux, cp_world_size, cp_rank, cp_tot_seqused_k
+        )  # fmt: skip
 
         def call(q, k, v, out):
-            return fa3_fwd(
-                q, k, v, None, None, None, out,  # k_new, v_new, q_v
-                a.cu_seqlens_q, a.cu_seqlens_k, None, a.seqused_q, a.seqused_k,  # cu_seqlens_k_new
-                a.max_seqlen_q, a.max_seqlen_k, a.page_table,
-                None, a.leftpad_k, None, None, None, None, None, None,  # kv_batch_idx, leftpad_k, rotary x3, descales x3
-                a.softmax_scale, a.causal, left, right, a.softcap,
-                True, a.scheduler_metadata, a.num_splits, a.pack_gqa, 0,  # rotary_interleaved, ..., sm_margin
-                None, 1, 0, None,  # s_aux, cp_world_size, cp_rank, cp_tot_seqused_k
-            )[0]  # fmt: skip
+            return fa3_fwd(q, k, v, None, None, None, out, *rest)[0]  # k_new, v_new, q_v
 
         return call
 
