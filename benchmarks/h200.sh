@@ -36,6 +36,7 @@ for stage in "$@"; do
       run check python3 -m pytest -q -m cuda -p no:cacheprovider --timeout 600 ;;
     fa3)
       install_tree "$root"
+      run fa3 python3 benchmarks/diag_fa3_call_layout.py
       run fa3 python3 benchmarks/bench_fa3.py --quick
       run fa3 python3 benchmarks/bench_dispatch_overhead.py ;;
     diffusers)
