@@ -10,13 +10,17 @@ The mask function is ``sdpa``'s own (``masking_utils.sdpa_mask``, same arguments
 fallback below must hand ``sdpa`` exactly what it would have got. FlashAttention's 2D mask form would
 not do for that, and the 4D mask alone does not say where the queries sit, so the mask function also
 records, next to the tensor it returns, the 2D padding mask and offsets it was made from
-(``transformers_meta``). The first layer turns that record into the forward's metadata with one host
-sync, and a plan with its bound per-layer call (``make_attention_plan`` + ``bind_attention``: FA3's
-scheduler metadata made once); every other layer of the forward reuses them (transformers' own
-FlashAttention path unpads, with a sync, in every layer, and FA3 schedules itself in every call). A
-left-padded batch (``generate``'s prefill and decode) gets a padded plan: FA3 reads each row's keys in
-place from transformers' own q/k/v and writes the ``[B, Q, H, D]`` output, no pack and no scatter. Other
-batches it computes exactly (right padding) get a packed plan with the row movers around it.
+(``transformers_meta``). The first layer turns that record into the forward's metadata and a plan with
+its bound per-layer call (``make_attention_plan`` + ``bind_attention``: FA3's scheduler metadata made
+once); every other layer of the forward reuses them (transformers' own FlashAttention path unpads, with a
+sync, in every layer, and FA3 schedules itself in every call):
+
+- a decode step (one query per row) works out each row's visible keys on the device, with no host sync
+  (``transformers_decode``), and FA3 reads transformers' caches in place as one-row pages: exact for any
+  mask row, holes and sliding windows included;
+- a prefill is decided on the host (one sync): a left-padded batch gets a padded plan, FA3 reading each
+  row's keys in place from transformers' own q/k/v into the ``[B, Q, H, D]`` output (no pack, no
+  scatter); other batches it computes exactly (right padding) get a packed plan with the row movers.
 
 What runs where (per layer call):
 
@@ -25,8 +29,9 @@ What runs where (per layer call):
   ``softcap``: q/k/v fp16/bf16 of one dtype and device, a head dim that is a multiple of 8 and at most
   256 (v's the same), query heads a multiple of key heads (GQA), no dropout, no ``output_attentions``, a
   causal module, no position bias, no autograd, not being compiled, and a mask that is None (no padding)
-  or one this module's mask function made from a plain causal or sliding-window causal pattern whose
-  valid tokens are one run per row (left or right padding, prefill or decode, Dynamic or Static cache).
+  or one this module's mask function made from a plain causal or sliding-window causal pattern: any such
+  mask in a decode step (one query per row; a cache laid out ``[B, H_kv, K, D]``, as transformers' Dynamic
+  and Static caches are), and in a prefill one whose valid tokens are one run per row (left or right padding).
   Output rows of padding queries are zeros (``sdpa`` computes something there; no valid token reads it).
   ``softcap`` is applied (``sdpa`` ignores it; eager applies it).
 - transformers' ``sdpa`` attention function, called with exactly the arguments it would have got (so
@@ -45,9 +50,10 @@ from typing import Any
 
 import torch
 
+from . import transformers_decode as decode
 from . import transformers_meta as meta
 from . import transformers_paged
-from .common import OpGroups, check_series
+from .common import OpGroups, check_series, log
 
 try:
     import transformers
@@ -159,8 +165,12 @@ def attn_dispatch_attention(
             return _attention(ops, meta.unpadded(query.device, batch, q_len, key.shape[2]), query, key, value, kwargs, window), None
         record = meta.lookup(attention_mask)
         if record is not None and record.window == window and _shapes_match(record, query, key):
-            unpad = meta.metadata(record)
-            if unpad.exact:
+            unpad = meta.metadata(record, ops)
+            if unpad.pages:
+                out = _decode_attention(ops, unpad, query, key, value, kwargs, window)
+                if out is not None:
+                    return out, None
+            elif unpad.exact:
                 return _attention(ops, unpad, query, key, value, kwargs, window), None
     return sdpa_attention.sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
@@ -213,6 +223,27 @@ def _attention(ops, unpad: meta.Meta, query, key, value, kwargs, window) -> torc
     out = unpad.out_buffer(query, heads, head_dim)
     run(movers.pack_q(query.transpose(1, 2)), k, v, out)
     return movers.scatter(out)  # [B, Q, H, D], zeros in padded rows
+
+
+def _decode_attention(ops, unpad: meta.Meta, query, key, value, kwargs, window) -> torch.Tensor | None:
+    """A decode step's layer over the step's one-row pages (``transformers_decode``): q ``[B, H, 1, D]``
+    read as ``[B, H, D]``, the caches in place, into a new ``[B, 1, H, D]`` output. None (the caller runs
+    ``sdpa``) for caches laid out otherwise, or for an op group that cannot read one-row pages (it is
+    then kept to host-built plans, and a warning says so once)."""
+    k_pages, v_pages = decode.paged_keys(key), decode.paged_keys(value)
+    if k_pages is None or v_pages is None:
+        return None
+    batch, heads, _, head_dim = query.shape
+    out = query.new_empty(batch, 1, heads, head_dim)
+    try:
+        run = unpad.run_for(ops, query, key.shape[1], window, kwargs.get("softcap"), kwargs.get("scaling"))
+        run(query[:, :, 0], k_pages, v_pages, out.view(batch, heads, head_dim))
+    except Exception as exc:  # noqa: BLE001 - refused before anything is written: sdpa answers instead
+        if meta.reads_in_place(ops):
+            log.warning("attn_dispatch: decode steps over one-row pages refused (%s); using host-built plans", exc)
+            meta.refuse_in_place(ops)
+        return None
+    return out
 
 
 # ---- registration ----------------------------------------------------------------------------------

@@ -11,11 +11,14 @@ route there and uploads what the kernels read; every later layer of the forward 
 that tensor is unwritten (``_version``), and the newest few records are kept (older forwards' masks
 drop out), so metadata is never stale.
 
-Two routes, chosen once per forward by that build:
+A decode step (one query per row) is not built on the host: ``metadata`` hands its record to
+``transformers_decode``, which works out each row's visible keys on the device (no sync) for a paged plan
+of one-row pages (``Meta.pages``). Everything else takes one of two routes, chosen once per forward by
+the host build:
 
 - padded (``Meta.padded``): each row's valid keys are one run that ends where its valid queries end, and
-  its padding queries come first and see no key (left padding: ``generate``'s prefill and decode,
-  Dynamic or Static cache). A padded plan (``make_attention_plan(key_starts=...)``) then reads
+  its padding queries come first and see no key (left padding: ``generate``'s prefill, or a decode step
+  where an op group reads no one-row pages). A padded plan (``make_attention_plan(key_starts=...)``) then reads
   transformers' q/k/v in place and writes the ``[B, Q, H, D]`` output directly: no pack, no scatter.
 - packed: any other batch FlashAttention computes exactly (right padding, say): the valid rows are
   packed, run as varlen attention and scattered back (``RowMovers``).
@@ -31,6 +34,7 @@ import numpy as np
 import torch
 
 from ..plans import AttentionParams
+from . import transformers_decode as decode
 from .unpad import RowMovers
 
 _RECENT = 8  # masks kept: a forward makes one or two (full, sliding); a few forwards' worth is plenty
@@ -39,12 +43,16 @@ _records: deque[MaskRecord] = deque(maxlen=_RECENT)
 
 @dataclass
 class Stats:
-    """Counters for tests: ``builds`` counts metadata builds (each is one host sync), ``plans`` the plans
-    made over them (each one launch of FA3's metadata kernel), ``padded_plans`` those of them padded."""
+    """Counters for tests: ``builds`` counts host metadata builds (each is one host sync),
+    ``device_builds`` decode steps' metadata made on the device (no sync, ``transformers_decode``),
+    ``plans`` the plans made over them (each one launch of FA3's metadata kernel), ``padded_plans`` and
+    ``paged_plans`` those of them padded and paged (one-row pages, decode)."""
 
     builds: int = 0
+    device_builds: int = 0
     plans: int = 0
     padded_plans: int = 0
+    paged_plans: int = 0
 
 
 stats = Stats()
@@ -58,10 +66,16 @@ class Meta:
 
     ``padded``: the batch runs as a padded plan over ``key_starts``/``key_ends`` (each row's valid keys,
     as indices into the layer's key tensor). Otherwise, or where the op group cannot make padded plans
-    (FA4), it is packed: ``packed()`` gives the indices, ``cu_seqlens`` and row movers, made on first use."""
+    (FA4), it is packed: ``packed()`` gives the indices, ``cu_seqlens`` and row movers, made on first use.
+
+    ``pages``: a decode step (one query per row) whose visible keys ``key_rows``/``key_counts`` were
+    worked out on the device (``transformers_decode``); it runs as a paged plan of one-row pages."""
 
     exact: bool
     padded: bool = False
+    pages: bool = False
+    key_rows: torch.Tensor | None = None  # int32 [B, K]: each row's visible keys first (pages route)
+    key_counts: torch.Tensor | None = None  # int32 [B]
     key_starts: torch.Tensor | None = None  # int32 [B]
     key_ends: torch.Tensor | None = None  # int32 [B]
     q_length: int = 0
@@ -84,7 +98,19 @@ class Meta:
         if entry is not None and entry[0] is ops:  # the entry holds the group: no other can take its id
             return entry[1]
         params = layer_params(window, float(softcap or 0.0))
-        shape = dict(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, dtype=query.dtype, layer_params=(params,))
+        shape = dict(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, dtype=query.dtype)
+        if self.pages:  # the window is in the page table: FA3 runs with none
+            plan = ops.make_attention_plan(
+                cache_seqlens=self.key_counts, page_table=decode.page_table(self.key_rows, kv_heads, self.kv_length), page_size=1,
+                cu_seqlens_q=decode.cu_seqlens_q(self.key_rows.shape[0], self.device), max_seqlen_q=1,
+                max_seqlen_k=self.kv_length, layer_params=(layer_params(None, params.softcap),), **shape,
+            )  # fmt: skip
+            stats.plans += 1
+            stats.paged_plans += 1
+            run = ops.bind_attention(plan, params=plan.layer_params[0], softmax_scale=scale)
+            self.runs[key] = (ops, run)
+            return run
+        shape["layer_params"] = (params,)
         plan = None
         if self.padded and _no_padded_plans.get(id(ops)) is not ops:
             try:
@@ -96,7 +122,7 @@ class Meta:
             except ValueError as exc:  # an op group without padded plans (FA4) says so by name, once
                 if not str(exc).startswith("key_starts"):
                     raise
-                _no_padded_plans[id(ops)] = ops
+                refuse_in_place(ops)
         if plan is None:
             self.padded = False
             p = self.packed()
@@ -146,8 +172,18 @@ def layer_params(window: int | None, softcap: float) -> AttentionParams:
 
 
 # Op groups that refused a padded plan (FA4 reads no left-padded rows), by id: they get packed plans from
-# then on. Each is held, so its id never names another group.
+# then on, and decode steps built on the host. Each is held, so its id never names another group.
 _no_padded_plans: dict[int, object] = {}
+
+
+def reads_in_place(ops) -> bool:
+    """Whether ``ops`` has not refused a padded plan or one-row pages: both read transformers' caches in
+    place; a group that cannot is kept to host-built packed plans."""
+    return _no_padded_plans.get(id(ops)) is not ops
+
+
+def refuse_in_place(ops) -> None:
+    _no_padded_plans[id(ops)] = ops
 
 
 @dataclass
@@ -202,11 +238,21 @@ def version_of(mask: torch.Tensor) -> int | None:
     return None if mask.is_inference() else mask._version
 
 
-def metadata(record: MaskRecord) -> Meta:
-    """The record's unpadding metadata, built on first use (one host sync) and reused after."""
+def metadata(record: MaskRecord, ops) -> Meta:
+    """The record's metadata, made on first use and reused after: on the device for a decode step (one
+    query per row, no sync, ``transformers_decode``) where ``ops`` reads in place, else on the host (one sync)."""
     if record.meta is None:
-        record.meta = _build(record)
+        record.meta = _decode_step(record) if record.q_length == 1 and reads_in_place(ops) else _build(record)
     return record.meta
+
+
+def _decode_step(r: MaskRecord) -> Meta:
+    stats.device_builds += 1
+    visible = decode.visible_keys(r)
+    if visible is None:
+        return Meta(exact=False)
+    rows, counts = visible
+    return Meta(exact=True, pages=True, key_rows=rows, key_counts=counts, q_length=1, kv_length=r.kv_length, device=r.mask.device)
 
 
 def _build(r: MaskRecord) -> Meta:

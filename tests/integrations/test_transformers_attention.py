@@ -24,7 +24,7 @@ def calls():
     """Inject cuda_fa3's ops over the stand-in provider; yield its call counters; undo after."""
     provider, counters = make_torch_provider()
     integration.use_ops(attn_dispatch_cuda_fa3.build_ops(provider))
-    integration.stats.builds = integration.stats.plans = integration.stats.padded_plans = 0
+    integration.stats.__init__()  # every counter back to zero (the module holds this very object)
     yield counters
     integration.use_ops(None)
 
@@ -112,7 +112,8 @@ def right_padded_mask(ids):
 
 
 def test_left_padded_forwards_read_q_k_v_in_place(calls, monkeypatch):
-    """generate's left-padded prefill and decode steps take padded plans: no row movers, no pack, no scatter."""
+    """generate's left-padded prefill takes a padded plan and its decode steps one-row pages: no row
+    movers, no pack, no scatter; one host build (the prefill's), the decode steps' made on the device."""
     from attn_dispatch.integrations import transformers_meta
 
     def no_movers(*args, **kwargs):
@@ -122,7 +123,9 @@ def test_left_padded_forwards_read_q_k_v_in_place(calls, monkeypatch):
     model, (ids, mask) = llama(), left_padded_batch()
     model.set_attn_implementation("attn_dispatch")
     model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
-    assert integration.stats.plans == integration.stats.padded_plans == 4  # one per forward
+    stats = integration.stats
+    assert (stats.plans, stats.padded_plans, stats.paged_plans) == (4, 1, 3)  # one per forward
+    assert (stats.builds, stats.device_builds) == (1, 3)
     assert calls.fwd == calls.fwd_with_metadata == 4 * 2
 
 

@@ -1,6 +1,6 @@
 """The transformers integration on the GPU with the real FA3 (sm90): a small Llama, left padded, through
-padded plans (prefill and decode, Dynamic and Static cache) and through the packed route (right padding),
-against ``sdpa`` on the valid positions."""
+padded plans (prefill), one-row pages over the caches (decode steps: Dynamic and Static cache, a row with
+a hole) and the packed route (right padding), against ``sdpa`` on the valid positions."""
 
 from __future__ import annotations
 
@@ -64,25 +64,30 @@ def test_prefill_matches_sdpa_on_valid_positions(model, padding):
     torch.testing.assert_close(ours[valid], theirs[valid], atol=3e-2, rtol=3e-2)
 
 
-@pytest.mark.parametrize("cache", [None, "static"])
+@pytest.mark.parametrize("cache", [None, "static", "holes"])
 def test_decode_steps_match_sdpa(model, cache):
-    """generate's scores (prefill, then decode steps over the cache) agree with sdpa's while the tokens do.
-    With a StaticCache on CUDA, generate compiles the decode forward (where this integration hands every
-    call to sdpa), so the test turns that off to run the decode steps through padded plans."""
+    """generate's scores (prefill, then decode steps over the cache) agree with sdpa's while the tokens do:
+    FA3 reading transformers' caches in place as one-row pages. With a StaticCache on CUDA, generate
+    compiles the decode forward (where this integration hands every call to sdpa), so the test turns that
+    off. "holes": padding inside a row, which the prefill leaves to sdpa and the decode steps compute."""
     ids, mask = batch("left")
+    holes, cache = cache == "holes", None if cache == "holes" else cache
+    if holes:
+        mask[0, 30:35] = 0
     extra = {} if cache is None else {"cache_implementation": cache, "disable_compile": True}
     scores = {}
     for impl in ("attn_dispatch", "sdpa"):
         model.set_attn_implementation(impl)
-        padded_plans = integration.stats.padded_plans
+        before = (integration.stats.padded_plans, integration.stats.paged_plans)
         with torch.inference_mode():
             out = model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
                 output_scores=True, return_dict_in_generate=True, **extra,
             )  # fmt: skip
         scores[impl] = (out.sequences[:, ids.shape[1] :], [s.float() for s in out.scores])
-        if impl == "attn_dispatch":  # the prefill and the 3 decode forwards, each one padded plan
-            assert integration.stats.padded_plans - padded_plans == 4
+        if impl == "attn_dispatch":  # a padded plan for the prefill (unless it has holes), pages for the 3 steps
+            after = (integration.stats.padded_plans, integration.stats.paged_plans)
+            assert (after[0] - before[0], after[1] - before[1]) == (0 if holes else 1, 3)
     (ours_tokens, ours), (their_tokens, theirs) = scores["attn_dispatch"], scores["sdpa"]
     for step, (a, b) in enumerate(zip(ours, theirs)):
         torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2, msg=f"step {step}")
