@@ -26,6 +26,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import attn_dispatch.integrations.transformers as ad_transformers
+from attn_dispatch.integrations import transformers_build as build
 from attn_dispatch.integrations import transformers_meta as meta
 from bench_transformers import StepClock, llama_config, padded_batch, sync, tiny
 
@@ -48,7 +49,7 @@ def instrument() -> None:
     for impl in ("sdpa", "attn_dispatch"):
         ALL_ATTENTION_FUNCTIONS._global_mapping[impl] = timed_as("attention", ALL_ATTENTION_FUNCTIONS[impl])
         ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[impl] = timed_as("mask", ALL_MASK_ATTENTION_FUNCTIONS[impl])
-    meta._build = timed_as("build", meta._build)
+    build._build = timed_as("build", build._build)
     meta.Meta.run_for = timed_as("run_for", meta.Meta.run_for)
 
 

@@ -50,6 +50,7 @@ from typing import Any
 
 import torch
 
+from . import transformers_build as build
 from . import transformers_decode as decode
 from . import transformers_meta as meta
 from . import transformers_paged
@@ -162,10 +163,10 @@ def attn_dispatch_attention(
         window = kwargs.get("sliding_window")
         if attention_mask is None:
             batch, _, q_len, _ = query.shape
-            return _attention(ops, meta.unpadded(query.device, batch, q_len, key.shape[2]), query, key, value, kwargs, window), None
+            return _attention(ops, build.unpadded(query.device, batch, q_len, key.shape[2]), query, key, value, kwargs, window), None
         record = meta.lookup(attention_mask)
         if record is not None and record.window == window and _shapes_match(record, query, key):
-            unpad = meta.metadata(record, ops)
+            unpad = build.metadata(record, ops)
             if unpad.pages:
                 out = _decode_attention(ops, unpad, query, key, value, kwargs, window)
                 if out is not None:

@@ -1,7 +1,7 @@
 """Decode steps without a host sync: which keys each row's one query sees, worked out on the device.
 
 A decode step (one query per row) is most of ``generate``'s time, and it is host-bound: the host build of
-``transformers_meta`` (the padding mask copied down, numpy, the key ranges uploaded) cost a few hundred us
+``transformers_build`` (the padding mask copied down, numpy, the key ranges uploaded) cost a few hundred us
 per step on the H200's host, as much as attention saved. With one query per row no route has to be decided:
 the keys a query sees are exactly its mask row, ``padding[b, kv] & kv <= q`` (and ``kv > q - window``), and
 FlashAttention's paged read computes any such set exactly when each row's page table lists those keys in
