@@ -277,7 +277,53 @@ def bench_paged(model, ids, mask, graphs: bool = False) -> dict:
                 for a, b in zip(ours[:n], ref[:n])
             ]  # fmt: skip
             results[impl]["logprob_max_abs_diff_on_common_prefix"] = max(diffs, default=None)
+    if "paged|sdpa" in outputs:
+        results["teacher_forced_on_paged_sdpa_tokens"] = teacher_forced(model, prompts, outputs["paged|sdpa"])
     return results
+
+
+def teacher_forced(model, prompts: list[list[int]], generated: list[list[int]]) -> dict:
+    """Whether each implementation picks ``generated``'s tokens (paged|sdpa's) when fed the same prefix.
+
+    Greedy outputs of two bf16 implementations part at the first near-tie and never meet again, so
+    comparing them token for token measures the ties, not the attention. Here every position gets the
+    same prefix (prompt + the reference's tokens so far, one left-padded forward per implementation), and
+    each disagreement is reported with the reference-side top-2 margin next to the two implementations'
+    logit difference: a margin under that difference is a tie that rounding decides."""
+    device = next(model.parameters()).device
+    n_new = min(map(len, generated))
+    seqs = [p + g[:n_new] for p, g in zip(prompts, generated)]
+    width = max(map(len, seqs))
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(seqs):
+        ids[row, width - len(seq) :] = torch.tensor(seq)
+        mask[row, width - len(seq) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    expected = torch.tensor([g[:n_new] for g in generated], device=device)
+    position_ids = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)
+    logits = {}
+    with torch.inference_mode():
+        for impl in ("sdpa", "attn_dispatch"):
+            model.set_attn_implementation(impl)
+            # the last n_new + 1 positions: the prompt's last token predicts the first generated one, ...
+            out = model(ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=n_new + 1)
+            logits[impl] = out.logits[:, :n_new].float()
+    report = {"positions": expected.numel()}
+    for impl, lg in logits.items():
+        report[f"{impl}_picks_paged_sdpa_token"] = int((lg.argmax(-1) == expected).sum())
+    ours, ref = logits["attn_dispatch"], logits["sdpa"]
+    differ = (ours.argmax(-1) != ref.argmax(-1)).nonzero().tolist()
+    ties = []
+    for row, pos in differ:
+        top = ref[row, pos].topk(2).values
+        ties.append(dict(row=row, position=pos, sdpa_margin=(top[0] - top[1]).item(),
+                         logits_max_abs_diff=(ours[row, pos] - ref[row, pos]).abs().max().item()))  # fmt: skip
+    report["attn_dispatch_vs_sdpa_same_argmax"] = expected.numel() - len(differ)
+    report["attn_dispatch_vs_sdpa_disagreements"] = ties
+    report["every_disagreement_a_tie"] = all(t["sdpa_margin"] <= t["logits_max_abs_diff"] for t in ties)
+    report["logits_max_abs_diff"] = (ours - ref).abs().max().item()
+    return report
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -28,7 +28,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 import attn_dispatch.integrations.transformers as ad_transformers
 from attn_dispatch.integrations import transformers_build as build
 from attn_dispatch.integrations import transformers_meta as meta
-from bench_transformers import StepClock, llama_config, padded_batch, sync, tiny
+from bench_transformers import MODELS, StepClock, padded_batch, sync, tiny
 
 clock: dict[str, float] = defaultdict(float)
 
@@ -50,19 +50,22 @@ def instrument() -> None:
         ALL_ATTENTION_FUNCTIONS._global_mapping[impl] = timed_as("attention", ALL_ATTENTION_FUNCTIONS[impl])
         ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[impl] = timed_as("mask", ALL_MASK_ATTENTION_FUNCTIONS[impl])
     build._build = timed_as("build", build._build)
+    build._decode_step = timed_as("device_build", build._decode_step)
     meta.Meta.run_for = timed_as("run_for", meta.Meta.run_for)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--model", choices=tuple(MODELS), default="llama")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--gc", choices=("on", "freeze", "off"), default="on", help="Python's cyclic GC during the rounds")
     parser.add_argument("--profile", action="store_true", help="then cProfile one generate each: the functions that differ most")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    config = tiny(llama_config()) if args.tiny else llama_config()
+    make_config = MODELS[args.model][0]
+    config = tiny(make_config()) if args.tiny else make_config()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").to(device).eval()
     ids, mask = padded_batch(config.vocab_size, device)
@@ -102,16 +105,16 @@ def main() -> None:
                 continue  # warm-up: first generate of each implementation
             steps = step_clock.decode_steps_ms()
             rows[impl]["step"] += steps
-            for name in ("attention", "mask", "build", "run_for"):  # per step: the clock read at its two ends
+            for name in ("attention", "mask", "build", "device_build", "run_for"):  # per step: the clock read at its two ends
                 deltas = [(b.get(name, 0.0) - a.get(name, 0.0)) * 1e3 for a, b in zip(parts, parts[1:])]
                 rows[impl][name] += deltas
     print(f"decode step, host ms (medians over {len(rows['sdpa']['step'])} steps):")
-    print("| impl | step | attention fns | of which build | of which plan+bind (run_for) | mask fns | rest |")
-    print("|---|---|---|---|---|---|---|")
+    print("| impl | step | attention fns | of which host build | of which device build | of which plan+bind (run_for) | mask fns | rest |")
+    print("|---|---|---|---|---|---|---|---|")
     for impl, row in rows.items():
         med = {k: statistics.median(v) for k, v in row.items()}
         rest = med["step"] - med["attention"] - med["mask"]
-        print(f"| {impl} | {med['step']:.3f} | {med['attention']:.3f} | {med['build']:.3f} | {med['run_for']:.3f} | {med['mask']:.3f} | {rest:.3f} |")
+        print(f"| {impl} | {med['step']:.3f} | {med['attention']:.3f} | {med['build']:.3f} | {med['device_build']:.3f} | {med['run_for']:.3f} | {med['mask']:.3f} | {rest:.3f} |")
     for impl, row in rows.items():
         print(f"{impl}: gc collections per generate {row['gc collections']}")
     print("stats:", ad_transformers.stats)

@@ -4,7 +4,9 @@
 #   benchmarks/h200.sh diffusers varlen_host tox   (issue 11 benchmarks; tox -e cuda as written)
 #   benchmarks/h200.sh transformers                 (issue 13: Llama- and Gemma-2-like models, sdpa/eager vs attn_dispatch)
 #   benchmarks/h200.sh conformance                  (issue 12: the full grids without and with the known-wrong guard)
-#   benchmarks/h200.sh transformers_host            (where a decode step's host time goes, sdpa vs attn_dispatch)
+#   benchmarks/h200.sh paged                        (issue 13: generate_batch only, with the teacher-forced token check)
+#   benchmarks/h200.sh transformers_host            (where a decode step's host time goes, sdpa vs attn_dispatch;
+#                                                    DIAG_ARGS="--model gemma2 --profile" for the Gemma-2-like model)
 #   benchmarks/h200.sh leftpad                      (FA3 reading left-padded rows in place: groundwork, see the script)
 # Needs in carry: .carry (../shared/device/fa3-site.sh, ../shared/device/wheels.sh, .ci/gpu-wheels.sh) and,
 # for the "baseline" stage, .baseline (a `git archive` of the commit to compare against).
@@ -58,7 +60,10 @@ for stage in "$@"; do
       run transformers python3 benchmarks/bench_transformers.py --json "$OUT/transformers.json" ;;
     transformers_host)
       install_tree "$root"
-      run transformers_host python3 benchmarks/diag_transformers_host.py ;;
+      run transformers_host python3 benchmarks/diag_transformers_host.py ${DIAG_ARGS:-} ;;
+    paged)
+      install_tree "$root"
+      run paged python3 benchmarks/bench_transformers.py --paged-only --json "$OUT/paged.json" ;;
     leftpad)
       install_tree "$root"
       run leftpad python3 benchmarks/diag_fa3_leftpad.py ;;
