@@ -417,6 +417,27 @@ def test_varlen_binds_once_while_the_lengths_stay_the_same():
     assert len(binds) == 4 and calls.fwd == 8
 
 
+def test_varlen_repeat_call_still_checks_out_and_v():
+    """The repeat-call fast path (same lengths and shapes as the last call that passed) still refuses an
+    ``out`` of another dtype or not contiguous, and a bad ``v``, naming them before anything is written."""
+    ops = build_ops(make_torch_provider()[0])
+    q, k, v, lens = packed_batch(lens=[5, 9], heads=4, kv_heads=2, head_dim=32)
+    good = torch.zeros(14, 128, dtype=q.dtype)
+    ops["varlen_attention_out"](q, k, v, good, **lens)  # the call the next ones repeat
+    other_dtype = torch.full((14, 128), 7.0, dtype=torch.float32)
+    strided = torch.full((128, 14), 7.0, dtype=q.dtype).t()  # [14, 128], not contiguous
+    for out in (other_dtype, strided):
+        with pytest.raises(ValueError, match="^out: "):
+            ops["varlen_attention_out"](q, k, v, out, **lens)
+        assert (out == 7.0).all()
+    out = torch.full((14, 128), 7.0, dtype=q.dtype)
+    with pytest.raises(ValueError, match="^v: "):
+        ops["varlen_attention_out"](q, k, v.float(), out, **lens)
+    assert (out == 7.0).all()
+    ops["varlen_attention_out"](q, k, v, out, **lens)  # and the good call runs again
+    assert torch.equal(out, good)
+
+
 def test_wrong_rank_q_is_named():
     """A 2-D or 4-D q never reaches the kernel as an IndexError or an unpacking error: ValueError naming q."""
     provider, calls = make_torch_provider()
