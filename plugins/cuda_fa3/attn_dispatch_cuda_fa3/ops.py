@@ -160,12 +160,12 @@ class AttentionOutOps:
             )  # fmt: skip
         except AttributeError:  # not a tensor: the detailed check names it
             shapes, same = None, False
+        if not same and not fits_kernel(q, out, max_seqlen_q, max_seqlen_k):
+            check_varlen(q, k, v, out, *lengths, params, softmax_scale)
         try:  # q's rank is FA3's check: an IndexError here is named by the detailed check too
             if same:
                 call, rows = last[8], last[9]
             else:
-                if not fits_kernel(q, out, max_seqlen_q, max_seqlen_k):
-                    check_varlen(q, k, v, out, *lengths, params, softmax_scale)
                 scale = q.shape[2] ** -0.5 if softmax_scale is None else softmax_scale
                 call = self._varlen.get(q, k, *lengths, params, scale)
                 rows = None if out.dim() == 3 and out.shape[0] == q.shape[0] else (q.shape[0], q.shape[1], v.shape[2])
