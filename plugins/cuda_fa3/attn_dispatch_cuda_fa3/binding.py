@@ -2,8 +2,8 @@
 
 Eagerly, the ops call a bound :data:`LayerCall` straight away: for paged attention the step's first layer
 with given params binds it into the plan (``FlashPlan.layer_calls``) and every later layer looks it up; for
-varlen attention :class:`LastVarlenCall` keeps the binding while the engine passes the same lengths (every
-layer of a prefill step). Under torch.compile the custom op (:mod:`.custom_op`) binds the same way in its
+varlen attention the ops keep the last call's binding (:func:`bind_varlen_call`) while the engine repeats
+that call (every layer of a prefill step). Under torch.compile the custom op (:mod:`.custom_op`) binds the same way in its
 body, from the same :class:`~attn_dispatch_flash.FlashArgs`.
 """
 
@@ -15,7 +15,7 @@ import torch
 from attn_dispatch.plans import AttentionParams
 from attn_dispatch_flash import FlashArgs, FlashProvider
 
-from .known_wrong import Layer, classes_for, guard
+from .known_wrong import Layer, guard
 from .stats import stats
 
 # call(q, k, v, out_rows): attention written into out_rows, [tokens, heads, head_dim_v] (the engine's rows).
@@ -81,39 +81,18 @@ def varlen_args(
     )  # fmt: skip
 
 
-class LastVarlenCall:
-    """The last varlen binding of one ops object, reused while the lengths stay the same.
-
-    The key compares ``cu_seqlens_q``/``cu_seqlens_k`` by identity (the kernel reads their current values
-    at every call, so an engine refilling the same tensors in place keeps its binding) and the host values
-    by equality, plus the layer's shape where the known-wrong table lists the provider. It holds a reference
-    to the last lengths' tensors until the next binding. The key and the call are stored as one tuple, so a
-    thread never reads one without the other.
-    """
-
-    def __init__(self, provider: FlashProvider, original: bool, strict: bool = False) -> None:
-        self.provider, self.original, self.strict = provider, original, strict
-        self._last: tuple | None = None
-        # A binding depends on the layer's shape only through the known-wrong guard: only a provider the
-        # table lists pays for comparing shapes too.
-        self._shape_matters = bool(classes_for(provider))
-
-    def get(self, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, params, softmax_scale) -> LayerCall:
-        """The bound call for these lengths; ``q`` and ``k`` are read only when binding (their shapes, for
-        the known-wrong guard)."""
-        last = self._last
-        shape = (q.shape[1], k.shape[1], q.shape[2]) if self._shape_matters else None
-        if (
-            last is not None and last[0] is cu_seqlens_q and last[1] is cu_seqlens_k and last[2] == max_seqlen_q
-            and last[3] == max_seqlen_k and (last[4] is params or last[4] == params) and last[5] == softmax_scale
-            and last[6] == shape
-        ):  # fmt: skip
-            return last[7]
-        args = varlen_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, params, softmax_scale)
-        layer_shape = shape or (q.shape[1], k.shape[1], q.shape[2])
-        call = bind_layer_call(self.provider, args, original=self.original, shape=layer_shape, strict=self.strict)
-        self._last = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, params, softmax_scale, shape, call)
-        return call
+def bind_varlen_call(
+    provider: FlashProvider, q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+    params: AttentionParams, softmax_scale: float | None, *, original: bool, strict: bool = False,
+) -> tuple[LayerCall, tuple[int, int, int] | None]:
+    """A varlen call's binding, for a call that passed the per-call test: ``(call, rows)``, ``rows`` the
+    ``[tokens, heads, head_dim_v]`` shape ``out`` is viewed as (None: ``out`` is that already). The ops
+    keep the last one and reuse it while calls repeat it (every layer of a prefill step)."""
+    scale = q.shape[2] ** -0.5 if softmax_scale is None else softmax_scale
+    args = varlen_args(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, params, scale)
+    call = bind_layer_call(provider, args, original=original, shape=(q.shape[1], k.shape[1], q.shape[2]), strict=strict)
+    tokens = q.shape[0]
+    return call, None if out.dim() == 3 and out.shape[0] == tokens else (tokens, q.shape[1], v.shape[2])
 
 
 def out_rows(out: torch.Tensor, tokens: int, heads: int, head_dim_v: int) -> torch.Tensor:

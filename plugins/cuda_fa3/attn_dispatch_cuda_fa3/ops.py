@@ -6,9 +6,9 @@ One route per op, engine to kernel:
   params: :func:`.plan.paged_args` + :func:`.binding.bind_layer_call`), the per-call test
   (:func:`.checks.fits_plan`), the call, writing straight into the engine's buffer. No pluggy, no device
   syncs, no data-dependent shapes, so it is CUDA-graph capturable.
-* varlen, eager: the same, with the binding kept while the lengths stay the same
-  (:class:`.binding.LastVarlenCall`); a call repeating the last one's lengths, shapes and dtype (every
-  layer of a prefill step) is one tuple comparison, out's contiguity and the call.
+* varlen, eager: a call repeating the last one's lengths, shapes and dtype (every layer of a prefill
+  step) is one comparison, out's contiguity and the last call's binding; any other call is tested and
+  bound afresh (:func:`.binding.bind_varlen_call`).
 * a bound run (``bind_attention``, per step): the plan's call bound once, then per layer only the
   per-call test and the call (a paged or a packed plan: the packed one carries FA3's metadata too).
 * under torch.compile: the checks run once, at trace time, and the same arguments go through the custom
@@ -26,7 +26,7 @@ from attn_dispatch.plans import DEFAULT_PARAMS, AttentionParams, AttentionPlan
 from attn_dispatch.validate import validate_attention_run, validate_bind_attention
 from attn_dispatch_flash import FlashProvider
 
-from .binding import LastVarlenCall, LayerCall, bind_layer_call, out_rows, varlen_args
+from .binding import LayerCall, bind_layer_call, bind_varlen_call, out_rows, varlen_args
 from .checks import check_paged, check_varlen, fits_kernel, fits_plan, name_the_argument
 from .custom_op import call_attention_out, route_number
 from .plan import FLASH_DTYPES, FlashPlan, check_plan_is_ours, make_plan, paged_args, plan_args
@@ -50,9 +50,9 @@ class AttentionOutOps:
         self.original = original
         self.strict = strict
         self._route = route_number(provider, original, strict)
-        self._varlen = LastVarlenCall(provider, original, strict)
-        # The last varlen call that passed the checks: its arguments (lengths by identity, shapes, dtype),
-        # its bound call and the view its out needed, as one tuple (a thread never reads half of it).
+        # The last varlen call that passed the per-call test: its key (lengths tensors by identity, the
+        # max lengths, params, scale, q's/k's/out's shapes, dtype), its binding and out's view, as one
+        # tuple (a thread never reads half of it). Every layer of a prefill step repeats it.
         self._last_varlen: tuple | None = None
 
     def make_attention_plan(
@@ -148,27 +148,27 @@ class AttentionOutOps:
             scale = q.shape[2] ** -0.5 if softmax_scale is None else softmax_scale
             call_attention_out(q, k, v, out, varlen_args(*lengths, params, scale), self._route)
             return out
-        # Every layer of a prefill step passes the same lengths and shapes: then one comparison with the
-        # last call stands for the per-call test and the binding lookup below.
+        # A repeat of the last call (every layer of a prefill step): one comparison stands for the per-call
+        # test and the binding. The shapes also keep apart layers the known-wrong guard may route differently.
         last = self._last_varlen
         try:
             shapes = (q.shape, k.shape, out.shape)
-            same = (
+            repeat = (
                 last is not None and last[0] is cu_seqlens_q and last[1] is cu_seqlens_k and last[2] == max_seqlen_q
-                and last[3] == max_seqlen_k and last[4] is params and last[5] == softmax_scale and last[6] == shapes
-                and q.dtype is last[7] and out.dtype is last[7] and out.is_contiguous()
+                and last[3] == max_seqlen_k and (last[4] is params or last[4] == params) and last[5] == softmax_scale
+                and last[6] == shapes and q.dtype is last[7] and out.dtype is last[7] and out.is_contiguous()
             )  # fmt: skip
         except AttributeError:  # not a tensor: the detailed check names it
-            shapes, same = None, False
-        if not same and not fits_kernel(q, out, max_seqlen_q, max_seqlen_k):
+            shapes, repeat = None, False
+        if not repeat and not fits_kernel(q, out, max_seqlen_q, max_seqlen_k):
             check_varlen(q, k, v, out, *lengths, params, softmax_scale)
         try:  # q's rank is FA3's check: an IndexError here is named by the detailed check too
-            if same:
+            if repeat:
                 call, rows = last[8], last[9]
             else:
-                scale = q.shape[2] ** -0.5 if softmax_scale is None else softmax_scale
-                call = self._varlen.get(q, k, *lengths, params, scale)
-                rows = None if out.dim() == 3 and out.shape[0] == q.shape[0] else (q.shape[0], q.shape[1], v.shape[2])
+                call, rows = bind_varlen_call(
+                    self.provider, q, k, v, out, *lengths, params, softmax_scale, original=self.original, strict=self.strict
+                )  # fmt: skip
                 self._last_varlen = (*lengths, params, softmax_scale, shapes, q.dtype, call, rows)
             call(q, k, v, out if rows is None else out_rows(out, *rows))
         except Exception as exc:
