@@ -109,7 +109,7 @@ def main() -> None:
                 deltas = [(b.get(name, 0.0) - a.get(name, 0.0)) * 1e3 for a, b in zip(parts, parts[1:])]
                 rows[impl][name] += deltas
     print(f"decode step, host ms (medians over {len(rows['sdpa']['step'])} steps):")
-    print("| impl | step | attention fns | of which host build | of which device build | of which plan+bind (run_for) | mask fns | rest |")
+    print("| impl | step | attention fns | of which host build | of which device build | of which page tables+plan+bind (run_for) | mask fns | rest |")
     print("|---|---|---|---|---|---|---|---|")
     for impl, row in rows.items():
         med = {k: statistics.median(v) for k, v in row.items()}
@@ -125,6 +125,7 @@ def main() -> None:
 def profile_both(model, ids, mask, new_tokens: int) -> None:
     """cProfile one generate per implementation; print the functions whose own time differs most per step."""
     own: dict[str, dict] = {}
+    cumulative: dict[str, tuple[int, float]] = {}
     for impl in ("sdpa", "attn_dispatch"):
         model.set_attn_implementation(impl)
         profiler = cProfile.Profile()
@@ -134,12 +135,24 @@ def profile_both(model, ids, mask, new_tokens: int) -> None:
             profiler.disable()
         stats = pstats.Stats(profiler).stats  # (file, line, name) -> (cc, nc, tottime, cumtime, callers)
         own[impl] = {f"{Path(f).name}:{line}({name})": (nc, tt) for (f, line, name), (cc, nc, tt, ct, _) in stats.items()}
+        if impl == "attn_dispatch":
+            cumulative = {f"{Path(f).name}:{line}({name})": (nc, ct) for (f, line, name), (cc, nc, tt, ct, _) in stats.items() if name in PER_STEP}
     keys = set(own["sdpa"]) | set(own["attn_dispatch"])
     diff = sorted(keys, key=lambda k: abs(own["attn_dispatch"].get(k, (0, 0))[1] - own["sdpa"].get(k, (0, 0))[1]), reverse=True)
     print(f"cProfile, own time per decode step (us), the 30 largest differences ({new_tokens} steps):")
     for k in diff[:30]:
         (n_s, t_s), (n_a, t_a) = own["sdpa"].get(k, (0, 0)), own["attn_dispatch"].get(k, (0, 0))
         print(f"  {k}: sdpa {t_s / new_tokens * 1e6:.1f} ({n_s} calls), attn_dispatch {t_a / new_tokens * 1e6:.1f} ({n_a} calls)")
+    print("attn_dispatch, cumulative time per decode step (us) of the per-step work (under cProfile: inflated):")
+    for k, (n, t) in sorted(cumulative.items(), key=lambda item: -item[1][1]):
+        print(f"  {k}: {t / new_tokens * 1e6:.1f} ({n} calls)")
+
+
+# what a decode step does once per mask or op group, besides the layers' calls
+PER_STEP = {
+    "run_for", "metadata", "_decode_step", "pages", "one_query_pages", "visible_keys", "page_table", "make_attention_plan",
+    "make_plan", "validate_make_attention_plan", "_scheduler_metadata", "bind_attention", "launch", "cu_seqlens_q",
+}
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
@@ -24,12 +26,13 @@ def metadata(record: MaskRecord, ops) -> Meta:
 
 
 def _decode_step(r: MaskRecord) -> Meta:
+    """Nothing is launched here: each op group's first layer makes its page table from the record
+    (``Meta.run_for``, ``transformers_decode.pages``), over its own key/value heads."""
     stats.device_builds += 1
-    visible = decode.visible_keys(r)
-    if visible is None:
+    if not decode.covers(r):
         return Meta(exact=False)
-    rows, counts = visible
-    return Meta(exact=True, pages=True, key_rows=rows, key_counts=counts, q_length=1, kv_length=r.kv_length, device=r.mask.device)
+    step = replace(r, meta=None)  # the record holds its Meta: a copy keeps them out of a reference cycle
+    return Meta(exact=True, pages=True, step=step, q_length=1, kv_length=r.kv_length, device=r.mask.device)
 
 
 def _build(r: MaskRecord) -> Meta:

@@ -66,14 +66,13 @@ class Meta:
     as indices into the layer's key tensor). Otherwise, or where the op group cannot make padded plans
     (FA4), it is packed: ``packed()`` gives the indices, ``cu_seqlens`` and row movers, made on first use.
 
-    ``pages``: a decode step (one query per row) whose visible keys ``key_rows``/``key_counts`` were
-    worked out on the device (``transformers_decode``); it runs as a paged plan of one-row pages."""
+    ``pages``: a decode step (one query per row) of mask record ``step``; it runs as a paged plan of
+    one-row pages, each row's visible keys worked out on the device (``transformers_decode.pages``)."""
 
     exact: bool
     padded: bool = False
     pages: bool = False
-    key_rows: torch.Tensor | None = None  # int32 [B, K]: each row's visible keys first (pages route)
-    key_counts: torch.Tensor | None = None  # int32 [B]
+    step: MaskRecord | None = None  # the pages route's mask record
     key_starts: torch.Tensor | None = None  # int32 [B]
     key_ends: torch.Tensor | None = None  # int32 [B]
     q_length: int = 0
@@ -98,10 +97,10 @@ class Meta:
         params = layer_params(window, float(softcap or 0.0))
         shape = dict(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, dtype=query.dtype)
         if self.pages:  # the window is in the page table: FA3 runs with none
+            table, counts = decode.pages(self.step, kv_heads)
             plan = ops.make_attention_plan(
-                cache_seqlens=self.key_counts, page_table=decode.page_table(self.key_rows, kv_heads, self.kv_length), page_size=1,
-                cu_seqlens_q=decode.cu_seqlens_q(self.key_rows.shape[0], self.device), max_seqlen_q=1,
-                max_seqlen_k=self.kv_length, layer_params=(layer_params(None, params.softcap),), **shape,
+                cache_seqlens=counts, page_table=table, page_size=1, cu_seqlens_q=decode.cu_seqlens_q(self.step.batch, self.device),
+                max_seqlen_q=1, max_seqlen_k=self.kv_length, layer_params=(layer_params(None, params.softcap),), **shape,
             )  # fmt: skip
             stats.plans += 1
             stats.paged_plans += 1

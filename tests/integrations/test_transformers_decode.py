@@ -4,6 +4,7 @@ host sync, exact for any mask a one-query step can have; on CPU through the stan
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -103,6 +104,56 @@ def test_visible_keys_are_the_mask_rows(window, static_offset):
         expected = [j for j in range(8) if padding[b, j] and j <= query and (window is None or j > query - window)]
         assert counts[b].item() == len(expected)
         assert rows[b, : len(expected)].tolist() == expected
+
+
+@pytest.mark.parametrize("window", [None, 3, 1500])
+@pytest.mark.parametrize("static_offset", [False, True])
+@pytest.mark.parametrize("kv_offset", [0, 2])
+@pytest.mark.parametrize("padded", [True, False])
+def test_fused_page_table_is_the_torch_one(window, static_offset, kv_offset, padded):
+    """attn_dispatch_flash.pages (one Triton launch) makes the bytes visible_keys + page_table make,
+    over more than one of its blocks of keys (interpreted on CPU)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 (the GPU runs the cuda-marked twin)")
+    check_fused_page_table("cpu", window, static_offset, kv_offset, padded)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("window", [None, 1500])
+@pytest.mark.parametrize("static_offset", [False, True])
+@pytest.mark.parametrize("padded", [True, False])
+def test_fused_page_table_is_the_torch_one_on_the_gpu(window, static_offset, padded):
+    """The same on the GPU, through the bound launch: twice, so the second call reuses the binding with
+    other lengths and offsets (they are not specialized on)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs an NVIDIA GPU")
+    check_fused_page_table("cuda", window, static_offset, 0, padded)
+    check_fused_page_table("cuda", window, static_offset, 3, padded, length_extra=57)
+
+
+def check_fused_page_table(device, window, static_offset, kv_offset, padded, length_extra=300):
+    pages_kernel = pytest.importorskip("attn_dispatch_flash.pages")
+    from types import SimpleNamespace
+
+    batch, length = 3, pages_kernel.BLOCK + length_extra
+    generator = torch.Generator().manual_seed(length)
+    padding = torch.rand(batch, kv_offset + length + 1, generator=generator) > 0.3
+    padding[1, : kv_offset + 700] = False  # a left-padded row
+    padding = padding.to(device)
+    query = kv_offset + length - 40  # the last keys unwritten (a StaticCache)
+    record = SimpleNamespace(
+        batch=batch, kv_length=length, kv_offset=kv_offset, mask=padding, padding=padding if padded else None,
+        window=window, q_offset=torch.tensor(query, device=device) if static_offset else query,
+    )  # fmt: skip
+    rows, counts = decode.visible_keys(record)
+    expected = decode.page_table(rows, kv_heads=2, kv_length=length)
+    expected[torch.arange(length, device=device) >= counts[:, None]] = 0  # past each row's count: zeros
+    table, fused_counts = pages_kernel.one_query_pages(
+        record.padding, batch=batch, length=length, key_offset=kv_offset, query=record.q_offset, window=window,
+        page_step=2 * length, device=padding.device,
+    )  # fmt: skip
+    assert torch.equal(fused_counts, counts)
+    assert torch.equal(table, expected)
 
 
 def test_pages_address_the_cache_in_place():
