@@ -12,12 +12,14 @@ Modules: :mod:`.args` (:class:`FlashArgs`, the forward's arguments as one record
 (:class:`FlashProvider`), :mod:`.fa3` and :mod:`.fa4` (one adapter per package: sgl_kernel, vllm's FA3,
 upstream FA3; flash-attn-4), :mod:`.probe` (registry, probe orders, :func:`probe`, :func:`require`),
 :mod:`.rows` (fused Triton kernels that gather the valid rows of padded ``[B, S, H, D]`` tensors and
-scatter packed rows back) and :mod:`.rows_launch` (those kernels bound once per shape).
+scatter packed rows back), :mod:`.rows_launch` (those kernels bound once per shape) and :mod:`.pages`
+(a decode step's one-row page table from a padding mask, one bound launch).
 FA3 probe order: ``sgl_kernel`` (sglang-kernel >= 0.4.10), ``vllm_fa3``, ``flash_attn_interface`` (cannot
 write into ``out``); on sm100 ``fa4`` (``out=``, no scheduler metadata).
 
-The two ``rows`` modules import Triton (extra ``attn-dispatch-flash[rows]``), so this ``__init__`` does
-not import them: only their users (varlen_diffusion, ``attn_dispatch.integrations.unpad``) pay for it.
+The ``rows`` modules and ``pages`` import Triton (extra ``attn-dispatch-flash[rows]``), so this ``__init__``
+does not import them: only their users (varlen_diffusion, ``attn_dispatch.integrations.unpad`` and
+``transformers_decode``) pay for it.
 """
 
 from .args import FlashArgs
