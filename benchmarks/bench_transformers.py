@@ -11,7 +11,9 @@ Per model, for each implementation (the reference first: ``sdpa`` for Llama; ``e
 whose softcap ``sdpa`` ignores):
 - prefill forward: wall ms (median of interleaved rounds, synchronised), GPU ms (profiler: all kernels,
   and the attention kernels alone), last-token logits against the reference (max abs error, argmax);
-- ``generate``: greedy, ``--new-tokens`` tokens, tokens/s (median of interleaved rounds), the median
+- ``generate``: greedy, ``--new-tokens`` tokens, tokens/s (median of interleaved rounds, the order rotated
+  each round), the median of each round's ratio to ``sdpa``'s in the same round (the cold first round
+  left out: a host whose speed drifts between rounds moves both sides of a ratio alike), the median
   decode step (ms, timed by a stopping criterion at every step of every round: robust to a round's slow
   moments, and free of the prefill), and whether the first two generated tokens
   (the prefill's argmax and the first decode step's) equal the reference's; where they differ, both
@@ -170,8 +172,9 @@ def bench_model(name: str, new_tokens: int, rounds: int, device: str, small: boo
             scores[impl] = [step.float() for step in warm.scores]  # the logits of the first two generated tokens
         rates: dict[str, list[float]] = {impl: [] for impl in implementations}
         steps: dict[str, list[float]] = {impl: [] for impl in implementations}
-        for _ in range(generate_rounds):  # interleaved, median kept: one slow moment of the host hits one round
-            for impl in implementations:
+        for round_ in range(generate_rounds):  # interleaved, median kept: one slow moment of the host hits one round
+            turn = round_ % len(implementations)  # the order rotates, so no implementation always runs first
+            for impl in implementations[turn:] + implementations[:turn]:
                 model.set_attn_implementation(impl)
                 clock = StepClock()
                 sync()
@@ -184,6 +187,9 @@ def bench_model(name: str, new_tokens: int, rounds: int, device: str, small: boo
         for impl in implementations:
             rows[impl]["generate_tokens_per_s"] = statistics.median(rates[impl])
             rows[impl]["generate_tokens_per_s_rounds"] = rates[impl]
+            if "sdpa" in rates and generate_rounds > 1:  # each round against sdpa's in the same round; the first is cold
+                ratios = [ours / theirs for ours, theirs in zip(rates[impl][1:], rates["sdpa"][1:])]
+                rows[impl]["generate_paired_ratio_vs_sdpa"] = statistics.median(ratios)
             rows[impl]["decode_step_ms_median"] = statistics.median(steps[impl])
             rows[impl]["decode_steps_timed"] = len(steps[impl])
         decode_logits = {}  # the first decode step, every implementation fed the reference's first token
