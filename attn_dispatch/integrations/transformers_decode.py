@@ -45,7 +45,7 @@ def pages(record, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     padding, device = record.padding, record.mask.device
     kernel = _pages_kernel() if device.type == "cuda" else None
     step = kv_heads * record.kv_length
-    if kernel is not None and record.batch * step < 2**31 and (padding is None or padding.stride(-1) == 1):
+    if kernel is not None and (padding is None or padding.stride(-1) == 1):
         return kernel.one_query_pages(
             padding, batch=record.batch, length=record.kv_length, key_offset=record.kv_offset,
             query=record.q_offset, window=record.window, page_step=step, device=device,
