@@ -6,7 +6,8 @@ Eager, no CUDA graph. Each round first puts a long ``torch.cuda._sleep`` on the 
 busy while the timed loop enqueues ``--calls`` calls back to back: ``time.perf_counter`` around the loop
 then measures only the host's work (Python, allocation, launch), at the real model shape, never GPU
 time. ``torch.cuda.synchronize`` runs only between rounds. A round whose loop outlasted the sleep is
-flagged ("gpu-bound?"): raise the sleep or lower ``--calls``. Medians over rounds, us per call.
+flagged ("gpu-bound?"): raise the sleep or lower ``--calls``. Medians over rounds, us per call. The rows
+of one shape take turns round by round (order rotated), so the host's drift moves them alike.
 
 Rows (Qwen-Image joint attention: B=1, 4096 image + 256 text tokens with 40 padded, 24 heads, d=128,
 bf16; cross-attention: 4096 queries over 300 text keys with 100 padded, GQA 24/8 heads):
@@ -14,8 +15,11 @@ bf16; cross-attention: 4096 queries over 300 text keys with 100 padded, GQA 24/8
 - ``sdpa``, ``sdpa+mask``: torch SDPA without a mask, and the original path (SDPA + boolean key mask);
 - ``fa3 python entry``: ``vllm.vllm_flash_attn.flash_attn_varlen_func`` (when vllm is installed);
 - ``fa3 raw op (bound)``: the provider's bound call (``FlashProvider.bind``), the floor for one FA call;
+  ``..., scheduler metadata``: the same call handed FA3's schedule made once (what masked_attention binds);
 - ``gather: triton launcher`` / ``gather: bound launch`` / ``gather: index_select x2``: one K/V pack;
-- ``masked_attention <strategy>``: the plugin's bound per-block path, per strategy;
+- ``masked_attention <strategy>``: the plugin's bound per-block path, per strategy; ``..., FA3 scheduling
+  each call``: the same with a provider that makes no scheduler metadata (FA3 then launches its own
+  ``prepare_varlen_num_blocks`` inside every call), which is what the bound metadata saves;
 - ``... (binding every call)``: the metadata's bound-call cache cleared before each call: the host cost
   of the unbound path (the layout work this change does once per metadata).
 
@@ -26,6 +30,7 @@ script is checked, the numbers mean nothing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -56,25 +61,35 @@ SLEEP_CYCLES = int(4e8)  # ~0.2 s at the H200's ~1.98 GHz: longer than any timed
 TARGETS = {"kv_pack": 60.0, "zero_copy": 45.0}  # issue 11, us per call on the H200's host
 
 
-def host_us(fn: Callable[[], object], calls: int, rounds: int) -> tuple[float, bool]:
-    """Median host microseconds per call, and whether some round may have waited on the GPU."""
-    fn()  # warm: compile, bind, allocate
-    times, gpu_bound = [], False
-    for _ in range(rounds):
-        if CUDA:
-            torch.cuda.synchronize()
-            torch.cuda._sleep(SLEEP_CYCLES)
-            slept = torch.cuda.Event()
-            slept.record()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        elapsed = time.perf_counter() - start
-        if CUDA:
-            gpu_bound |= slept.query()  # the GPU got through the sleep while the loop ran: it may have waited on it
-            torch.cuda.synchronize()
-        times.append(elapsed / calls * 1e6)
-    return statistics.median(times), gpu_bound
+def interleaved_host_us(fns: dict[str, Callable[[], object]], calls: int, rounds: int) -> dict[str, tuple[float, bool]]:
+    """Per row: median host microseconds per call, and whether some round may have waited on the GPU.
+
+    The rows take turns: each round times every row once (``calls`` calls after a fresh GPU sleep), in an
+    order rotated round by round, so a drift in the host's speed (these hosts drift by tens of percent
+    within a minute) moves every row alike instead of whichever row ran during it."""
+    names = list(fns)
+    for fn in fns.values():
+        fn()  # warm: compile, bind, allocate
+    times: dict[str, list[float]] = {name: [] for name in names}
+    gpu_bound = dict.fromkeys(names, False)
+    for round_ in range(rounds):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            fn = fns[name]
+            if CUDA:
+                torch.cuda.synchronize()
+                torch.cuda._sleep(SLEEP_CYCLES)
+                slept = torch.cuda.Event()
+                slept.record()
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            elapsed = time.perf_counter() - start
+            if CUDA:
+                gpu_bound[name] |= slept.query()  # the GPU got through the sleep: the loop may have waited on it
+                torch.cuda.synchronize()
+            times[name].append(elapsed / calls * 1e6)
+    return {name: (statistics.median(times[name]), gpu_bound[name]) for name in names}
 
 
 def provider_here():
@@ -110,13 +125,11 @@ def rows_for(provider, device, *, batch, seqlen_q, key_mask, heads, kv_heads, he
     k, v = kv.unbind(2)
     scale = head_dim**-0.5
     rows: list[dict] = []
+    timed: dict[str, Callable[[], object]] = {}  # every row of this shape, timed together at the end
 
     def add(name: str, fn: Callable[[], object] | None) -> None:
-        if fn is None:
-            return
-        us, gpu_bound = host_us(fn, calls, rounds)
-        rows.append({"shape": label, "row": name, "host_us": us, "gpu_bound": gpu_bound})
-        print(f"  {label:28s} {name:44s} {us:8.1f} us{'  (gpu-bound?)' if gpu_bound else ''}", flush=True)
+        if fn is not None:
+            timed[name] = fn
 
     ref_meta = original.build_mask_meta(key_mask)
     group = heads // kv_heads
@@ -136,6 +149,15 @@ def rows_for(provider, device, *, batch, seqlen_q, key_mask, heads, kv_heads, he
         bound = provider.bind(**static)
         out = torch.empty_like(q_rows)
         add("fa3 raw op (bound, into out)", lambda: bound(q_rows, k_rows, v_rows, out))
+        if provider.takes_metadata(packed=True):  # FA3's schedule made once, as masked_attention binds it
+            schedule = provider.scheduler_metadata(
+                batch_size=batch, max_seqlen_q=seqlen_q, max_seqlen_k=seqlen_k, num_heads=heads,
+                num_kv_heads=kv_heads, head_dim=head_dim, head_dim_v=head_dim, cache_seqlens=meta.seqlens,
+                cu_seqlens_q=cu_q, page_size=None, dtype=dt, causal=False, window_size=(-1, -1), softcap=0.0,
+                num_splits=0, pack_gqa=None,
+            )  # fmt: skip
+            scheduled = provider.bind(**static, scheduler_metadata=schedule)
+            add("fa3 raw op (bound, into out, scheduler metadata)", lambda: scheduled(q_rows, k_rows, v_rows, out))
 
     indices = torch.nonzero(key_mask.reshape(-1)).squeeze(1).int()
     add("gather K,V: triton launcher", lambda: gather_rows((k, v), indices))
@@ -164,6 +186,14 @@ def rows_for(provider, device, *, batch, seqlen_q, key_mask, heads, kv_heads, he
 
         add(f"masked_attention {name} (binding every call)", unbound)
 
+    # The same calls with FA3 scheduling every call itself (no metadata made at binding): what it saves.
+    if provider.takes_metadata(packed=True):
+        unscheduled = dataclasses.replace(provider, scheduler_metadata=None)
+        for general in ("kv_pack",) if seqlen_q == seqlen_k else ("kv_pack", "qkv_pack"):
+            ops = build_ops(unscheduled, general_strategy=general, device_type=device)
+            meta = ops.build_mask_meta(key_mask)
+            add(f"masked_attention {meta.strategy.value}, FA3 scheduling each call", lambda ops=ops, meta=meta: ops.masked_attention(q, k, v, meta))
+
     # K/V read in place as one-row pages instead of gathered (build_ops(key_pages=True)): host and GPU time.
     paths = {}
     for key_pages in (False, True):
@@ -171,6 +201,9 @@ def rows_for(provider, device, *, batch, seqlen_q, key_mask, heads, kv_heads, he
         meta = ops.build_mask_meta(key_mask)
         paths[key_pages] = lambda ops=ops, meta=meta: ops.masked_attention(q, k, v, meta)
     add("masked_attention kv_pack, K/V as pages", paths[True])
+    for name, (us, gpu_bound) in interleaved_host_us(timed, calls, rounds).items():
+        rows.append({"shape": label, "row": name, "host_us": us, "gpu_bound": gpu_bound})
+        print(f"  {label:28s} {name:56s} {us:8.1f} us{'  (gpu-bound?)' if gpu_bound else ''}", flush=True)
     if CUDA:
         from triton.testing import do_bench
 

@@ -129,9 +129,11 @@ def test_fused_page_table_is_the_torch_one_on_the_gpu(window, static_offset, pad
         pytest.skip("needs an NVIDIA GPU")
     check_fused_page_table("cuda", window, static_offset, 0, padded)
     check_fused_page_table("cuda", window, static_offset, 3, padded, length_extra=57)
+    # device given as plain "cuda" (no index): the launch takes the current device's stream
+    check_fused_page_table("cuda", window, static_offset, 0, padded, kernel_device=torch.device("cuda"))
 
 
-def check_fused_page_table(device, window, static_offset, kv_offset, padded, length_extra=300):
+def check_fused_page_table(device, window, static_offset, kv_offset, padded, length_extra=300, kernel_device=None):
     pages_kernel = pytest.importorskip("attn_dispatch_flash.pages")
     from types import SimpleNamespace
 
@@ -150,7 +152,7 @@ def check_fused_page_table(device, window, static_offset, kv_offset, padded, len
     expected[torch.arange(length, device=device) >= counts[:, None]] = 0  # past each row's count: zeros
     table, fused_counts = pages_kernel.one_query_pages(
         record.padding, batch=batch, length=length, key_offset=kv_offset, query=record.q_offset, window=window,
-        page_step=2 * length, device=padding.device,
+        page_step=2 * length, device=kernel_device or padding.device,
     )  # fmt: skip
     assert torch.equal(fused_counts, counts)
     assert torch.equal(table, expected)

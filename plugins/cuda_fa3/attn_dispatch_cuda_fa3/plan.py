@@ -85,10 +85,12 @@ def make_plan(provider: FlashProvider, *, original: bool, static_plan: Attention
     head_dim_v, distinct = validate_make_attention_plan(**arguments, static_plan=static_plan, dtypes=FLASH_DTYPES)
     if arguments["key_starts"] is not None and provider.fa_version != 3:
         fail("key_starts", f"{provider.name} (FA{provider.fa_version}) cannot read left-padded rows in place; make a packed plan")
-    if arguments["cu_seqlens_k"] is not None:  # packed: FA3's metadata wants each sequence's key count
+    packed = arguments["cu_seqlens_k"] is not None
+    if packed:  # FA3's metadata wants each sequence's key count
         arguments = {**arguments, "cache_seqlens": packed_key_lengths(arguments["cu_seqlens_k"])}
     plan = FlashPlan(**{**arguments, "head_dim_v": head_dim_v, "layer_params": distinct}, provider=provider.name)
-    makes_metadata = not original and provider.scheduler_metadata is not None
+    # Upstream FA3's varlen entry takes no metadata: its packed layers schedule themselves.
+    makes_metadata = not original and provider.takes_metadata(packed=packed)
     if static_plan is not None:
         return _into_static_plan(provider, plan, static_plan, makes_metadata)
     if not makes_metadata:

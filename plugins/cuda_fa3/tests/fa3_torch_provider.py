@@ -12,7 +12,8 @@ It behaves like FA3 where the plugin's correctness depends on it, and is stricte
 - ``fwd`` first runs the host checks FA3's ``mha_fwd`` makes before it launches anything (dtypes, last-dim
   strides, ``out``'s shape, int32 ``cu_seqlens``, heads divisible) and raises RuntimeError like its
   ``TORCH_CHECK``s: the plugin leaves those to the kernel on its per-call path.
-- ``writes_out=False`` mimics upstream FA3: passing ``out`` raises.
+- ``writes_out=False`` mimics upstream FA3: passing ``out`` raises; ``varlen_takes_metadata=False``
+  mimics its ``flash_attn_varlen_func``: a packed forward handed metadata raises.
 - ``calls`` counts metadata builds and forwards, so tests can see what each op launched.
 """
 
@@ -91,7 +92,7 @@ def _fa3_host_checks(q, k, v, out, cu_seqlens_q, cu_seqlens_k, leftpad_k=None) -
 
 def make_torch_provider(
     *, writes_out: bool = True, metadata: bool = True, name: str = "torch_fa3", paged_seqlen_k_from_page_table: bool = False,
-    version: str = "",
+    version: str = "", varlen_takes_metadata: bool = True,
 ) -> tuple[FlashProvider, Calls]:
     calls = Calls()
 
@@ -110,6 +111,8 @@ def make_torch_provider(
             raise TypeError(f"{name} cannot write into out")
         if seqused_q is not None:
             raise NotImplementedError("seqused_q")
+        if scheduler_metadata is not None and not varlen_takes_metadata and page_table is None and leftpad_k is None:
+            raise NotImplementedError(f"{name}'s flash_attn_varlen_func takes no scheduler_metadata")
         params = AttentionParams(causal=causal, window_size=tuple(window_size), softcap=softcap, num_splits=num_splits, pack_gqa=pack_gqa)
         # FA3 writes any out whose last dim is contiguous (a head slice, say); the reference wants it whole.
         whole = out is not None and out.is_contiguous()
@@ -186,5 +189,6 @@ def make_torch_provider(
     provider = FlashProvider(
         name, 3, fwd, scheduler_metadata if metadata else None, writes_out=writes_out, has_seqused_q=False,
         paged_seqlen_k_from_page_table=paged_seqlen_k_from_page_table, version=version,
+        varlen_takes_metadata=varlen_takes_metadata,
     )  # fmt: skip
     return provider, calls

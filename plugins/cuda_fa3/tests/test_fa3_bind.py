@@ -87,6 +87,23 @@ def test_packed_plan_makes_metadata_once_for_every_layer():
     assert stats.metadata_builds - before == 2
 
 
+def test_packed_plan_makes_no_metadata_for_a_provider_whose_varlen_entry_takes_none():
+    """Upstream FA3's flash_attn_varlen_func takes no scheduler_metadata: a packed plan there schedules in
+    the kernel (handing it metadata would raise at bind time), while its paged plans still get metadata."""
+    provider, calls = make_torch_provider(varlen_takes_metadata=False, paged_seqlen_k_from_page_table=True)
+    assert provider.takes_metadata(packed=False) and not provider.takes_metadata(packed=True)
+    ops = build_ops(provider)
+    q, k, v, lengths = packed_batch(**LENS, heads=4, kv_heads=4, head_dim=32)
+    plan = packed_plan(ops, lengths, lengths, 4, 4, 32)
+    assert not plan.metadata and calls.metadata == 0
+    out, want = torch.empty_like(q), torch.empty_like(q)
+    ops["bind_attention"](plan)(q, k, v, out)
+    reference.varlen_attention_out(q, k, v, want, **lengths)
+    assert torch.equal(out, want) and calls.fwd_with_metadata == 0
+    batch = paged_batch(**MIXED, heads=8, kv_heads=2, head_dim=64, page_size=16)
+    assert ops["make_attention_plan"](**batch.plan_args).metadata, "paged plans keep their metadata"
+
+
 def test_packed_plan_is_refused_by_paged_attention_out():
     ops = build_ops(make_torch_provider()[0])
     q, k, v, lengths = packed_batch(**LENS, heads=4, kv_heads=4, head_dim=32)

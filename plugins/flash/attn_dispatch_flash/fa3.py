@@ -100,7 +100,7 @@ def sgl_kernel() -> FlashProvider:
     return FlashProvider.from_binder(
         "sgl_kernel", 3, bind_args, fa3_style_metadata(metadata), writes_out=True, has_seqused_q=True,
         paged_seqlen_k_from_page_table=True,  # flash_attn_with_kvcache passes no max_seqlen_k
-        version=distribution_version("sglang-kernel", "sgl-kernel"),
+        varlen_takes_metadata=varlen_takes_metadata, version=distribution_version("sglang-kernel", "sgl-kernel"),
     )  # fmt: skip
 
 
@@ -118,7 +118,7 @@ def upstream_fa3() -> FlashProvider:
     bind_args = _wrapper_binder("flash_attn_interface", with_kvcache, varlen, False, extra={}, takes_out=False)
     return FlashProvider.from_binder(
         "flash_attn_interface", 3, bind_args, fa3_style_metadata(upstream.get_scheduler_metadata),
-        writes_out=False, has_seqused_q=True,
+        writes_out=False, has_seqused_q=True, varlen_takes_metadata=False,
         paged_seqlen_k_from_page_table=True,  # flash_attn_with_kvcache passes no max_seqlen_k
         version=distribution_version("flash_attn_3", "flash-attn-3"),
     )  # fmt: skip

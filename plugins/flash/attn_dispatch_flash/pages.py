@@ -86,6 +86,8 @@ def one_query_pages(
         padding.stride(0) if padding is not None else 0, key_offset, 0 if on_device else query, window or 0, length, page_step,
     )  # fmt: skip
     constexprs = {"HAS_PADDING": padding is not None, "QUERY_ON_DEVICE": on_device, "HAS_WINDOW": bool(window), "BLOCK": BLOCK}
+    if device.type == "cuda" and device.index is None:  # "cuda": the current device (the launch needs its index)
+        device = torch.device("cuda", torch.cuda.current_device())
     if device.type == "cuda" and isinstance(_one_query_pages_kernel, JITFunction) and pad.data_ptr() % 16 == 0:
         # Bound per layout: the grid (batch), the dtypes and the branches; ints and lengths are not specialized on.
         key = (device, batch, pad.dtype, query_ptr.dtype, *constexprs.values())

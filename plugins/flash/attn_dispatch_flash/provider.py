@@ -42,7 +42,9 @@ class FlashProvider:
     key length. ``paged_seqlen_k_from_page_table`` says which key length a paged forward schedules for:
     False, the ``max_seqlen_k`` it is given (vllm's raw op); True, ``page_table.shape[1] * page_size``,
     because the package's paged entry point takes no ``max_seqlen_k`` (sgl_kernel, upstream FA3). Make the
-    metadata with that length.
+    metadata with that length. ``varlen_takes_metadata``: the packed (varlen, no page table, no
+    ``leftpad_k``) forward takes the metadata too; upstream FA3's ``flash_attn_varlen_func`` does not, so
+    a packed call there schedules itself. :meth:`takes_metadata` says which calls to make it for.
 
     ``version``: the installed distribution's version (``vllm``'s for ``vllm_fa3``), "" when unknown;
     what known-wrong tables key on (a fixed build must not be slowed down by a guard for an old one).
@@ -55,6 +57,7 @@ class FlashProvider:
     writes_out: bool
     has_seqused_q: bool
     paged_seqlen_k_from_page_table: bool = False
+    varlen_takes_metadata: bool = True
     bind_args: Callable[[FlashArgs], BoundCall] | None = None
     version: str = ""
 
@@ -81,11 +84,16 @@ class FlashProvider:
         fwd, keywords = self.fwd, args._asdict()
         return lambda q, k, v, out: fwd(q, k, v, out=out, **keywords)
 
+    def takes_metadata(self, *, packed: bool) -> bool:
+        """Whether a forward can be handed ``scheduler_metadata``: a packed one (``cu_seqlens_k``, no page
+        table, no ``leftpad_k``) when ``packed``, else a paged or batch-mode one."""
+        return self.scheduler_metadata is not None and (self.varlen_takes_metadata or not packed)
+
     def describe(self) -> str:
         caps = ["out=" if self.writes_out else "copy into out"]
         name = f"{self.name} {self.version}" if self.version else self.name
         if self.scheduler_metadata is not None:
-            caps.append("scheduler metadata")
+            caps.append("scheduler metadata" + ("" if self.varlen_takes_metadata else " (paged only)"))
         if self.has_seqused_q:
             caps.append("seqused_q")
         return f"{name} (FA{self.fa_version}: {', '.join(caps)})"

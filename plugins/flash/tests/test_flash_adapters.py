@@ -78,6 +78,9 @@ def test_sgl_kernel_maps_paged_and_packed_calls(monkeypatch):
     assert provider.name == "sgl_kernel" and reason == ""
     assert provider.writes_out and provider.scheduler_metadata is not None
     assert provider.paged_seqlen_k_from_page_table  # its paged wrapper takes no max_seqlen_k
+    # this fake's varlen wrapper has no scheduler_metadata keyword: packed calls schedule themselves
+    varlen_keywords = flash_providers.fa3.keywords_of(module.flash_attn_varlen_func)
+    assert provider.varlen_takes_metadata == ("scheduler_metadata" in varlen_keywords)
 
     provider.fwd(Q, K, V, out=OUT, scheduler_metadata="meta", **PAGED)
     name, args = calls[-1]
@@ -161,7 +164,9 @@ def test_upstream_fa3_returns_a_fresh_tensor_and_refuses_out(monkeypatch):
     provider, _ = flash_providers.probe(("flash_attn_interface",))
     assert provider.name == "flash_attn_interface" and not provider.writes_out
     assert provider.paged_seqlen_k_from_page_table
-    assert "copy into out" in provider.describe()
+    assert not provider.varlen_takes_metadata and not provider.takes_metadata(packed=True)  # its varlen wrapper takes none
+    assert provider.takes_metadata(packed=False)
+    assert "copy into out" in provider.describe() and "(paged only)" in provider.describe()
     assert provider.fwd(Q, K, V, scheduler_metadata="meta", **PAGED) == "result"
     name, args = calls[-1]
     assert name == "with_kvcache" and args["cache_seqlens"] is SEQLENS and args["scheduler_metadata"] == "meta"
