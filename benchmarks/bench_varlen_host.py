@@ -15,11 +15,8 @@ bf16; cross-attention: 4096 queries over 300 text keys with 100 padded, GQA 24/8
 - ``sdpa``, ``sdpa+mask``: torch SDPA without a mask, and the original path (SDPA + boolean key mask);
 - ``fa3 python entry``: ``vllm.vllm_flash_attn.flash_attn_varlen_func`` (when vllm is installed);
 - ``fa3 raw op (bound)``: the provider's bound call (``FlashProvider.bind``), the floor for one FA call;
-  ``..., scheduler metadata``: the same call handed FA3's schedule made once (what masked_attention binds);
 - ``gather: triton launcher`` / ``gather: bound launch`` / ``gather: index_select x2``: one K/V pack;
-- ``masked_attention <strategy>``: the plugin's bound per-block path, per strategy; ``..., FA3 scheduling
-  each call``: the same with a provider that makes no scheduler metadata (FA3 then launches its own
-  ``prepare_varlen_num_blocks`` inside every call), which is what the bound metadata saves;
+- ``masked_attention <strategy>``: the plugin's bound per-block path, per strategy;
 - ``... (binding every call)``: the metadata's bound-call cache cleared before each call: the host cost
   of the unbound path (the layout work this change does once per metadata).
 
@@ -30,7 +27,6 @@ script is checked, the numbers mean nothing.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -149,15 +145,6 @@ def rows_for(provider, device, *, batch, seqlen_q, key_mask, heads, kv_heads, he
         bound = provider.bind(**static)
         out = torch.empty_like(q_rows)
         add("fa3 raw op (bound, into out)", lambda: bound(q_rows, k_rows, v_rows, out))
-        if provider.takes_metadata(packed=True):  # FA3's schedule made once, as masked_attention binds it
-            schedule = provider.scheduler_metadata(
-                batch_size=batch, max_seqlen_q=seqlen_q, max_seqlen_k=seqlen_k, num_heads=heads,
-                num_kv_heads=kv_heads, head_dim=head_dim, head_dim_v=head_dim, cache_seqlens=meta.seqlens,
-                cu_seqlens_q=cu_q, page_size=None, dtype=dt, causal=False, window_size=(-1, -1), softcap=0.0,
-                num_splits=0, pack_gqa=None,
-            )  # fmt: skip
-            scheduled = provider.bind(**static, scheduler_metadata=schedule)
-            add("fa3 raw op (bound, into out, scheduler metadata)", lambda: scheduled(q_rows, k_rows, v_rows, out))
 
     indices = torch.nonzero(key_mask.reshape(-1)).squeeze(1).int()
     add("gather K,V: triton launcher", lambda: gather_rows((k, v), indices))
@@ -185,14 +172,6 @@ def rows_for(provider, device, *, batch, seqlen_q, key_mask, heads, kv_heads, he
             return ops.masked_attention(q, k, v, meta)
 
         add(f"masked_attention {name} (binding every call)", unbound)
-
-    # The same calls with FA3 scheduling every call itself (no metadata made at binding): what it saves.
-    if provider.takes_metadata(packed=True):
-        unscheduled = dataclasses.replace(provider, scheduler_metadata=None)
-        for general in ("kv_pack",) if seqlen_q == seqlen_k else ("kv_pack", "qkv_pack"):
-            ops = build_ops(unscheduled, general_strategy=general, device_type=device)
-            meta = ops.build_mask_meta(key_mask)
-            add(f"masked_attention {meta.strategy.value}, FA3 scheduling each call", lambda ops=ops, meta=meta: ops.masked_attention(q, k, v, meta))
 
     # K/V read in place as one-row pages instead of gathered (build_ops(key_pages=True)): host and GPU time.
     paths = {}

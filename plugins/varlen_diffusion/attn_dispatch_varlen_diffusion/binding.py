@@ -2,8 +2,7 @@
 
 Everything shape-derived is decided here, once: the route (zero-copy, K/V pack, Q/K/V pack), the
 FlashAttention arguments (``FlashProvider.bind``: vllm's raw op gets its positional arguments laid
-out once) with FA3's scheduler metadata where the provider takes it (one ``prepare_varlen_num_blocks``
-launch here instead of one inside every block's call), the bound pack/scatter launches (:mod:`attn_dispatch_flash.rows_launch`), the query offsets
+out once), the bound pack/scatter launches (:mod:`attn_dispatch_flash.rows_launch`), the query offsets
 ``b * S_q`` for cross-attention, and how q/k/v become token rows. The closure then only launches and
 returns (where every output row is written, the FlashAttention op allocates its output itself: one
 Python-level allocation fewer per call): no host sync, nothing that a CUDA graph cannot capture.
@@ -80,22 +79,14 @@ def bind_call(
     self_attention = seqlen_q == seqlen_k
     rows_q, rows_k, rows_v = _rows_of(q), _rows_of(k), _rows_of(v)
     writes_out = provider.writes_out
-    with_metadata = provider.takes_metadata(packed=True)
 
+    # No FA3 scheduler metadata here, though cuda_fa3's plans make it once per batch: for these varlen
+    # calls (non-causal, no page table) handing it in cost 2-3 us more host time per call on the H200 and
+    # saved no GPU time (benchmarks/diag_fa3_metadata.py); only paged calls gain (8 us host, 7 us GPU).
     def flash(cu_q, cu_k, max_q, *, seqused_q=None, seqused_k=None):
-        # FA3's schedule made once here for every block, as cuda_fa3's plans make it per batch: each call
-        # then skips FA3's own scheduling launch. Every route's sequence b reads meta.seqlens[b] keys.
-        metadata = None
-        if with_metadata and seqused_q is None:
-            metadata = provider.scheduler_metadata(
-                batch_size=cu_q.shape[0] - 1, max_seqlen_q=max_q, max_seqlen_k=seqlen_k, num_heads=heads,
-                num_kv_heads=k.shape[2], head_dim=q.shape[3], head_dim_v=head_dim_v, cache_seqlens=meta.seqlens,
-                cu_seqlens_q=cu_q, page_size=None, dtype=dtype, causal=False, window_size=(-1, -1), softcap=0.0,
-                num_splits=0, pack_gqa=None,
-            )  # fmt: skip
         return provider.bind(
             cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, seqused_q=seqused_q, seqused_k=seqused_k, max_seqlen_q=max_q,
-            max_seqlen_k=seqlen_k, softmax_scale=scale, causal=False, scheduler_metadata=metadata,
+            max_seqlen_k=seqlen_k, softmax_scale=scale, causal=False,
         )  # fmt: skip
 
     def empty(n: int) -> Callable[[], torch.Tensor | None]:

@@ -296,25 +296,3 @@ def test_torch_compile_matches_eager(provider, name):
     cross = cross_inputs(mask.shape[0], 512, mask.shape[1], 2)
     torch.testing.assert_close(compiled(*cross, meta).float(), block(*cross, meta).float(), rtol=RTOL, atol=ATOL)
 
-
-@pytest.mark.parametrize(("general", "pack_queries"), [("kv_pack", None), ("qkv_pack", True)])
-@pytest.mark.parametrize("zero_copy", [True, False])
-@pytest.mark.parametrize("seqlen_q", [None, 777])  # self-attention, cross-attention
-@pytest.mark.parametrize("name", ["prefix", "general", "empty_row"])
-def test_scheduler_metadata_changes_no_byte(provider, name, seqlen_q, zero_copy, general, pack_queries):
-    """Each bound call hands FA3 its schedule made once (where the provider takes it): the same bytes as
-    FA3 scheduling every call itself, over several calls (the metadata's semaphore is reused)."""
-    import dataclasses
-
-    if not provider.takes_metadata(packed=True):
-        pytest.skip(f"{provider.name}'s varlen entry takes no scheduler metadata")
-    mask = MASKS[name].cuda()
-    q, k, v = qkv(*mask.shape)
-    if seqlen_q is not None:
-        q = qkv(mask.shape[0], seqlen_q, seed=3)[0]
-    outs = []
-    for p in (provider, dataclasses.replace(provider, scheduler_metadata=None)):
-        ops = ops_for(p, general, zero_copy, pack_queries)
-        meta = ops.build_mask_meta(mask)
-        outs.append([ops.masked_attention(q, k, v, meta) for _ in range(3)])
-    assert all(torch.equal(a, b) for a, b in zip(*outs))

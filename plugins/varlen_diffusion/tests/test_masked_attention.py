@@ -111,33 +111,17 @@ def test_key_pages_read_the_same_keys_as_the_gather(mask, general, cross):
     assert torch.equal(*outs)
 
 
-@settings(max_examples=25, deadline=None)
-@given(
-    mask=key_masks(), general=st.sampled_from(["kv_pack", "qkv_pack"]), zero_copy=st.booleans(),
-    pack_queries=st.sampled_from([None, True, False]), extra_queries=st.sampled_from([0, 3]),
-    kv_heads=st.sampled_from([1, H]),
-)  # fmt: skip
-def test_scheduler_metadata_is_made_once_per_binding_and_changes_no_byte(
-    mask, general, zero_copy, pack_queries, extra_queries, kv_heads
-):
-    """With a provider that takes FA3's scheduler metadata, each bound call makes it once and hands it to
-    every block (the stand-in raises if it was made for another schedule); the bytes are those of the same
-    calls scheduled in the kernel. The zeroing zero-copy route (seqused_q) takes none."""
-    q, k, v = qkv(*mask.shape, fused=True)
-    if extra_queries:  # cross-attention: more query rows than keys
-        q = qkv(mask.shape[0], mask.shape[1] + extra_queries, seed=1)[0]
-    k, v = k[:, :, :kv_heads], v[:, :, :kv_heads]
-    outs = []
-    for metadata in (False, True):
-        ops = ops_for(general, zero_copy=zero_copy, pack_queries=pack_queries, metadata=metadata)
-        meta = ops.build_mask_meta(mask)
-        outs.append([ops.masked_attention(q, k, v, meta) for _ in range(3)])
-    assert all(torch.equal(a, b) for a, b in zip(*outs))
-    counts, calls = ops.provider.fwd.metadata_counts, ops.provider.fwd.calls
-    if not calls:  # no valid key anywhere: zeros, no launch
-        return
-    takes = not calls[0]["seqused_q"]
-    assert counts == {"builds": int(takes), "calls": 3 * takes}
+@pytest.mark.parametrize(("general", "zero_copy"), [("kv_pack", True), ("kv_pack", False), ("qkv_pack", False)])
+def test_scheduling_is_left_to_the_kernel(general, zero_copy):
+    """A provider that takes FA3's scheduler metadata is handed none: for these non-paged calls it cost
+    host time and saved no GPU time on the H200 (benchmarks/diag_fa3_metadata.py)."""
+    mask = text_image_mask([3, 5], text=6, image=7, text_first=not zero_copy)
+    q, k, v = qkv(*mask.shape)
+    ops = ops_for(general, zero_copy=zero_copy, pack_queries=True, metadata=True)
+    meta = ops.build_mask_meta(mask)
+    for _ in range(2):
+        check_contract(ops.masked_attention(q, k, v, meta), q, k, v, mask, zero_masked_queries=general == "qkv_pack")
+    assert ops.provider.fwd.metadata_counts == {"builds": 0, "calls": 0}
 
 
 def test_all_masked_row_is_zeros():
