@@ -5,7 +5,8 @@ op mutates ``out`` and returns nothing, so Inductor re-inplaces it (no clone of 
 Its body is the eager route: a :class:`~attn_dispatch_flash.FlashArgs` rebuilt from the op's plain
 arguments, bound with :func:`.binding.bind_layer_call` and called. Eagerly the ops skip the op and call the
 bound call directly, which saves the dispatcher's overhead for custom ops (150 µs per call seen on a CPU
-test host outside inference mode).
+test host outside inference mode). The op is registered directly (``attn_dispatch.direct_op``), not
+through ``torch.library.custom_op``, whose Python wrapper runs on every call.
 
 An op schema takes plain values only, so the provider, path and strict mode travel as a route number: an
 index into this module's list of the (provider, original, strict) triples that ops objects were built for.
@@ -16,6 +17,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from attn_dispatch import direct_op
 from attn_dispatch_flash import FlashArgs, FlashProvider
 
 from .binding import bind_layer_call
@@ -82,9 +84,10 @@ def _attention_out(
     call(q, k, v, out if q.dim() == 4 else out[:tokens].view(tokens, heads, v.shape[-1]))
 
 
-attention_out = torch.library.custom_op(f"{OP_NAMESPACE}::attention_out", mutates_args={"out"})(_attention_out)
-
-
-@attention_out.register_fake
 def _attention_out_fake(q, k, v, out, *args) -> None:
     return None
+
+
+attention_out = direct_op.register(
+    f"{OP_NAMESPACE}::attention_out", _attention_out, fake=_attention_out_fake, mutates_args=("out",)
+)

@@ -16,7 +16,8 @@ graph inputs through unchanged), which carries ``total``, ``indices`` and ``mask
 bound calls. If it cannot (its tensors were copied on the way), it rebuilds an equivalent one from the
 key mask: correct, only slower on the host (device-to-host syncs for the layout, count and indices).
 The ops object is passed as an index into :data:`_OPS` (a custom op takes no Python objects), as
-cuda_fa3 passes its provider.
+cuda_fa3 passes its provider. The op is registered directly (``attn_dispatch.direct_op``), not through
+``torch.library.custom_op``, whose wrapper costs several us per call.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import weakref
 from typing import Optional
 
 import torch
+from attn_dispatch import direct_op
 
 from .binding import bind_call, call_key
 from .meta import Strategy, VarlenMaskMeta, classify
@@ -63,8 +65,7 @@ def call(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Va
 
 
 # typing.Optional, not `X | None`: the schema is inferred from these annotations.
-@torch.library.custom_op(f"{NAMESPACE}::masked_attention", mutates_args=())
-def masked_attention(
+def _masked_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -90,9 +91,11 @@ def masked_attention(
     return bound(q, k, v)
 
 
-@masked_attention.register_fake
 def _masked_attention_fake(q, k, v, *args) -> torch.Tensor:
     return q.new_empty((*q.shape[:3], v.shape[-1]))
+
+
+masked_attention = direct_op.register(f"{NAMESPACE}::masked_attention", _masked_attention, fake=_masked_attention_fake)
 
 
 def _find(tensors: tuple, scalars: tuple) -> VarlenMaskMeta:
