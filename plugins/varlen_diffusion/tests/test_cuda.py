@@ -295,4 +295,3 @@ def test_torch_compile_matches_eager(provider, name):
     torch.testing.assert_close(compiled(q, k, v, meta).float(), block(q, k, v, meta).float(), rtol=RTOL, atol=ATOL)
     cross = cross_inputs(mask.shape[0], 512, mask.shape[1], 2)
     torch.testing.assert_close(compiled(*cross, meta).float(), block(*cross, meta).float(), rtol=RTOL, atol=ATOL)
-
