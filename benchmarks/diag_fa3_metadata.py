@@ -76,6 +76,7 @@ def main() -> None:
         return
     import attn_dispatch_flash as flash_providers
     from attn_dispatch import detect
+    from attn_dispatch.integrations import transformers_decode as decode
     from attn_dispatch_varlen_diffusion.attention import build_ops
 
     import bench_varlen_host  # noqa: F401  (puts the varlen tests' helpers on sys.path)
@@ -132,8 +133,8 @@ def main() -> None:
     # a decode step's layer: 8 rows, one query each, ~2k keys as one-row pages, 32/8 heads of 64
     batch, length, hq, hk, dd = 8, 2176, 32, 8, 64
     cache = torch.randn(batch, hk, length, dd, device=dev, dtype=dt)
-    k_pages = cache.as_strided(((batch - 1) * hk * length + length, 1, hk, dd), (dd, dd, length * dd, 1))
-    table = (torch.arange(length, dtype=torch.int32, device=dev)[None] + torch.arange(batch, dtype=torch.int32, device=dev)[:, None] * hk * length).contiguous()
+    k_pages = decode.paged_keys(cache)  # the transformers integration's one-row pages over the cache
+    table = decode.page_table(torch.arange(length, dtype=torch.int32, device=dev).expand(batch, length), hk, length)
     counts = torch.full((batch,), length, dtype=torch.int32, device=dev)
     cu_1 = torch.arange(batch + 1, dtype=torch.int32, device=dev)
     qd = torch.randn(batch, hq, dd, device=dev, dtype=dt)

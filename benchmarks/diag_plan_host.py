@@ -31,6 +31,7 @@ def main() -> None:
         print("no CUDA device: nothing to measure")
         return
     import attn_dispatch
+    from attn_dispatch.integrations import transformers_decode as decode
     from attn_dispatch.plans import AttentionParams
     from attn_dispatch_cuda_fa3.plan import paged_args
     from attn_dispatch_flash import pages
@@ -58,7 +59,7 @@ def main() -> None:
         )  # fmt: skip
         plan = ops.make_attention_plan(**plan_kwargs)
         cache = torch.randn(batch, kv_heads, length, head_dim, device=dev, dtype=torch.bfloat16)
-        k_pages = cache.as_strided(((batch - 1) * kv_heads * length + length, 1, kv_heads, head_dim), (head_dim, head_dim, length * head_dim, 1))
+        k_pages = decode.paged_keys(cache)  # the integration's own view of the cache as one-row pages
         q = torch.randn(batch, heads, head_dim, device=dev, dtype=torch.bfloat16)
         out = torch.empty_like(q)
         run = ops.bind_attention(plan, params=params)
