@@ -5,7 +5,9 @@
 For Qwen-Image at B=1 (text 256, 40 padded) and PRX (cross-attention): host time to enqueue one forward
 (no sync inside; the GPU runs behind), wall time per forward, syncs seen by torch's sync debug mode during
 one attn_dispatch forward, how many attention calls took the fast path, and a cProfile of attn_dispatch
-forwards (top functions by own time).
+forwards (top functions by own time). ``--compiled``: for Qwen-Image, the same host/wall split for the
+``torch.compile``d models (no mask, masked, attn_dispatch masked and attn_dispatch without a mask, which
+runs the scope hooks but no fast path), and torch.profiler's CPU table of one compiled forward each.
 """
 
 from __future__ import annotations
@@ -107,9 +109,44 @@ def per_call(model, masked):
         print(f"| {label} | {us:.1f} |")
 
 
+def compiled_host(native, ours, masked, unmasked) -> None:
+    """Where a compiled forward's host time goes: enqueue/wall of each compiled forward, then the CPU ops
+    (self time) of no mask vs attn_dispatch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    c_native, c_ours = torch.compile(native, dynamic=False), torch.compile(ours, dynamic=False)
+
+    def fwd(model, inputs):
+        def run():
+            with torch.no_grad():
+                return model(**inputs)[0]
+        return run
+
+    fns = {
+        "compiled native no mask": fwd(c_native, unmasked), "compiled native masked": fwd(c_native, masked),
+        "compiled attn_dispatch": fwd(c_ours, masked), "compiled attn_dispatch, no mask": fwd(c_ours, unmasked),
+    }
+    for fn in fns.values():
+        fn(), fn(), fn()
+    print("\n## Qwen-Image compiled, B=1 text 256 (40 padded)\n| forward | host enqueue ms | wall ms |\n|---|---|---|")
+    for _ in range(2):  # twice, rows in turns, for the host's drift
+        for label, fn in fns.items():
+            e, w = enqueue_and_wall(fn)
+            print(f"| {label} | {e:.2f} | {w:.2f} |")
+    for label in ("compiled native no mask", "compiled attn_dispatch"):
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(5):
+                fns[label]()
+            torch.cuda.synchronize()
+        print(f"\ntorch.profiler CPU, 5 forwards of {label}, top by self CPU time:")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--compiled", action="store_true", help="also the compiled Qwen-Image forwards")
     args = parser.parse_args()
     bd.ARGS = argparse.Namespace(smoke=False)
     device, dtype = torch.device("cuda"), torch.bfloat16
@@ -132,6 +169,8 @@ def main() -> None:
 
         if name == "Qwen-Image":
             per_call(ours, masked)
+            if args.compiled:
+                compiled_host(native, ours, masked, unmasked)
         fns = {"native no mask": fwd(native, unmasked), "native masked": fwd(native, masked), "attn_dispatch": fwd(ours, masked)}
         for fn in fns.values():
             fn(), fn()

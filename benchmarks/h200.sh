@@ -7,6 +7,7 @@
 #   benchmarks/h200.sh paged                        (issue 13: generate_batch only, with the teacher-forced token check)
 #   benchmarks/h200.sh transformers_host            (where a decode step's host time goes, sdpa vs attn_dispatch;
 #                                                    DIAG_ARGS="--model gemma2 --profile" for the Gemma-2-like model)
+#   DIAG_ARGS=--compiled benchmarks/h200.sh diag   (diffusers host time per forward and call; --compiled: compiled too)
 #   benchmarks/h200.sh leftpad                      (FA3 reading left-padded rows in place: groundwork, see the script)
 #   benchmarks/h200.sh plan_host                    (host us of a decode step's page table, plan, run, metadata)
 #   benchmarks/h200.sh metadata                     (FA3 calls with vs without scheduler metadata made once: paired A/B)
@@ -48,7 +49,7 @@ for stage in "$@"; do
       run diffusers python3 benchmarks/bench_diffusers.py --json "$OUT/diffusers.json" ;;
     diag)
       install_tree "$root"
-      run diag python3 benchmarks/diag_diffusers_host.py ;;
+      run diag python3 benchmarks/diag_diffusers_host.py ${DIAG_ARGS:-} ;;
     conformance)
       install_tree "$root"
       run conformance python3 benchmarks/conformance_report.py --full --unguarded
