@@ -3,11 +3,12 @@
     python benchmarks/diag_diffusers_host.py [--layers 4]
 
 For Qwen-Image at B=1 (text 256, 40 padded) and PRX (cross-attention): host time to enqueue one forward
-(no sync inside; the GPU runs behind), wall time per forward, syncs seen by torch's sync debug mode during
+(no sync inside; the GPU runs behind) and wall time per forward (attn_dispatch with the scope's mask
+elision on, the default, and off: "model mask kept"), syncs seen by torch's sync debug mode during
 one attn_dispatch forward, how many attention calls took the fast path, and a cProfile of attn_dispatch
 forwards (top functions by own time). ``--compiled``: for Qwen-Image, the same host/wall split for the
-``torch.compile``d models (no mask, masked, attn_dispatch masked and attn_dispatch without a mask, which
-runs the scope hooks but no fast path), and torch.profiler's CPU table of one compiled forward each.
+``torch.compile``d models (no mask, masked, attn_dispatch masked with and without elision, and
+attn_dispatch without a mask, which runs the scope hooks but no fast path), and torch.profiler's CPU table of one compiled forward each.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def per_call(model, masked):
     tq.dispatch_attention_fn = record
     try:
         with torch.no_grad():
-            model(**masked)
+            kept(model, lambda: model(**masked))()  # so the recorded call has the processor's mask
     finally:
         tq.dispatch_attention_fn = real
     a, k = seen["call"]
@@ -91,6 +92,7 @@ def per_call(model, masked):
     kwargs = {key: v for key, v in masked.items()}
     scope._open_scope(model, (), kwargs)
     rows["dispatch -> attn_dispatch, mask (in scope)"] = lambda: real(*a, **k, attn_mask=mask, backend=ad.ATTN_DISPATCH)
+    rows["dispatch -> attn_dispatch, mask elided (in scope)"] = lambda: real(*a, **k, attn_mask=None, backend=ad.ATTN_DISPATCH)
     results = {}
     with torch.no_grad():
         for label, fn in rows.items():
@@ -109,6 +111,18 @@ def per_call(model, masked):
         print(f"| {label} | {us:.1f} |")
 
 
+def kept(model, fn):
+    """``fn`` with the scope's mask elision off (the model builds its own mask in every block)."""
+    def run():
+        installed = model._attn_dispatch_scope
+        installed.elide_model_mask = False
+        try:
+            return fn()
+        finally:
+            installed.elide_model_mask = True
+    return run
+
+
 def compiled_host(native, ours, masked, unmasked) -> None:
     """Where a compiled forward's host time goes: enqueue/wall of each compiled forward, then the CPU ops
     (self time) of no mask vs attn_dispatch."""
@@ -124,8 +138,9 @@ def compiled_host(native, ours, masked, unmasked) -> None:
 
     fns = {
         "compiled native no mask": fwd(c_native, unmasked), "compiled native masked": fwd(c_native, masked),
-        "compiled attn_dispatch": fwd(c_ours, masked), "compiled attn_dispatch, no mask": fwd(c_ours, unmasked),
-    }
+        "compiled attn_dispatch": fwd(c_ours, masked), "compiled attn_dispatch, model mask kept": kept(ours, fwd(c_ours, masked)),
+        "compiled attn_dispatch, no mask": fwd(c_ours, unmasked),
+    }  # fmt: skip
     for fn in fns.values():
         fn(), fn(), fn()
     print("\n## Qwen-Image compiled, B=1 text 256 (40 padded)\n| forward | host enqueue ms | wall ms |\n|---|---|---|")
@@ -171,7 +186,10 @@ def main() -> None:
             per_call(ours, masked)
             if args.compiled:
                 compiled_host(native, ours, masked, unmasked)
-        fns = {"native no mask": fwd(native, unmasked), "native masked": fwd(native, masked), "attn_dispatch": fwd(ours, masked)}
+        fns = {
+            "native no mask": fwd(native, unmasked), "native masked": fwd(native, masked), "attn_dispatch": fwd(ours, masked),
+            "attn_dispatch, model mask kept": kept(ours, fwd(ours, masked)),
+        }  # fmt: skip
         for fn in fns.values():
             fn(), fn()
         print(f"\n## {name}, {args.layers} blocks, B=1 text 256 (40 padded)")

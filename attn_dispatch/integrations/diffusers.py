@@ -140,6 +140,10 @@ def _attn_dispatch_attention(
     Same parameters as diffusers' native backend, so ``dispatch_attention_fn`` hands both the same
     arguments and the fallback forwards them unchanged.
     """
+    if attn_mask is None and scope._stack:  # in a forward whose model mask the scope elided: the joint mask
+        current = scope.current()
+        if current is not None:
+            attn_mask = current.elided_mask(query, key)
     mask = _key_padding_mask(query, key, value, attn_mask, dropout_p, is_causal, return_lse, _parallel_config)
     ops = None if mask is None else ops_for(query.device)
     if ops is None:
@@ -249,13 +253,16 @@ def transformers_of(pipe_or_model: Any) -> list[torch.nn.Module]:
     return models
 
 
-def enable(pipe_or_model: Any, *, reuse_across_forwards: bool = True) -> list[torch.nn.Module]:
+def enable(pipe_or_model: Any, *, reuse_across_forwards: bool = True, elide_model_mask: bool = True) -> list[torch.nn.Module]:
     """Use the ``attn_dispatch`` backend in ``pipe_or_model``'s transformer(s) and build each forward's
     mask metadata once (the scope hooks). Returns the models enabled. Idempotent (a second call keeps the
     first call's hooks and settings).
 
     ``reuse_across_forwards``: reuse the joint-mask metadata when a later forward passes the same, unwritten
-    text-mask tensor (a pipeline's denoising steps); off: built once in every forward. See ``diffusers_scope``.
+    text-mask tensor (a pipeline's denoising steps); off: built once in every forward.
+    ``elide_model_mask``: for models with a joint-mask recipe (Qwen-Image, PRX), hand the model no text
+    mask and mask its attention calls from the metadata instead, so it skips building the mask in every
+    block; off: the model gets its mask. Same output either way. See ``diffusers_scope``.
 
     Like ``model.set_attention_backend``, this also makes ``attn_dispatch`` diffusers' active backend.
     """
@@ -265,7 +272,7 @@ def enable(pipe_or_model: Any, *, reuse_across_forwards: bool = True) -> list[to
         model.set_attention_backend(BACKEND_NAME)
         scope.install(
             model, attention_modules(model), backend=ATTN_DISPATCH, is_ours=_is_ours, ops_for=ops_for,
-            reuse_across_forwards=reuse_across_forwards,
+            reuse_across_forwards=reuse_across_forwards, elide_model_mask=elide_model_mask,
         )  # fmt: skip
     return models
 

@@ -5,7 +5,7 @@ processors rebuild their mask in every block, so building metadata per attention
 per block. Instead :func:`install` puts two hooks on a transformer (``enable()`` does this):
 
 - a forward **pre-hook** opens a :class:`ForwardScope` for this forward. For a model with a known
-  joint-mask recipe (:data:`RECIPES`: Qwen-Image, PRX), it also builds the metadata of the joint key
+  joint-mask recipe (``diffusers_recipes.RECIPES``: Qwen-Image, PRX), it also builds the metadata of the joint key
   mask ``cat([text mask, ones(image tokens)])`` here, from this forward's own arguments, before any block
   runs: the forward's one host sync happens outside every block;
 - a forward **hook** (``always_call=True``: it also runs when the forward raises) closes the scope.
@@ -21,6 +21,18 @@ Inside the scope the backend finds a call's metadata in two ways (``lookup``):
    ``_version``; never an inference tensor, which has no ``_version``) reuses its metadata. The scope holds a reference to each mask it saw, so a freed mask's
    memory cannot be reused by a new mask with the same address during the scope. Cross-attention models
    pass one mask (or views of it) to every block.
+
+Mask elision (``elide_model_mask``, default on): where the recipe's metadata is built, the pre-hook also
+hands the model ``None`` for its text mask, so the model skips its own mask work: Qwen-Image's mask
+checks and conversion before the blocks (five small kernels) and, in every block, the processor's
+``ones`` + ``cat`` of the joint mask (host time in a host-bound eager model, and a few small kernels).
+The backend then masks each maskless call whose keys are the joint ones (``[B, S_k]`` and device) with
+the recipe's joint mask (``elided_mask``): the fast path with the recipe's metadata, or diffusers'
+native attention with that mask, whose values are exactly the ones the processor would have built, so
+the output is the same bytes as without elision. Sound for the same reasons as rule 1 (the recipe's
+processors are the only attention in the forward, and use the text mask for nothing else), and only
+where the mask has the ``[B, L_txt]`` the model accepts (otherwise the model gets it and raises its
+own error) and no processor has a context-parallel config.
 
 Otherwise the backend builds metadata per call (correct; one sync). Never stale: a scope lives for one
 forward only and nothing survives it; a new prompt, a CFG batch or a different text length is a new
@@ -39,8 +51,8 @@ take the innermost scope (the stack is a module global so torch.compile can read
 forward at a time per process.
 
 torch.compile: the hooks are ``torch.compiler.disable``d, so they run eagerly around the compiled
-forward (a graph break before and after the blocks, none inside attention). In traced code only the
-recipe's metadata is used (tensor identity means nothing there); any other masked call runs diffusers'
+forward (no graph break; a pre-hook's new arguments, the elided mask, reach the compiled forward). In
+traced code only the recipe's metadata is used (tensor identity means nothing there); any other masked call runs diffusers'
 native attention, which traces without a break.
 """
 
@@ -57,56 +69,27 @@ import torch
 
 from attn_dispatch.plans import MaskMeta
 
+from .diffusers_recipes import JointMaskRecipe, recipe_for
+
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 MEMO_SIZE = 4  # text masks remembered across forwards per model: cond + uncond (CFG), with room to spare
 
 
-@dataclass(frozen=True)
-class JointMaskRecipe:
-    """How a model's processors build their key mask: ``cat([text mask as bool, ones(image tokens)])``.
-
-    ``model``: a class name exported by ``diffusers``; ``processor``: its stock processor class, by name in
-    ``processor_module``.
-    ``text_mask_arg``: the forward argument holding the ``[B, L_txt]`` text mask (None: no mask, no
-    metadata). ``image_tokens(model, hidden_states)``: the number of image tokens for this forward.
-    """
-
-    model: str
-    processor: str
-    processor_module: str
-    text_mask_arg: str
-    image_tokens: Callable[[Any, torch.Tensor], int]
-
-
-def _qwen_image_tokens(model: Any, hidden_states: torch.Tensor) -> int:
-    return hidden_states.shape[1]  # already patchified: [B, image tokens, in_channels]
-
-
-def _prx_image_tokens(model: Any, hidden_states: torch.Tensor) -> int:
-    patch = model.config.patch_size  # [B, C, H, W] latents, cut into patch x patch tiles (img2seq)
-    return (hidden_states.shape[-2] // patch) * (hidden_states.shape[-1] // patch)
-
-
-RECIPES: tuple[JointMaskRecipe, ...] = (
-    JointMaskRecipe(
-        "QwenImageTransformer2DModel", "QwenDoubleStreamAttnProcessor2_0",
-        "diffusers.models.transformers.transformer_qwenimage", "encoder_hidden_states_mask", _qwen_image_tokens,
-    ),
-    JointMaskRecipe(
-        "PRXTransformer2DModel", "PRXAttnProcessor2_0",
-        "diffusers.models.transformers.transformer_prx", "attention_mask", _prx_image_tokens,
-    ),
-)  # fmt: skip
-
-
 @dataclass(frozen=True, eq=False)
 class JointMeta:
-    """The recipe's metadata for this forward: a bool ``[batch, seqlen]`` key mask on ``device``."""
+    """The recipe's metadata for this forward: a bool ``[batch, seqlen]`` key mask on ``device``.
+
+    ``mask``: that key mask as the stock processor hands it to attention (``[batch, 1, 1, seqlen]``).
+    ``elided``: the model was given no text mask in this forward; its maskless attention calls of this
+    key shape are masked with ``mask`` (see the module doc).
+    """
 
     batch: int
     seqlen: int
     device: torch.device
     meta: MaskMeta
+    mask: torch.Tensor
+    elided: bool = False
 
 
 class ForwardScope:
@@ -136,6 +119,17 @@ class ForwardScope:
         for _, seen_key, meta in self.seen:
             if seen_key == key:
                 return meta
+        return None
+
+    def elided_mask(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
+        """The joint key mask for a maskless call, if this forward's model mask was elided and the call's
+        keys are the joint ones (batch, length, device); else None (the call had no mask)."""
+        joint = self.joint
+        if joint is None or not joint.elided:
+            return None
+        shape = key.shape
+        if len(shape) == 4 and shape[0] == joint.batch and shape[1] == joint.seqlen and key.device == joint.device:
+            return joint.mask
         return None
 
     def remember(self, mask: torch.Tensor, meta: MaskMeta) -> None:
@@ -181,6 +175,7 @@ class _Installed:
 
     recipe: JointMaskRecipe | None
     mask_index: int  # positional index of the text-mask argument in forward (self excluded)
+    text_index: int  # and of the text states
     modules: tuple[torch.nn.Module, ...]  # modules with a dispatcher-aware processor
     processor_cls: type | None  # the recipe's stock processor class
     backend: Any  # the backend's AttentionBackendName member
@@ -188,39 +183,34 @@ class _Installed:
     is_ours: Callable[[Any], bool]  # backend value -> is it attn_dispatch (set by the backend module)
     ops_for: Callable[[torch.device], Any]  # device -> op group (set by the backend module)
     reuse_across_forwards: bool = True
+    elide_model_mask: bool = True
     # (text mask as passed, op group, its identity key + image tokens, JointMeta), most recent last
     memo: list = field(default_factory=list)
 
 
-def recipe_for(model: torch.nn.Module) -> JointMaskRecipe | None:
-    """The recipe whose model class (with its own ``forward``) ``model`` is, or None."""
-    import diffusers
-
-    for recipe in RECIPES:
-        cls = getattr(diffusers, recipe.model, None)
-        if cls is not None and isinstance(model, cls) and type(model).forward is cls.forward:
-            return recipe
-    return None
-
-
-def install(model: torch.nn.Module, modules, *, backend, is_ours, ops_for, reuse_across_forwards: bool = True) -> None:
+def install(
+    model: torch.nn.Module, modules, *, backend, is_ours, ops_for, reuse_across_forwards: bool = True,
+    elide_model_mask: bool = True,
+) -> None:  # fmt: skip
     """Put the scope hooks on ``model`` (idempotent). ``modules``: its attention modules; ``backend``: the
     backend's enum member; ``is_ours(value)``: whether a processor's backend value selects it;
     ``ops_for(device)``: the op group there (None: the reference, so no metadata);
-    ``reuse_across_forwards``: keep the joint metadata of the last few text-mask tensors (see module doc)."""
+    ``reuse_across_forwards``: keep the joint metadata of the last few text-mask tensors;
+    ``elide_model_mask``: hand the model no text mask where the joint metadata covers it (module doc)."""
     if getattr(model, "_attn_dispatch_scope", None) is not None:
         return
     recipe = recipe_for(model)
-    index, processor_cls = -1, None
+    mask_index, text_index, processor_cls = -1, -1, None
     if recipe is not None:
         names = list(inspect.signature(type(model).forward).parameters)[1:]
-        index = names.index(recipe.text_mask_arg)
+        mask_index, text_index = names.index(recipe.text_mask_arg), names.index(recipe.text_states_arg)
         processor_cls = getattr(importlib.import_module(recipe.processor_module), recipe.processor)
     pre = model.register_forward_pre_hook(_open_scope, with_kwargs=True)
     post = model.register_forward_hook(_close_scope, with_kwargs=True, always_call=True)
     model._attn_dispatch_scope = _Installed(
-        recipe, index, tuple(modules), processor_cls, backend, (pre, post), is_ours, ops_for, reuse_across_forwards
-    )
+        recipe, mask_index, text_index, tuple(modules), processor_cls, backend, (pre, post), is_ours, ops_for,
+        reuse_across_forwards, elide_model_mask,
+    )  # fmt: skip
 
 
 def uninstall(model: torch.nn.Module) -> None:
@@ -232,12 +222,17 @@ def uninstall(model: torch.nn.Module) -> None:
 
 
 @torch.compiler.disable
-def _open_scope(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+def _open_scope(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     installed: _Installed = model._attn_dispatch_scope
     joint = None
     if installed.recipe is not None:
         joint = _joint_meta(model, installed, args, kwargs)
     _stack.append(ForwardScope(model, joint))
+    if joint is not None and joint.elided:  # the model's forward gets None for its text mask
+        if installed.recipe.text_mask_arg in kwargs:
+            return args, {**kwargs, installed.recipe.text_mask_arg: None}
+        return (*args[: installed.mask_index], None, *args[installed.mask_index + 1 :]), kwargs
+    return None
 
 
 @torch.compiler.disable
@@ -255,17 +250,16 @@ def _close_scope(model: torch.nn.Module, args: tuple, kwargs: dict, output: Any)
 def _joint_meta(model: torch.nn.Module, installed: _Installed, args: tuple, kwargs: dict) -> JointMeta | None:
     """The joint mask's metadata for this forward, or None where the recipe does not apply."""
     recipe = installed.recipe
-    text_mask = kwargs.get(recipe.text_mask_arg)
-    if text_mask is None and len(args) > installed.mask_index:
-        text_mask = args[installed.mask_index]
-    hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else (args[0] if args else None)
+    text_mask = _argument(args, kwargs, recipe.text_mask_arg, installed.mask_index)
+    hidden_states = _argument(args, kwargs, "hidden_states", 0)
     if not isinstance(text_mask, torch.Tensor) or text_mask.dim() != 2 or not isinstance(hidden_states, torch.Tensor):
         return None
-    # Only when the backend would run the fast path in this forward: every processor stock and ours.
+    # Only when the backend would run the fast path in this forward: every processor stock and ours, and
+    # no context parallelism (its processors go to diffusers' native backend with the model's mask).
     processor_cls, ours = installed.processor_cls, installed.backend
     for module in installed.modules:
         processor = module.processor
-        if type(processor) is not processor_cls:
+        if type(processor) is not processor_cls or getattr(processor, "_parallel_config", None) is not None:
             return None
         backend = processor._attention_backend
         if backend is not ours and not installed.is_ours(backend):  # the identity test settles the usual case
@@ -280,10 +274,17 @@ def _joint_meta(model: torch.nn.Module, installed: _Installed, args: tuple, kwar
     ops = installed.ops_for(device)
     if ops is None:
         return None
+    # Elided only where the model would accept this mask: the [B, L_txt] of its text states (else the
+    # model gets the mask and raises its own error).
+    text_states = _argument(args, kwargs, recipe.text_states_arg, installed.text_index)
+    elided = (
+        installed.elide_model_mask and isinstance(text_states, torch.Tensor) and text_states.dim() == 3
+        and tuple(text_mask.shape) == tuple(text_states.shape[:2])
+    )  # fmt: skip
     image_tokens = recipe.image_tokens(model, hidden_states)
     identity = _identity(text_mask)
     reuse = installed.reuse_across_forwards and identity is not None
-    key = (identity, image_tokens)
+    key = (identity, image_tokens, elided)
     memo = installed.memo if reuse else []
     for i, (held_mask, held_ops, held_key, held) in enumerate(memo):
         if held_ops is ops and held_key == key:  # the pipeline's same mask tensor, unwritten: same contents
@@ -293,8 +294,15 @@ def _joint_meta(model: torch.nn.Module, installed: _Installed, args: tuple, kwar
     as_bool = text_mask if text_mask.dtype == torch.bool else text_mask.to(torch.bool)  # as the model does
     image = torch.ones((batch, image_tokens), dtype=torch.bool, device=device)
     joint = torch.cat([as_bool, image], dim=1)
-    meta = JointMeta(batch, joint.shape[1], device, ops.build_mask_meta(joint))
+    meta = JointMeta(batch, joint.shape[1], device, ops.build_mask_meta(joint), joint[:, None, None, :], elided)
     if reuse:
         memo.append((text_mask, ops, key, meta))  # holding the mask keeps its memory from reuse
         del memo[:-MEMO_SIZE]
     return meta
+
+
+def _argument(args: tuple, kwargs: dict, name: str, index: int) -> Any:
+    """A forward argument given by name or by position (``index``, self excluded), else None."""
+    if name in kwargs:
+        return kwargs[name]
+    return args[index] if 0 <= index < len(args) else None
