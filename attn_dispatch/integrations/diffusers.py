@@ -21,6 +21,10 @@ What runs where (per ``dispatch_attention_fn`` call):
   everything else, including calls without a mask (SDPA picks its flash kernel itself), float
   (additive) masks, other mask shapes, and devices where ``masked_attention`` resolved to the reference.
 
+In a forward whose model mask ``enable``'s scope elided (``diffusers_scope``: Qwen-Image, PRX), a call
+without a mask whose keys are the forward's joint keys is first given the joint mask the processor would
+have built; then the rules above apply to it.
+
 Any diffusers version other than 0.42.x makes the import (and :func:`enable`) raise
 :class:`UnsupportedDiffusersVersion`: the backend patches diffusers' backend enum, which is private API.
 """
@@ -140,10 +144,9 @@ def _attn_dispatch_attention(
     Same parameters as diffusers' native backend, so ``dispatch_attention_fn`` hands both the same
     arguments and the fallback forwards them unchanged.
     """
-    if attn_mask is None and scope._stack:  # in a forward whose model mask the scope elided: the joint mask
-        current = scope.current()
-        if current is not None:
-            attn_mask = current.elided_mask(query, key)
+    current = scope.current() if scope._stack else None
+    if attn_mask is None and current is not None:  # a forward whose model mask the scope elided: the joint mask
+        attn_mask = current.elided_mask(query, key)
     mask = _key_padding_mask(query, key, value, attn_mask, dropout_p, is_causal, return_lse, _parallel_config)
     ops = None if mask is None else ops_for(query.device)
     if ops is None:
@@ -151,7 +154,6 @@ def _attn_dispatch_attention(
             query=query, key=key, value=value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
             scale=scale, enable_gqa=enable_gqa, return_lse=return_lse, _parallel_config=_parallel_config,
         )  # fmt: skip
-    current = scope.current()
     meta = None if current is None else current.lookup(mask)
     if meta is None:
         if torch.compiler.is_compiling():  # building metadata syncs: keep the traced graph whole
