@@ -7,8 +7,8 @@ For Qwen-Image at B=1 (text 256, 40 padded) and PRX (cross-attention): host time
 elision on, the default, and off: "model mask kept"), syncs seen by torch's sync debug mode during
 one attn_dispatch forward, how many attention calls took the fast path, and a cProfile of attn_dispatch
 forwards (top functions by own time). ``--compiled``: for Qwen-Image, the same host/wall split for the
-``torch.compile``d models (no mask, masked, attn_dispatch masked with and without elision, and
-attn_dispatch without a mask, which runs the scope hooks but no fast path), and torch.profiler's CPU table of one compiled forward each.
+``torch.compile``d models (no mask, masked, attn_dispatch masked with and without elision), and
+torch.profiler's CPU table of compiled forwards without a mask and with attn_dispatch.
 """
 
 from __future__ import annotations
@@ -139,7 +139,6 @@ def compiled_host(native, ours, masked, unmasked) -> None:
     fns = {
         "compiled native no mask": fwd(c_native, unmasked), "compiled native masked": fwd(c_native, masked),
         "compiled attn_dispatch": fwd(c_ours, masked), "compiled attn_dispatch, model mask kept": kept(ours, fwd(c_ours, masked)),
-        "compiled attn_dispatch, no mask": fwd(c_ours, unmasked),
     }  # fmt: skip
     for fn in fns.values():
         fn(), fn(), fn()
