@@ -32,7 +32,8 @@ native attention with that mask, whose values are exactly the ones the processor
 the output is the same bytes as without elision. Sound for the same reasons as rule 1 (the recipe's
 processors are the only attention in the forward, and use the text mask for nothing else), and only
 where the mask has the ``[B, L_txt]`` the model accepts (otherwise the model gets it and raises its
-own error) and no processor has a context-parallel config.
+own error) and no processor has a context-parallel config. Forward pre-hooks registered on the model
+after ``enable`` see the elided ``None``.
 
 Otherwise the backend builds metadata per call (correct; one sync). Never stale: a scope lives for one
 forward only and nothing survives it; a new prompt, a CFG batch or a different text length is a new
