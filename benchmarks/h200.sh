@@ -11,7 +11,6 @@
 #   benchmarks/h200.sh leftpad                      (FA3 reading left-padded rows in place: groundwork, see the script)
 #   benchmarks/h200.sh plan_host                    (host us of a decode step's page table, plan, run, metadata)
 #   benchmarks/h200.sh metadata                     (FA3 calls with vs without scheduler metadata made once: paired A/B)
-#   benchmarks/h200.sh callpath                     (FA3's raw op: 37 arguments from Python vs through TorchScript)
 # Needs in carry: .carry (../shared/device/fa3-site.sh, ../shared/device/wheels.sh, .ci/gpu-wheels.sh) and,
 # for the "baseline" stage, .baseline (a `git archive` of the commit to compare against).
 set -uo pipefail
@@ -77,9 +76,6 @@ for stage in "$@"; do
     metadata)
       install_tree "$root"
       run metadata python3 benchmarks/diag_fa3_metadata.py ;;
-    callpath)
-      install_tree "$root"
-      run callpath python3 benchmarks/diag_fa3_call_path.py ;;
     varlen_host)
       install_tree "$root"
       run varlen_host python3 benchmarks/bench_varlen_host.py --out "$OUT" ;;
