@@ -51,10 +51,15 @@ def call_key(ops: object, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sof
 
 def _rows_of(x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """``[B, S, H, D] -> [B * S, H, D]`` for tensors strided like ``x``: a view when the strides allow
-    (FlashAttention takes row and head strides), else a contiguous copy (unit-stride last dim needed)."""
+    (FlashAttention takes any row and head strides with a unit-stride last dim), else a contiguous copy.
+
+    One batch row is always a view: ``x[0]``, whatever its row and head strides, such as the ``[B, S, H, D]``
+    transpose of a ``[B, H, S, D]`` tensor that processors computing in heads-first layout hand over."""
     shape = (x.shape[0] * x.shape[1], x.shape[2], x.shape[3])
     if x.stride(3) == 1 and x.stride(0) == x.shape[1] * x.stride(1):
         return lambda t: t.view(shape)
+    if x.stride(3) == 1 and x.shape[0] == 1:
+        return lambda t: t[0]
     return lambda t: t.reshape(shape).contiguous()
 
 

@@ -86,6 +86,20 @@ def test_zero_copy_equals_kv_pack_on_valid_rows(provider, name):
     assert torch.equal(results[0][valid], results[1][valid])
 
 
+@pytest.mark.parametrize("name", ["prefix", "general"])
+def test_one_row_heads_first_layout_is_read_in_place(provider, name):
+    """B=1 q/k/v as [B, S, H, D] transposes of [B, H, S, D] tensors (PRX's processor): FlashAttention reads
+    them as views, and the output is the same bytes as from contiguous copies."""
+    mask = MASKS[name][:1].cuda()
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    heads_first = [torch.randn(1, H, mask.shape[1], D, generator=gen, device="cuda").bfloat16() for _ in range(3)]
+    q, k, v = (x.transpose(1, 2) for x in heads_first)
+    ops = ops_for(provider, "kv_pack")
+    meta = ops.build_mask_meta(mask)
+    out = ops.masked_attention(q, k, v, meta)
+    assert torch.equal(out, ops.masked_attention(*(x.contiguous() for x in (q, k, v)), meta))
+
+
 def test_strided_qkv_slices(provider):
     """q/k/v as slices of one fused projection (row stride 3*H*D) on every strategy."""
     mask = MASKS["prefix"].cuda()

@@ -124,6 +124,29 @@ def test_scheduling_is_left_to_the_kernel(general, zero_copy):
     assert ops.provider.fwd.metadata_counts == {"builds": 0, "calls": 0}
 
 
+@pytest.mark.parametrize("general", ["kv_pack", "qkv_pack"])
+@pytest.mark.parametrize("layout", ["prefix", "general"])
+def test_one_row_heads_first_layout_is_passed_as_a_view(layout, general):
+    """B=1 q/k/v as [B, S, H, D] transposes of [B, H, S, D] tensors: the provider gets q's rows as a view
+    of q (no copy), and the output equals that of contiguous copies."""
+    mask = text_image_mask([5], text=8, image=24, text_first=layout == "general")
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, H, mask.shape[1], D, generator=gen).bfloat16().transpose(1, 2) for _ in range(3))
+    provider = make_torch_provider()
+    seen = []
+    fwd = provider.fwd
+
+    def spy(q_rows, *args, **kwargs):
+        seen.append(q_rows)
+        return fwd(q_rows, *args, **kwargs)
+
+    ops = build_ops(dataclasses.replace(provider, fwd=spy), general_strategy=general, device_type="cpu", pack_queries=False)
+    meta = ops.build_mask_meta(mask)
+    out = ops.masked_attention(q, k, v, meta)
+    assert len(seen) == 1 and seen[0].data_ptr() == q.data_ptr() and seen[0].stride() == q[0].stride()
+    assert torch.equal(out, ops.masked_attention(*(x.contiguous() for x in (q, k, v)), meta))
+
+
 def test_all_masked_row_is_zeros():
     mask = torch.tensor([row("none", 6), row("prefix", 6, 4)])
     q, k, v = qkv(2, 6)
