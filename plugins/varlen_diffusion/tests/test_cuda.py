@@ -88,7 +88,7 @@ def test_zero_copy_equals_kv_pack_on_valid_rows(provider, name):
 
 @pytest.mark.parametrize("name", ["prefix", "general"])
 def test_one_row_heads_first_layout_is_read_in_place(provider, name):
-    """B=1 q/k/v as [B, S, H, D] transposes of [B, H, S, D] tensors (PRX's processor): FlashAttention reads
+    """B=1 q/k/v as [B, S, H, D] transposes of contiguous [B, H, S, D] tensors: FlashAttention reads
     them as views, and the output is the same bytes as from contiguous copies."""
     mask = MASKS[name][:1].cuda()
     gen = torch.Generator(device="cuda").manual_seed(3)
