@@ -5,9 +5,9 @@ processors rebuild their mask in every block, so building metadata per attention
 per block. Instead :func:`install` puts two hooks on a transformer (``enable()`` does this):
 
 - a forward **pre-hook** opens a :class:`ForwardScope` for this forward. For a model with a known
-  joint-mask recipe (``diffusers_recipes.RECIPES``: Qwen-Image, PRX), it also builds the metadata of the joint key
-  mask ``cat([text mask, ones(image tokens)])`` here, from this forward's own arguments, before any block
-  runs: the forward's one host sync happens outside every block;
+  joint-mask recipe (``diffusers_recipes.RECIPES``: Qwen-Image, PRX), it also builds the metadata of the
+  joint key mask ``cat([text mask, ones(image tokens)])`` here, from this forward's own arguments,
+  before any block runs: the forward's one host sync happens outside every block;
 - a forward **hook** (``always_call=True``: it also runs when the forward raises) closes the scope.
 
 Inside the scope the backend finds a call's metadata in two ways (``lookup``):
@@ -42,8 +42,8 @@ forward with new metadata.
 Across forwards (``reuse_across_forwards``, default on): a pipeline passes the same text-mask tensor to
 the transformer at every denoising step (cond and uncond alternate under CFG). The pre-hook keeps the
 joint metadata of the last :data:`MEMO_SIZE` text-mask tensors per model, keyed like rule 2 (storage,
-offset, shape, strides, ``_version``, dtype, device) plus the image-token count, and holds each tensor so
-its memory cannot be reused by another. A repeated, unwritten mask then costs no build and no sync at all.
+offset, shape, strides, ``_version``, dtype, device) plus the image-token count and whether the mask
+was elided, and holds each tensor so its memory cannot be reused by another. A repeated, unwritten mask then costs no build and no sync at all.
 Contents can change only through an in-place torch op (which moves ``_version``: rebuilt) or behind
 torch's back (``.data``, numpy or DLPack views, foreign kernels): pass a new tensor then, or
 ``enable(..., reuse_across_forwards=False)``. Threads: each scope records its thread, and eager lookups
@@ -52,9 +52,9 @@ take the innermost scope (the stack is a module global so torch.compile can read
 forward at a time per process.
 
 torch.compile: the hooks are ``torch.compiler.disable``d, so they run eagerly around the compiled
-forward (no graph break; a pre-hook's new arguments, the elided mask, reach the compiled forward). In
-traced code only the recipe's metadata is used (tensor identity means nothing there); any other masked call runs diffusers'
-native attention, which traces without a break.
+forward (no graph break; the pre-hook's new arguments, with the elided mask, reach the compiled
+forward). In traced code only the recipe's metadata is used (tensor identity means nothing there); any
+other masked call runs diffusers' native attention, which traces without a break.
 """
 
 from __future__ import annotations
@@ -185,7 +185,7 @@ class _Installed:
     ops_for: Callable[[torch.device], Any]  # device -> op group (set by the backend module)
     reuse_across_forwards: bool = True
     elide_model_mask: bool = True
-    # (text mask as passed, op group, its identity key + image tokens, JointMeta), most recent last
+    # (text mask as passed, op group, its identity key + image tokens + elided, JointMeta), most recent last
     memo: list = field(default_factory=list)
 
 
