@@ -94,6 +94,18 @@ def test_a_mask_the_model_would_refuse_is_passed_on(reference):
     assert str(ours.value) == str(theirs.value)
 
 
+def test_no_elision_once_the_model_is_switched_back_to_native(reference):
+    model, native = tiny_qwen(), tiny_qwen()
+    ad.enable(model)
+    model.set_attention_backend("native")  # hooks still installed, backend no longer ours
+    native.set_attention_backend("native")
+    inputs = qwen_inputs(_mask(MASK))
+    out = []
+    seen = _masks_seen_by_blocks(model, lambda: out.append(_forward(model, inputs)))
+    assert all(isinstance(m, torch.Tensor) for m in seen) and reference.builds == 0
+    assert torch.equal(out[0], _forward(native, inputs))
+
+
 def test_no_elision_with_context_parallel_processors(reference):
     model = tiny_qwen()
     ad.enable(model)
