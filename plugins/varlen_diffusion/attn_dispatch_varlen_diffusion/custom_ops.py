@@ -87,7 +87,7 @@ def _masked_attention(
     key = call_key(owner, q, k, v, softmax_scale)
     bound = meta.calls.get(key)
     if bound is None:
-        bound = meta.calls[key] = bind_call(owner.provider, meta, q, k, v, softmax_scale)
+        bound = meta.calls[key] = bind_call(owner.provider, meta, q, k, v, softmax_scale, key_pages=owner.key_pages)
     return bound(q, k, v)
 
 

@@ -73,6 +73,20 @@ def test_no_graph_break_and_compiled_equals_eager(case):
     assert any(key[-1] == 0.25 for key in meta.calls)
 
 
+def test_compiled_op_reads_keys_as_pages_where_eager_does():
+    """``build_ops(key_pages=True)``: the compiled op binds its call with the op group's choice, as eager does."""
+    provider = make_torch_provider()
+    ops = build_ops(provider, general_strategy="kv_pack", device_type="cpu", key_pages=True)
+    mask = text_image_mask([2, 4], text=5, image=3, text_first=True)
+    q, k, v = tensors(mask, None, H)
+    meta = ops.build_mask_meta(mask)
+    eager = ops.masked_attention(q, k, v, meta)
+    compiled, _ = graphs_of(lambda q, k, v: ops.masked_attention(q, k, v, meta), q, k, v)
+    assert len(meta.calls) == 2  # eager's bound call and the compiled op's own (its scale is a float)
+    assert provider.fwd.paged_calls == [True, True]
+    assert torch.equal(compiled, eager)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_new_metadata_of_the_same_sizes_runs_its_own_mask(backend):
     """The metadata is an argument: a compiled graph reused for a new mask reads the new mask's tensors."""
