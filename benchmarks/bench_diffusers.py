@@ -1,6 +1,6 @@
 """diffusers models with the ``attn_dispatch`` backend vs diffusers' native attention, per forward.
 
-    python benchmarks/bench_diffusers.py [--quick] [--json FILE] [--layers 4] [--no-compile] [--smoke]
+    python benchmarks/bench_diffusers.py [--quick] [--json FILE] [--layers 4] [--no-compile] [--key-pages] [--smoke]
 
 Qwen-Image (``QwenImageTransformer2DModel``, its real config at full width: 24 heads x 128, text dim
 3584, in 64 / out 16 channels, patch 2, RoPE axes (16, 56, 56); ``--layers`` blocks, random weights),
@@ -25,6 +25,11 @@ padding mask; its default config at ``--layers`` blocks: hidden 1792, 28 heads x
 1024x1024 (4096 latent tokens), text 256 (40 padded), eager: attention time per call and forward time
 against native, with correctness. (Sana and PixArt-Sigma call SDPA directly in diffusers 0.42, not the
 dispatcher, so no attention backend reaches them.)
+
+``--key-pages``: an A/B row in the same rounds, "attn_dispatch, K/V as pages": the same enabled model with
+an op group that reads K/V in place through one-row pages (``build_ops(key_pages=True)``) instead of
+gathering them: one launch less host time per call, more GPU time (see the README), eager and compiled.
+Each of the two attn_dispatch forwards injects its own op group (``use_ops``), so their host paths match.
 
 ``--smoke`` (the default without CUDA): tiny configs on the CPU through the varlen_diffusion plugin's CPU
 stand-in provider (Triton interpreted), compile with ``aot_eager``; checks the script, timings mean nothing.
@@ -201,6 +206,22 @@ def error(out: torch.Tensor, ref: torch.Tensor) -> dict:
 
 
 INJECTED = None  # the op group the smoke run injects (None on CUDA: attn_dispatch.load(device))
+VARIANTS: dict = {}  # --key-pages: forward label -> the op group it runs with (both attn_dispatch forwards)
+PAGES = "attn_dispatch, K/V as pages"
+
+
+def with_variants(fns: dict, ours_fn) -> dict:
+    """``fns`` with each :data:`VARIANTS` label run as ``ours_fn`` under its own op group."""
+    def under(group):
+        def run():
+            ad.use_ops(group)
+            try:
+                ours_fn()
+            finally:
+                ad.use_ops(INJECTED)
+        return run
+
+    return {**fns, **{label: under(group) for label, group in VARIANTS.items()}}
 
 
 def make_pair(cls, config: dict, layers_key: str, layers: int, device, dtype):
@@ -254,6 +275,14 @@ def run_model(name, native, ours, inputs_for, settings, args, compile_backend) -
                 ours(**{**masked, mask_key: masked[mask_key].clone()})
 
         eager["attn_dispatch, new mask each forward"] = fresh_mask
+        eager = with_variants(eager, call(ours, masked))
+        if VARIANTS:
+            ad.use_ops(VARIANTS[PAGES])
+            try:
+                with torch.no_grad():
+                    row["pages_correctness"] = error(ours(**masked)[0], ref)
+            finally:
+                ad.use_ops(INJECTED)
         for fn in eager.values():  # warm-up (allocator, cuBLAS handles, bound calls)
             fn(), fn()
         row["eager_ms"] = wall_ms(eager, args.rounds, args.per_round)
@@ -283,6 +312,7 @@ def compiled_rows(row, native, ours, forwards, masked, ref, call, compile_backen
     t0 = time.perf_counter()
     compiled_models = {id(m): torch.compile(m, backend=compile_backend, dynamic=False) for m in (native, ours)}
     compiled = {label: call(compiled_models[id(m)], i) for label, (m, i) in forwards.items()}
+    compiled = with_variants(compiled, call(compiled_models[id(ours)], masked))
     for fn in compiled.values():
         fn(), fn(), fn()
     sync()
@@ -365,6 +395,14 @@ def markdown(rows: list[dict]) -> str:
         if "compiled_correctness" in row:
             cc = row["compiled_correctness"]
             line += f" Compiled vs native masked eager: max abs err {cc['max_abs_err']:.3g}; compile warm-up {row['compile_warmup_s']:.0f} s."
+        if "pages_correctness" in row:
+            pieces = [
+                f"{label} {fmt(t.get(PAGES))} vs {fmt(t.get('attn_dispatch'))}"
+                for label, t in (("eager wall", e), ("eager GPU", g), ("compiled wall", c), ("compiled GPU", cg))
+                if t is not None and t.get(PAGES) is not None
+            ]  # fmt: skip
+            line += (f"\n\nK/V as pages (A/B, ms, pages vs gather, same rounds): {'; '.join(pieces)}; max abs err vs "
+                     f"native masked {row['pages_correctness']['max_abs_err']:.3g}.")  # fmt: skip
         out += [line, ""]
     return "\n".join(out)
 
@@ -377,6 +415,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4, help="transformer blocks (>= 4 for the issue's numbers)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument("--no-prx", action="store_true", help="skip the cross-attention model")
+    parser.add_argument("--key-pages", action="store_true", help="add the K/V-as-pages op group as an A/B forward")
     parser.add_argument("--budget-s", type=float, default=200.0,
                         help="skip later compiled rows once this many seconds are spent (keeps the run < 6 min)")
     parser.add_argument("--smoke", action="store_true", help="tiny configs on the CPU stand-in (default without CUDA)")
@@ -403,6 +442,15 @@ def main() -> None:
         if res.plugin == "reference":
             sys.exit(f"masked_attention resolved to the reference on {device}: nothing to measure ({res.note})")
     compile_backend = None if args.no_compile else ("aot_eager" if args.smoke else "inductor")
+    if args.key_pages:
+        from attn_dispatch_varlen_diffusion.attention import build_ops as build_varlen_ops
+
+        default = ad.ops_for(device)
+        plugin = default.masked_attention.__self__  # the VarlenDiffusionAttention behind the op group
+        pages = build_varlen_ops(
+            plugin.provider, general_strategy=plugin.general_strategy, device_type=plugin.device_type, key_pages=True
+        )  # fmt: skip
+        VARIANTS.update({"attn_dispatch": default, PAGES: pages})
 
     settings = SETTINGS_SMOKE if args.smoke else SETTINGS
     latent = 8 if args.smoke else 128  # 1024x1024 -> 128x128 latents -> 64x64 = 4096 tokens
