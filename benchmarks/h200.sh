@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call on the lent H200: set up, then run the named stages in order; logs go to $OUT/<stage>.log.
 #   benchmarks/h200.sh baseline check fa3          (issue 10: before/after, selfcheck, pytest -m cuda)
-#   benchmarks/h200.sh diffusers varlen_host tox   (issue 11 benchmarks; tox -e cuda as written)
+#   benchmarks/h200.sh diffusers varlen_host tox   (issue 11 benchmarks; tox -e cuda as written;
+#                                                    DIFFUSERS_ARGS=--key-pages adds the K/V-as-pages A/B)
 #   benchmarks/h200.sh transformers                 (issue 13: Llama- and Gemma-2-like models, sdpa/eager vs attn_dispatch)
 #   benchmarks/h200.sh conformance                  (issue 12: the full grids without and with the known-wrong guard)
 #   benchmarks/h200.sh paged                        (issue 13: generate_batch only, with the teacher-forced token check)
@@ -46,7 +47,7 @@ for stage in "$@"; do
       run fa3 python3 benchmarks/bench_dispatch_overhead.py ;;
     diffusers)
       install_tree "$root"
-      run diffusers python3 benchmarks/bench_diffusers.py --json "$OUT/diffusers.json" ;;
+      run diffusers python3 benchmarks/bench_diffusers.py --json "$OUT/diffusers.json" ${DIFFUSERS_ARGS:-} ;;
     diag)
       install_tree "$root"
       run diag python3 benchmarks/diag_diffusers_host.py ${DIAG_ARGS:-} ;;
