@@ -28,7 +28,7 @@ dispatcher, so no attention backend reaches them.)
 
 ``--key-pages``: an A/B row in the same rounds, "attn_dispatch, K/V as pages": the same enabled model with
 an op group that reads K/V in place through one-row pages (``build_ops(key_pages=True)``) instead of
-gathering them: one launch less host time per call, more GPU time (see the README), eager and compiled.
+gathering them (one launch fewer per call: less host time, more GPU time; see the README), eager and compiled.
 Each of the two attn_dispatch forwards injects its own op group (``use_ops``), so their host paths match.
 
 ``--smoke`` (the default without CUDA): tiny configs on the CPU through the varlen_diffusion plugin's CPU
