@@ -88,7 +88,6 @@ def per_call(model, masked):
         "dispatch -> native, no mask": lambda: real(*a, **k, attn_mask=None, backend=native),
         "dispatch -> native, mask": lambda: real(*a, **k, attn_mask=mask, backend=native),
     }
-    installed = model._attn_dispatch_scope
     kwargs = {key: v for key, v in masked.items()}
     scope._open_scope(model, (), kwargs)
     rows["dispatch -> attn_dispatch, mask (in scope)"] = lambda: real(*a, **k, attn_mask=mask, backend=ad.ATTN_DISPATCH)
