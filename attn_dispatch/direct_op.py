@@ -23,18 +23,21 @@ _libraries: dict[str, torch.library.Library] = {}  # kept alive: a dropped Libra
 
 
 def register(
-    qualname: str, fn: Callable, *, fake: Callable, mutates_args: Iterable[str] = ()
+    qualname: str, fn: Callable, *, fake: Callable, mutates_args: Iterable[str] = (), cudagraph_unsafe: bool = False
 ) -> torch._ops.OpOverload:
     """Define ``qualname`` (``"namespace::name"``) with ``fn``'s annotated signature, implemented by ``fn``
     for every backend, traced through ``fake``; returns the op overload to call. ``mutates_args``: the
     names of the tensor arguments ``fn`` writes (annotated ``Tensor(a1!)`` in the schema, so
-    functionalization and Inductor's re-inplacing see the write)."""
+    functionalization and Inductor's re-inplacing see the write). ``cudagraph_unsafe``: tag the op so that
+    Inductor's CUDA graphs (``mode="reduce-overhead"``) leave it out: with graph partitioning it runs
+    eagerly between captured partitions, else the graph is not captured (torch without the tag: no tag)."""
     namespace, name = qualname.split("::")
     library = _libraries.get(namespace)
     if library is None:
         library = _libraries[namespace] = torch.library.Library(namespace, "FRAGMENT")
     schema = torch.library.infer_schema(fn, mutates_args=tuple(mutates_args))
-    library.define(name + schema)
+    tag = getattr(torch.Tag, "cudagraph_unsafe", None) if cudagraph_unsafe else None
+    library.define(name + schema, tags=() if tag is None else (tag,))
     library.impl(name, fn, "CompositeExplicitAutograd")
     torch.library.register_fake(qualname, fake, lib=library)
     return getattr(getattr(torch.ops, namespace), name).default

@@ -1,6 +1,7 @@
 """diffusers models with the ``attn_dispatch`` backend vs diffusers' native attention, per forward.
 
-    python benchmarks/bench_diffusers.py [--quick] [--json FILE] [--layers 4] [--no-compile] [--key-pages] [--smoke]
+    python benchmarks/bench_diffusers.py [--quick] [--json FILE] [--layers 4] [--no-compile] [--key-pages]
+                                         [--compile-mode reduce-overhead] [--smoke]
 
 Qwen-Image (``QwenImageTransformer2DModel``, its real config at full width: 24 heads x 128, text dim
 3584, in 64 / out 16 channels, patch 2, RoPE axes (16, 56, 56); ``--layers`` blocks, random weights),
@@ -30,6 +31,10 @@ dispatcher, so no attention backend reaches them.)
 an op group that reads K/V in place through one-row pages (``build_ops(key_pages=True)``) instead of
 gathering them (one launch fewer per call: less host time, more GPU time; see the README), eager and compiled.
 Each of the two attn_dispatch forwards injects its own op group (``use_ops``), so their host paths match.
+
+``--compile-mode reduce-overhead``: the compiled rows run in CUDA graphs (Inductor's graph partitioning
+leaves the plugin's op out of the captured partitions: its calls depend on the mask; see the plugin's
+``custom_ops``).
 
 ``--smoke`` (the default without CUDA): tiny configs on the CPU through the varlen_diffusion plugin's CPU
 stand-in provider (Triton interpreted), compile with ``aot_eager``; checks the script, timings mean nothing.
@@ -310,9 +315,18 @@ def run_model(name, native, ours, inputs_for, settings, args, compile_backend) -
 def compiled_rows(row, native, ours, forwards, masked, ref, call, compile_backend, args) -> None:
     """Compiled wall and GPU time per forward, warm-up time and correctness, into ``row``."""
     t0 = time.perf_counter()
-    compiled_models = {id(m): torch.compile(m, backend=compile_backend, dynamic=False) for m in (native, ours)}
-    compiled = {label: call(compiled_models[id(m)], i) for label, (m, i) in forwards.items()}
-    compiled = with_variants(compiled, call(compiled_models[id(ours)], masked))
+    compiled_models = {
+        id(m): torch.compile(m, backend=compile_backend, dynamic=False, mode=args.compile_mode) for m in (native, ours)
+    }  # fmt: skip
+
+    def step(model, inputs):  # CUDA graph trees: each forward is a new step (outputs are not kept)
+        fn = call(model, inputs)
+        if args.compile_mode is None:
+            return fn
+        return lambda: (torch.compiler.cudagraph_mark_step_begin(), fn())
+
+    compiled = {label: step(compiled_models[id(m)], i) for label, (m, i) in forwards.items()}
+    compiled = with_variants(compiled, step(compiled_models[id(ours)], masked))
     for fn in compiled.values():
         fn(), fn(), fn()
     sync()
@@ -320,7 +334,18 @@ def compiled_rows(row, native, ours, forwards, masked, ref, call, compile_backen
     row["compiled_ms"] = wall_ms(compiled, args.rounds, args.per_round)
     row["compiled_gpu_ms"] = {label: gpu_ms(fn, args.profile_iters) for label, fn in compiled.items()}
     with torch.no_grad():
+        if args.compile_mode is not None:
+            torch.compiler.cudagraph_mark_step_begin()
         row["compiled_correctness"] = error(compiled_models[id(ours)](**masked)[0], ref)
+        for label in VARIANTS:  # each op group's compiled forward, against native masked
+            if label != "attn_dispatch":
+                ad.use_ops(VARIANTS[label])
+                try:
+                    if args.compile_mode is not None:
+                        torch.compiler.cudagraph_mark_step_begin()
+                    row[f"compiled_correctness, {label}"] = error(compiled_models[id(ours)](**masked)[0], ref)
+                finally:
+                    ad.use_ops(INJECTED)
 
 
 def qwen_inputs(device, dtype, latent_hw: int):
@@ -402,7 +427,9 @@ def markdown(rows: list[dict]) -> str:
                 if t is not None and t.get(PAGES) is not None
             ]  # fmt: skip
             line += (f"\n\nK/V as pages (A/B, ms, pages vs gather, same rounds): {'; '.join(pieces)}; max abs err vs "
-                     f"native masked {row['pages_correctness']['max_abs_err']:.3g}.")  # fmt: skip
+                     f"native masked {row['pages_correctness']['max_abs_err']:.3g}")  # fmt: skip
+            compiled_pages = row.get(f"compiled_correctness, {PAGES}")
+            line += "." if compiled_pages is None else f" (compiled {compiled_pages['max_abs_err']:.3g})."
         out += [line, ""]
     return "\n".join(out)
 
@@ -418,6 +445,9 @@ def main() -> None:
     parser.add_argument("--key-pages", action="store_true", help="add the K/V-as-pages op group as an A/B forward")
     parser.add_argument("--budget-s", type=float, default=200.0,
                         help="skip later compiled rows once this many seconds are spent (keeps the run < 6 min)")
+    parser.add_argument("--compile-mode", default=None, choices=("reduce-overhead", "max-autotune-no-cudagraphs"),
+                        help="torch.compile's mode for the compiled rows (default: its default mode); reduce-overhead "
+                        "runs the compiled forwards in CUDA graphs")
     parser.add_argument("--smoke", action="store_true", help="tiny configs on the CPU stand-in (default without CUDA)")
     ARGS = args = parser.parse_args()
     args.smoke = args.smoke or not CUDA
@@ -442,6 +472,8 @@ def main() -> None:
         if res.plugin == "reference":
             sys.exit(f"masked_attention resolved to the reference on {device}: nothing to measure ({res.note})")
     compile_backend = None if args.no_compile else ("aot_eager" if args.smoke else "inductor")
+    if args.smoke:
+        args.compile_mode = None  # modes are Inductor's
     if args.key_pages:
         from attn_dispatch_varlen_diffusion.attention import build_ops as build_varlen_ops
 
@@ -467,7 +499,8 @@ def main() -> None:
             print(f"PRX failed: {type(exc).__name__}: {exc}", file=sys.stderr)
 
     header = (f"attn_dispatch diffusers backend: torch {torch.__version__}, diffusers {__import__('diffusers').__version__}, "
-              f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU smoke'}, {args.layers} blocks, bf16; "
+              f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU smoke'}, {args.layers} blocks, bf16, "
+              f"compile mode {args.compile_mode or 'default'}; "
               f"masked_attention: {resolution}; total {time.perf_counter() - START:.0f} s")  # fmt: skip
     print(header + "\n\n" + markdown(rows))
     if args.json is not None:

@@ -15,6 +15,13 @@ Inside, the op finds the metadata object again by the identity of its tensors al
 graph inputs through unchanged), which carries ``total``, ``indices`` and ``masked``, and reuses its
 bound calls. If it cannot (its tensors were copied on the way), it rebuilds an equivalent one from the
 key mask: correct, only slower on the host (device-to-host syncs for the layout, count and indices).
+
+CUDA graphs: a bound call bakes mask-dependent sizes (the valid count) into its launches, so a captured
+call would be wrong for the next mask, and CUDA graph trees hand graph inputs over as copies. The op is
+therefore tagged ``cudagraph_unsafe``: under ``torch.compile(mode="reduce-overhead")`` Inductor's graph
+partitioning runs it eagerly between the captured partitions, with the real metadata. Should it still be
+reached inside a capture with copied tensors, it runs the original path (SDPA with the key mask, which
+reads the mask on the device at replay) instead of rebuilding, which would sync: correct, never a crash.
 The ops object is passed as an index into :data:`_OPS` (a custom op takes no Python objects), as
 cuda_fa3 passes its provider. The op is registered directly (``attn_dispatch.direct_op``), not through
 ``torch.library.custom_op``, whose wrapper costs several us per call.
@@ -22,11 +29,14 @@ cuda_fa3 passes its provider. The op is registered directly (``attn_dispatch.dir
 
 from __future__ import annotations
 
+import logging
 import weakref
 from typing import Optional
 
 import torch
 from attn_dispatch import direct_op
+from attn_dispatch.plans import MaskMeta
+from attn_dispatch.reference import masked as original
 
 from .binding import bind_call, call_key
 from .meta import Strategy, VarlenMaskMeta, classify
@@ -36,6 +46,8 @@ _OPS: list = []  # VarlenDiffusionAttention objects, by index
 _METAS: dict[int, weakref.ref] = {}  # id(meta.cu_seqlens_k) -> the metadata that owns it
 _REBUILT: dict[tuple, tuple[list, VarlenMaskMeta]] = {}
 _STRATEGIES = list(Strategy)  # the op's int codes for them, by position
+_WARNED: list = []  # the capture fallback's warning, once per process
+log = logging.getLogger("attn_dispatch")
 
 
 def ops_index(ops: object) -> int:
@@ -83,6 +95,8 @@ def _masked_attention(
     """The plugin's fast path for inputs already checked by ``masked_attention`` (see the module doc)."""
     tensors = (key_mask, seqlens, cu_seqlens_padded, cu_seqlens_k, inverse)
     meta = _find(tensors, (strategy, zero_masked_queries, pack_queries))
+    if meta is None:  # copies of the metadata's tensors inside a CUDA graph capture (module doc)
+        return _captured_original(q, k, v, key_mask, zero_masked_queries, softmax_scale)
     owner = _OPS[ops]
     key = call_key(owner, q, k, v, softmax_scale)
     bound = meta.calls.get(key)
@@ -95,12 +109,15 @@ def _masked_attention_fake(q, k, v, *args) -> torch.Tensor:
     return q.new_empty((*q.shape[:3], v.shape[-1]))
 
 
-masked_attention = direct_op.register(f"{NAMESPACE}::masked_attention", _masked_attention, fake=_masked_attention_fake)
+masked_attention = direct_op.register(
+    f"{NAMESPACE}::masked_attention", _masked_attention, fake=_masked_attention_fake, cudagraph_unsafe=True
+)
 
 
-def _find(tensors: tuple, scalars: tuple) -> VarlenMaskMeta:
+def _find(tensors: tuple, scalars: tuple) -> VarlenMaskMeta | None:
     """The metadata these tensors came from (matched on tensor identity only), or an equivalent one
-    rebuilt from the key mask (cached while its tensors live)."""
+    rebuilt from the key mask (cached while its tensors live); None inside a CUDA graph capture, where
+    rebuilding would sync."""
     key_mask, seqlens, cu_padded, cu_k, inverse = tensors
     ref = _METAS.get(id(cu_k))
     meta = ref() if ref is not None else None
@@ -110,11 +127,33 @@ def _find(tensors: tuple, scalars: tuple) -> VarlenMaskMeta:
     hit = _REBUILT.get(key)
     if hit is not None and all(r() is t for r, t in zip(hit[0], tensors) if r is not None):
         return hit[1]
+    if _capturing(key_mask):
+        return None
     meta = _rebuild(tensors, scalars)
     if len(_REBUILT) > 64:
         _REBUILT.clear()
     _REBUILT[key] = ([weakref.ref(t) if t is not None else None for t in tensors], meta)
     return meta
+
+
+def _capturing(key_mask: torch.Tensor) -> bool:
+    return key_mask.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _captured_original(q, k, v, key_mask, zero_masked_queries: bool, scale: float) -> torch.Tensor:
+    """The op's contract through the original path, with no host sync: SDPA with the key mask; zeros for
+    a batch row with no valid key and, under the zeroing contract (self-attention), for masked query rows."""
+    if not _WARNED:
+        _WARNED.append(True)
+        log.warning(
+            "attn_dispatch_varlen_diffusion::masked_attention was captured into a CUDA graph with copies of its "
+            "mask metadata: it runs SDPA with the mask there (correct, without the fast path's speed)"
+        )
+    out = original.masked_attention(q, k, v, MaskMeta(key_mask=key_mask), softmax_scale=scale)
+    keep = key_mask.any(dim=1)[:, None, None, None]  # [B, 1, 1, 1]
+    if zero_masked_queries and q.shape[1] == k.shape[1]:
+        keep = keep & key_mask[:, :, None, None]
+    return torch.where(keep, out, out.new_zeros(())).contiguous()
 
 
 def _rebuild(tensors: tuple, scalars: tuple) -> VarlenMaskMeta:

@@ -212,3 +212,43 @@ def test_op_rebuilds_metadata_it_cannot_find(case):
             assert want is got is None or (got.dtype == want.dtype and torch.equal(got, want)), name
         assert not meta.calls  # the op bound its call on the rebuilt metadata, not on this one
         assert torch.equal(out, ops.masked_attention(q, k, v, meta, softmax_scale=0.25)), valid
+
+
+def test_op_is_left_out_of_cuda_graphs():
+    """Its bound calls bake mask-dependent sizes: Inductor's CUDA graphs must run it outside the capture."""
+    tag = getattr(torch.Tag, "cudagraph_unsafe", None)
+    if tag is None:
+        pytest.skip("this torch has no cudagraph_unsafe tag")
+    assert tag in torch.ops.attn_dispatch_varlen_diffusion.masked_attention.default.tags
+
+
+@pytest.mark.parametrize("case", list(RECOMPILE_CASES))
+def test_op_inside_a_capture_with_copied_metadata_runs_the_original_path(case, monkeypatch):
+    """CUDA graph trees hand the op copies of the metadata's tensors while capturing: no rebuild (it would
+    sync), but SDPA with the key mask, under the op's contract (zeros where a row has no valid key, and for
+    masked query rows under the zeroing contract)."""
+    make_mask, general, pack_queries, _ = RECOMPILE_CASES[case]
+    ops = build_ops(make_torch_provider(), general_strategy=general, device_type="cpu", pack_queries=pack_queries)
+    from attn_dispatch_varlen_diffusion import custom_ops
+
+    def no_rebuild(*args):
+        raise AssertionError("rebuilt inside a capture")
+
+    monkeypatch.setattr(custom_ops, "_capturing", lambda key_mask: True)
+    monkeypatch.setattr(custom_ops, "_rebuild", no_rebuild)
+    for valid in VALID_COUNTS:
+        mask = make_mask(valid)
+        mask[1] = False  # a batch row without any valid key
+        meta = ops.build_mask_meta(mask)
+        q, k, v = tensors(mask, None, H, seed=valid)
+        copies = [None if t is None else t.clone() for t in custom_ops._tensors_of(meta)]
+        strategy = custom_ops._STRATEGIES.index(meta.strategy)
+        out = torch.ops.attn_dispatch_varlen_diffusion.masked_attention(
+            q, k, v, *copies, strategy, meta.zero_masked_queries, meta.pack_queries, 0.25, ops._op_index
+        )
+        want = ops.masked_attention(q, k, v, meta, softmax_scale=0.25)
+        assert out.shape == want.shape and out.is_contiguous()
+        torch.testing.assert_close(out, want, rtol=1e-2, atol=5e-2)
+        assert not out[1].any()  # no valid key: zeros, as the fast path gives
+        if meta.zero_masked_queries:
+            assert not out[0][~mask[0]].any()
