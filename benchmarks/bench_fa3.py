@@ -369,6 +369,19 @@ def bench_varlen_prefill(paths: Paths, tokens: int, rounds: int) -> list[Result]
     eager = {path: t / LAYERS for path, t in time_interleaved(steps, rounds).items()}
     host = {path: host_us_per_call(fn) for path, fn in steps.items()}
     print(f"{name}: host time per eager call (Python + launch, us): " + ", ".join(f"{p} {t:.1f}" for p, t in host.items()))
+    plan = paths.dispatched.make_attention_plan(**lengths, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, dtype=DTYPE)
+    run, bound = paths.dispatched.bind_attention(plan), paths.raw.provider.bind(args)
+    flat_out = lambda layer: shared[layer].view(tokens, HEADS, HEAD_DIM)  # noqa: E731
+    host_us_in_turns(
+        f"host us per varlen call, no plan ({tokens} tokens)",
+        {
+            "varlen_attention_out": lambda layer: dispatched(q, k, v, shared[layer], **lengths),
+            "bind_attention run (packed plan)": lambda layer: run(q, k, v, rows_3d[layer]),
+            "raw op": lambda layer: raw(q, k, v, flat_out(layer), args),
+            "raw op, laid out": lambda layer: bound(q, k, v, flat_out(layer)),
+        },
+        subject="varlen_attention_out",
+    )  # fmt: skip
     planned_prepares = counts["planned"].get("prepare_varlen_num_blocks", 0.0)
     print(f"{name}: packed plan + bind_attention (planned) vs varlen_attention_out (dispatched): graph "
           f"{in_graph['planned']:.1f} vs {in_graph['dispatched']:.1f} us, eager {eager['planned']:.1f} vs "
@@ -381,17 +394,14 @@ def bench_varlen_prefill(paths: Paths, tokens: int, rounds: int) -> list[Result]
     ]
 
 
-def layer_host_us(step, ops, plan, raw_op: HandWritten, reps: int = 3, rounds: int = 45) -> None:
+def layer_host_us(step, ops, plan, raw_op: HandWritten) -> None:
     """Issue 13's bar: host time of one layer's call with the batch's plan already made, against FA3's raw op.
 
     Paths: ``bind_attention``'s run (the per-layer call an engine holds; out as ``[tokens, heads, d]``, the
     layout FA3 writes), ``paged_attention_out`` for reference (flat out: one view per call), the raw op as
     the issue measured it (``torch.ops._vllm_fa3_C.fwd`` with its 37 arguments spelled out per call), and
     the provider's own bound call (the raw op with the very arguments the run binds, laid out once: the
-    floor, so only our Python differs). The GPU is kept busy meanwhile (``torch.cuda._sleep``), so no
-    launch waits for it."""
-    import time
-
+    floor, so only our Python differs)."""
     from attn_dispatch.plans import DEFAULT_PARAMS
     from attn_dispatch_cuda_fa3.plan import paged_args
 
@@ -407,20 +417,28 @@ def layer_host_us(step, ops, plan, raw_op: HandWritten, reps: int = 3, rounds: i
         "raw op": lambda layer: raw_op.fwd(q[layer], k[layer], v[layer], rows[layer], args),
         "raw op, laid out": lambda layer: bound(q[layer], k[layer], v[layer], rows[layer]),
     }  # fmt: skip
+    host_us_in_turns(f"host us per layer call, plan made ({step.tokens} tokens)", calls, subject="bind_attention run")
+
+
+def host_us_in_turns(title: str, calls: dict[str, Callable[[int], object]], subject: str, reps: int = 3, rounds: int = 45) -> dict:
+    """Host us per call of each ``calls[name](layer)`` (``LAYERS`` layers), against ``calls["raw op"]`` and
+    ``calls["raw op, laid out"]``, with the GPU kept busy (``torch.cuda._sleep``) so no launch waits for it.
+    Prints four statistics, each with issue 13's bar for ``subject`` (raw op + 3%); returns the paired one."""
+    import time
+
     names = list(calls)
 
     def report(label: str, us: dict[str, float]) -> None:
-        run_us, raw_us = us["bind_attention run"], us["raw op"]
-        print(f"host us per layer call, plan made ({step.tokens} tokens), {label}: "
-              + ", ".join(f"{name} {t:.2f}" for name, t in us.items())
-              + f" (run {(run_us / raw_us - 1) * 100:+.1f}% vs raw op, "
-              f"{(run_us / us['raw op, laid out'] - 1) * 100:+.1f}% vs laid out; issue 13 bar: run <= raw op +3%: "
-              f"{'PASS' if run_us <= raw_us * 1.03 else 'FAIL'})", flush=True)  # fmt: skip
+        ours, raw_us = us[subject], us["raw op"]
+        print(f"{title}, {label}: " + ", ".join(f"{name} {t:.2f}" for name, t in us.items())
+              + f" ({subject} {(ours / raw_us - 1) * 100:+.1f}% vs raw op, "
+              f"{(ours / us['raw op, laid out'] - 1) * 100:+.1f}% vs laid out; issue 13 bar: <= raw op +3%: "
+              f"{'PASS' if ours <= raw_us * 1.03 else 'FAIL'})", flush=True)  # fmt: skip
 
-    # Rounds: each path's 32 layers x reps timed together, order rotated per round.
+    # Rounds: each path's layers x reps timed together, order rotated per round.
     samples: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(rounds):
-        turn = names[round_ % 4 :] + names[: round_ % 4]  # rotated: no path always goes first
+        turn = names[round_ % len(names) :] + names[: round_ % len(names)]  # rotated: no path always goes first
         for name in turn:
             calls[name](0)
             torch.cuda.synchronize()
@@ -444,7 +462,7 @@ def layer_host_us(step, ops, plan, raw_op: HandWritten, reps: int = 3, rounds: i
     for round_ in range(rounds):
         torch.cuda.synchronize()
         torch.cuda._sleep(int(5e8))
-        turn = names[round_ % 4 :] + names[: round_ % 4]
+        turn = names[round_ % len(names) :] + names[: round_ % len(names)]
         for layer in range(LAYERS):
             for name in turn:
                 call = calls[name]
@@ -460,6 +478,7 @@ def layer_host_us(step, ops, plan, raw_op: HandWritten, reps: int = 3, rounds: i
         for name in names
     }  # fmt: skip
     report("raw op's median + the median paired difference", paired)
+    return paired
 
 
 def host_us_per_call(step: Callable[[], None], repeats: int = 21) -> float:

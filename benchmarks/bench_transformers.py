@@ -191,6 +191,7 @@ def bench_model(name: str, new_tokens: int, rounds: int, device: str, small: boo
                 ratios = [ours / theirs for ours, theirs in zip(rates[impl][1:], rates["sdpa"][1:])]
                 rows[impl]["generate_paired_ratio_vs_sdpa"] = statistics.median(ratios)
             rows[impl]["decode_step_ms_median"] = statistics.median(steps[impl])
+            rows[impl]["decode_step_ms_mean"] = statistics.fmean(steps[impl])  # what tokens/s pays: the tail too
             rows[impl]["decode_steps_timed"] = len(steps[impl])
         decode_logits = {}  # the first decode step, every implementation fed the reference's first token
         for impl in implementations:

@@ -2,7 +2,8 @@
 # One device call on the lent H200: set up, then run the named stages in order; logs go to $OUT/<stage>.log.
 #   benchmarks/h200.sh baseline check fa3          (issue 10: before/after, selfcheck, pytest -m cuda)
 #   benchmarks/h200.sh diffusers varlen_host tox   (issue 11 benchmarks; tox -e cuda as written;
-#                                                    DIFFUSERS_ARGS=--key-pages adds the K/V-as-pages A/B)
+#                                                    DIFFUSERS_ARGS=--key-pages adds the K/V-as-pages A/B;
+#                                                    diffusers_graphs: compiled rows in CUDA graphs, reduce-overhead)
 #   benchmarks/h200.sh transformers                 (issue 13: Llama- and Gemma-2-like models, sdpa/eager vs attn_dispatch)
 #   benchmarks/h200.sh conformance                  (issue 12: the full grids without and with the known-wrong guard)
 #   benchmarks/h200.sh paged                        (issue 13: generate_batch only, with the teacher-forced token check)
@@ -48,6 +49,10 @@ for stage in "$@"; do
     diffusers)
       install_tree "$root"
       run diffusers python3 benchmarks/bench_diffusers.py --json "$OUT/diffusers.json" ${DIFFUSERS_ARGS:-} ;;
+    diffusers_graphs)
+      install_tree "$root"
+      run diffusers_graphs python3 benchmarks/bench_diffusers.py --compile-mode reduce-overhead --no-prx \
+        --json "$OUT/diffusers_graphs.json" ${DIFFUSERS_ARGS:-} ;;
     diag)
       install_tree "$root"
       run diag python3 benchmarks/diag_diffusers_host.py ${DIAG_ARGS:-} ;;
