@@ -89,16 +89,31 @@ def text_mask(batch: int, text: int, pads: tuple[int, ...], device) -> torch.Ten
 
 
 def wall_ms(fns: dict, rounds: int, per_round: int) -> dict:
-    """Median wall ms per forward of each callable, rounds interleaved, synchronised after each call."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    """Median wall ms per forward of each callable, rounds interleaved (order rotated each round),
+    synchronised after each call. Also, under the key ``PAIRED``, each label's paired ratio to native no
+    mask: the median over rounds of the two medians' ratio within a round (a host whose speed drifts
+    between rounds moves both alike)."""
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    per_round_ms: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(rounds):
+        turn = round_ % len(names)
+        for name in names[turn:] + names[:turn]:
+            fn, samples = fns[name], []
             for _ in range(per_round):
                 start = time.perf_counter()
                 fn()
                 sync()
-                times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
+                samples.append((time.perf_counter() - start) * 1e3)
+            times[name] += samples
+            per_round_ms[name].append(statistics.median(samples))
+    result: dict = {name: statistics.median(t) for name, t in times.items()}
+    floor = per_round_ms.get("native no mask")
+    if floor is not None:
+        result[PAIRED] = {
+            name: statistics.median(a / b for a, b in zip(per_round_ms[name], floor)) for name in names
+        }  # fmt: skip
+    return result
 
 
 def gpu_ms(fn, iters: int) -> float | None:
@@ -213,6 +228,7 @@ def error(out: torch.Tensor, ref: torch.Tensor) -> dict:
 INJECTED = None  # the op group the smoke run injects (None on CUDA: attn_dispatch.load(device))
 VARIANTS: dict = {}  # --key-pages: forward label -> the op group it runs with (both attn_dispatch forwards)
 PAGES = "attn_dispatch, K/V as pages"
+PAIRED = "paired vs no mask"  # wall_ms's key for the paired ratios
 
 
 def with_variants(fns: dict, ours_fn) -> dict:
@@ -315,6 +331,7 @@ def run_model(name, native, ours, inputs_for, settings, args, compile_backend) -
 def compiled_rows(row, native, ours, forwards, masked, ref, call, compile_backend, args) -> None:
     """Compiled wall and GPU time per forward, warm-up time and correctness, into ``row``."""
     t0 = time.perf_counter()
+    torch._dynamo.reset()  # each setting's graphs only: models x masks x op groups would pass the recompile limit
     compiled_models = {
         id(m): torch.compile(m, backend=compile_backend, dynamic=False, mode=args.compile_mode) for m in (native, ours)
     }  # fmt: skip
@@ -402,8 +419,10 @@ def markdown(rows: list[dict]) -> str:
             speedup = t["native masked"] / t["attn_dispatch"]
             bar = "" if label.startswith("GPU") else (" ok" if vs_floor <= BARS["vs_no_mask"] else " **over bar**")
             bar2 = "" if "eager" not in label or label.startswith("GPU") else (" ok" if speedup >= BARS["speedup"] else " **under bar**")
+            paired = t.get(PAIRED, {}).get("attn_dispatch")
+            paired = "" if paired is None else f" (paired {paired:.3f}x)"
             out.append(f"| {label} | {fmt(t['native masked'])} | {fmt(t['native no mask'])} | {fmt(t['attn_dispatch'])} | "
-                       f"{vs_floor:.3f}x{bar} | {speedup:.3f}x{bar2} | {fmt(fresh)} |")  # fmt: skip
+                       f"{vs_floor:.3f}x{bar}{paired} | {speedup:.3f}x{bar2} | {fmt(fresh)} |")  # fmt: skip
         a = row["attention_us"]
         out.append(f"| attention per call (us) | {fmt(a['native masked'], 1)} | {fmt(a['native no mask'], 1)} | "
                    f"{fmt(a['attn_dispatch'], 1)} | {a['attn_dispatch'] / a['native no mask']:.3f}x | "
@@ -451,7 +470,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny configs on the CPU stand-in (default without CUDA)")
     ARGS = args = parser.parse_args()
     args.smoke = args.smoke or not CUDA
-    args.rounds, args.per_round = (3, 5) if args.quick else (5, 10)
+    args.rounds, args.per_round = (3, 5) if args.quick else (9, 6)
     args.profile_iters, args.attn_iters = (5, 20) if args.quick else (10, 50)
     if args.smoke:
         args.rounds, args.per_round, args.profile_iters, args.attn_iters, args.layers = 1, 2, 1, 2, min(args.layers, 2)

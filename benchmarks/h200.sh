@@ -66,7 +66,7 @@ for stage in "$@"; do
       run guard python3 benchmarks/diag_fa3_guard.py "${GUARD_ARGS:-}" ;;
     transformers)
       install_tree "$root"
-      run transformers python3 benchmarks/bench_transformers.py --json "$OUT/transformers.json" ;;
+      run transformers python3 benchmarks/bench_transformers.py --json "$OUT/transformers.json" ${TRANSFORMERS_ARGS:-} ;;
     transformers_host)
       install_tree "$root"
       run transformers_host python3 benchmarks/diag_transformers_host.py ${DIAG_ARGS:-} ;;
