@@ -1,5 +1,5 @@
-"""The Python time cuda_fa3's ``paged_attention_out`` and ``bind_attention``'s run add around the kernel
-call, on any machine (no GPU).
+"""The Python time cuda_fa3's ``paged_attention_out``, ``bind_attention``'s run and ``varlen_attention_out``
+(a repeat call, as every layer of a prefill step makes) add around the kernel call, on any machine (no GPU).
 
     python3 benchmarks/bench_op_host.py
 
@@ -25,7 +25,7 @@ from fa3_torch_provider import make_torch_provider  # noqa: E402
 from attn_dispatch.plans import DEFAULT_PARAMS  # noqa: E402
 from attn_dispatch_cuda_fa3 import build_ops  # noqa: E402
 from attn_dispatch_cuda_fa3.plan import paged_args  # noqa: E402
-from attn_dispatch_flash import FlashProvider  # noqa: E402
+from attn_dispatch_flash import FlashArgs, FlashProvider  # noqa: E402
 
 
 def per_call_us(fn, calls: int = 20000, rounds: int = 15) -> float:
@@ -55,6 +55,21 @@ def main() -> None:
     direct = per_call_us(lambda: bound(q, k, v, rows))
     print(f"the bound kernel call alone {direct:.2f} us per call; on top of it: paged_attention_out +{through_op - direct:.2f} us, "
           f"bind_attention's run +{through_run - direct:.2f} us ([tokens, heads, dv] out), +{through_run_flat - direct:.2f} us (flat out)")
+
+    # varlen_attention_out repeating the last call's lengths (every layer of a prefill step), flat out,
+    # against the bound call with the flat out viewed per call (what the raw op's caller does too)
+    tokens = 64
+    cu = torch.tensor([0, 16, 40, 64], dtype=torch.int32)
+    lengths = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=24, max_seqlen_k=24)
+    qv, kv = torch.randn(tokens, 8, 64).bfloat16(), torch.randn(tokens, 2, 64).bfloat16()
+    flat = torch.empty(tokens, 8 * 64, dtype=torch.bfloat16)
+    varlen = ops["varlen_attention_out"]
+    varlen(qv, kv, kv, flat, **lengths)
+    bound_varlen = provider.bind(FlashArgs(**lengths, softmax_scale=64**-0.5, causal=True))
+    through_varlen = per_call_us(lambda: varlen(qv, kv, kv, flat, **lengths))
+    direct_varlen = per_call_us(lambda: bound_varlen(qv, kv, kv, flat.view(tokens, 8, 64)))
+    print(f"varlen: the bound call with out viewed {direct_varlen:.2f} us per call; varlen_attention_out (a repeat "
+          f"call) +{through_varlen - direct_varlen:.2f} us")
 
 
 if __name__ == "__main__":
