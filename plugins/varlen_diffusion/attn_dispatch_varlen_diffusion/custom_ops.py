@@ -116,19 +116,19 @@ masked_attention = direct_op.register(
 
 def _find(tensors: tuple, scalars: tuple) -> VarlenMaskMeta | None:
     """The metadata these tensors came from (matched on tensor identity only), or an equivalent one
-    rebuilt from the key mask (cached while its tensors live); None inside a CUDA graph capture, where
-    rebuilding would sync."""
+    rebuilt from the key mask (cached while its tensors live); None inside a CUDA graph capture instead
+    of a rebuilt one: rebuilding would sync, and a replay may see other mask contents."""
     key_mask, seqlens, cu_padded, cu_k, inverse = tensors
     ref = _METAS.get(id(cu_k))
     meta = ref() if ref is not None else None
     if meta is not None and all(a is b for a, b in zip(_tensors_of(meta), tensors)):
         return meta
+    if _capturing(key_mask):  # a rebuilt metadata holds the mask's counts of when it was rebuilt, not replay's
+        return None
     key = (*map(id, tensors), *scalars)
     hit = _REBUILT.get(key)
     if hit is not None and all(r() is t for r, t in zip(hit[0], tensors) if r is not None):
         return hit[1]
-    if _capturing(key_mask):
-        return None
     meta = _rebuild(tensors, scalars)
     if len(_REBUILT) > 64:
         _REBUILT.clear()

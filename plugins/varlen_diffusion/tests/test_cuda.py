@@ -309,3 +309,61 @@ def test_torch_compile_matches_eager(provider, name):
     torch.testing.assert_close(compiled(q, k, v, meta).float(), block(q, k, v, meta).float(), rtol=RTOL, atol=ATOL)
     cross = cross_inputs(mask.shape[0], 512, mask.shape[1], 2)
     torch.testing.assert_close(compiled(*cross, meta).float(), block(*cross, meta).float(), rtol=RTOL, atol=ATOL)
+
+
+def test_cuda_graphs_under_torch_compile_follow_each_new_mask(provider):
+    """``mode="reduce-overhead"``: the op is cudagraph_unsafe, so it runs outside the captured partitions with
+    each call's real metadata; masks of one shape with other valid counts and positions stay right."""
+    ops = ops_for(provider, "kv_pack")
+    masks = [text_image_mask([100, 37], text=128, image=1000, text_first=True),
+             text_image_mask([20, 128], text=128, image=1000, text_first=True)]  # fmt: skip
+    q, k, v = qkv(2, 1128)
+
+    def block(q, k, v, meta):
+        return ops.masked_attention(q * 2, k, v, meta) * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, mode="reduce-overhead")
+    outs = []
+    for mask in masks + masks:
+        meta = ops.build_mask_meta(mask.cuda())
+        torch.compiler.cudagraph_mark_step_begin()
+        got = compiled(q, k, v, meta).clone()
+        torch.testing.assert_close(got.float(), block(q, k, v, meta).float(), rtol=RTOL, atol=ATOL)
+        outs.append(got)
+    assert not torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])
+
+
+@pytest.mark.parametrize("zeroing", [False, True])
+def test_op_captured_with_copied_metadata_runs_sdpa_and_replays_new_masks(provider, zeroing):
+    """Captured with copies of its metadata (as CUDA graph trees would hand them): no sync breaks the capture,
+    and a replay after new mask contents are copied in computes the new mask."""
+    from attn_dispatch_varlen_diffusion import custom_ops
+
+    ops = ops_for(provider, "qkv_pack" if zeroing else "kv_pack", pack_queries=False if zeroing else None)
+    first = text_image_mask([100, 37], text=128, image=1000, text_first=True).cuda()
+    second = text_image_mask([20, 128], text=128, image=1000, text_first=True).cuda()
+    q, k, v = qkv(2, 1128)
+    meta = ops.build_mask_meta(first)
+    copies = [None if t is None else t.clone() for t in custom_ops._tensors_of(meta)]
+    strategy = custom_ops._STRATEGIES.index(meta.strategy)
+
+    def run():
+        return torch.ops.attn_dispatch_varlen_diffusion.masked_attention(
+            q, k, v, *copies, strategy, meta.zero_masked_queries, meta.pack_queries, D**-0.5, ops._op_index
+        )
+
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()  # warm-up outside the capture (rebuilds its metadata once: syncs are allowed here)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for mask in (first, second):
+        copies[0].copy_(mask)  # the key mask: what the fallback reads at replay
+        graph.replay()
+        want = ops.masked_attention(q, k, v, ops.build_mask_meta(mask), softmax_scale=D**-0.5)
+        torch.testing.assert_close(out.float(), want.float(), rtol=RTOL, atol=ATOL)
