@@ -16,15 +16,16 @@ graph inputs through unchanged), which carries ``total``, ``indices`` and ``mask
 bound calls. If it cannot (its tensors were copied on the way), it rebuilds an equivalent one from the
 key mask: correct, only slower on the host (device-to-host syncs for the layout, count and indices).
 
+The ops object is passed as an index into :data:`_OPS` (a custom op takes no Python objects), as
+cuda_fa3 passes its provider. The op is registered directly (``attn_dispatch.direct_op``), not through
+``torch.library.custom_op``, whose wrapper costs several us per call.
+
 CUDA graphs: a bound call bakes mask-dependent sizes (the valid count) into its launches, so a captured
 call would be wrong for the next mask, and CUDA graph trees hand graph inputs over as copies. The op is
 therefore tagged ``cudagraph_unsafe``: under ``torch.compile(mode="reduce-overhead")`` Inductor's graph
 partitioning runs it eagerly between the captured partitions, with the real metadata. Should it still be
 reached inside a capture with copied tensors, it runs the original path (SDPA with the key mask, which
 reads the mask on the device at replay) instead of rebuilding, which would sync: correct, never a crash.
-The ops object is passed as an index into :data:`_OPS` (a custom op takes no Python objects), as
-cuda_fa3 passes its provider. The op is registered directly (``attn_dispatch.direct_op``), not through
-``torch.library.custom_op``, whose wrapper costs several us per call.
 """
 
 from __future__ import annotations
