@@ -336,11 +336,13 @@ def compiled_rows(row, native, ours, forwards, masked, ref, call, compile_backen
         id(m): torch.compile(m, backend=compile_backend, dynamic=False, mode=args.compile_mode) for m in (native, ours)
     }  # fmt: skip
 
-    def step(model, inputs):  # CUDA graph trees: each forward is a new step (outputs are not kept)
+    def begin() -> None:  # CUDA graph trees: each forward is a new step (outputs are not kept)
+        if args.compile_mode is not None:
+            torch.compiler.cudagraph_mark_step_begin()
+
+    def step(model, inputs):
         fn = call(model, inputs)
-        if args.compile_mode is None:
-            return fn
-        return lambda: (torch.compiler.cudagraph_mark_step_begin(), fn())
+        return fn if args.compile_mode is None else lambda: (begin(), fn())
 
     compiled = {label: step(compiled_models[id(m)], i) for label, (m, i) in forwards.items()}
     compiled = with_variants(compiled, step(compiled_models[id(ours)], masked))
@@ -351,15 +353,13 @@ def compiled_rows(row, native, ours, forwards, masked, ref, call, compile_backen
     row["compiled_ms"] = wall_ms(compiled, args.rounds, args.per_round)
     row["compiled_gpu_ms"] = {label: gpu_ms(fn, args.profile_iters) for label, fn in compiled.items()}
     with torch.no_grad():
-        if args.compile_mode is not None:
-            torch.compiler.cudagraph_mark_step_begin()
+        begin()
         row["compiled_correctness"] = error(compiled_models[id(ours)](**masked)[0], ref)
         for label in VARIANTS:  # each op group's compiled forward, against native masked
             if label != "attn_dispatch":
                 ad.use_ops(VARIANTS[label])
                 try:
-                    if args.compile_mode is not None:
-                        torch.compiler.cudagraph_mark_step_begin()
+                    begin()
                     row[f"compiled_correctness, {label}"] = error(compiled_models[id(ours)](**masked)[0], ref)
                 finally:
                     ad.use_ops(INJECTED)

@@ -188,6 +188,19 @@ def test_masks_with_other_valid_counts_reuse_one_graph(case, backend):
     assert len(graphs) == 1, [gm.code for gm in graphs]
 
 
+def op_on_copies(ops, meta, q, k, v):
+    """The custom op called on clones of ``meta``'s tensors (no metadata owns them), scale 0.25: returns
+    (output, the clones, the strategy's op code)."""
+    from attn_dispatch_varlen_diffusion import custom_ops
+
+    copies = [None if t is None else t.clone() for t in custom_ops._tensors_of(meta)]
+    strategy = custom_ops._STRATEGIES.index(meta.strategy)
+    out = torch.ops.attn_dispatch_varlen_diffusion.masked_attention(
+        q, k, v, *copies, strategy, meta.zero_masked_queries, meta.pack_queries, 0.25, ops._op_index
+    )
+    return out, copies, strategy
+
+
 @pytest.mark.parametrize("case", list(RECOMPILE_CASES))
 def test_op_rebuilds_metadata_it_cannot_find(case):
     """Tensors that are copies (no metadata owns them): the op rebuilds the count-sized parts from the key
@@ -200,11 +213,7 @@ def test_op_rebuilds_metadata_it_cannot_find(case):
         mask = make_mask(valid)
         meta = ops.build_mask_meta(mask)
         q, k, v = tensors(mask, None, H, seed=valid)
-        copies = [None if t is None else t.clone() for t in custom_ops._tensors_of(meta)]
-        strategy = custom_ops._STRATEGIES.index(meta.strategy)
-        out = torch.ops.attn_dispatch_varlen_diffusion.masked_attention(
-            q, k, v, *copies, strategy, meta.zero_masked_queries, meta.pack_queries, 0.25, ops._op_index
-        )
+        out, copies, strategy = op_on_copies(ops, meta, q, k, v)
         rebuilt = custom_ops._find(tuple(copies), (strategy, meta.zero_masked_queries, meta.pack_queries))
         assert (rebuilt.layout, rebuilt.total) == (meta.layout, meta.total)
         for name in ("indices", "masked"):
@@ -241,11 +250,7 @@ def test_op_inside_a_capture_with_copied_metadata_runs_the_original_path(case, m
         mask[1] = False  # a batch row without any valid key
         meta = ops.build_mask_meta(mask)
         q, k, v = tensors(mask, None, H, seed=valid)
-        copies = [None if t is None else t.clone() for t in custom_ops._tensors_of(meta)]
-        strategy = custom_ops._STRATEGIES.index(meta.strategy)
-        out = torch.ops.attn_dispatch_varlen_diffusion.masked_attention(
-            q, k, v, *copies, strategy, meta.zero_masked_queries, meta.pack_queries, 0.25, ops._op_index
-        )
+        out, _, _ = op_on_copies(ops, meta, q, k, v)
         want = ops.masked_attention(q, k, v, meta, softmax_scale=0.25)
         assert out.shape == want.shape and out.is_contiguous()
         torch.testing.assert_close(out, want, rtol=1e-2, atol=5e-2)
