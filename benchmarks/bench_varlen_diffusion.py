@@ -237,16 +237,17 @@ def kernel_measurements(q, k, v, kv_meta, qkv_meta, input_sets: int = 4) -> list
     timed in steady state (:func:`steady_us`, the bar's measure) and cold (:func:`bench`)."""
     batch, seqlen, heads, head_dim = q.shape
     features = heads * head_dim
-    n, rows = kv_meta.total, batch * seqlen
+    n, rows = qkv_meta.total, batch * seqlen
+    n_kv = kv_meta.indices.numel()  # kv_pack gathers every row, the valid ones first
     size = q.element_size()
-    idx_long = kv_meta.indices.long()
+    idx_long, kv_long = qkv_meta.indices.long(), kv_meta.indices.long()
     extra = input_sets - 1 if CUDA else 0
     sets = [(q, k, v)] + [tuple(torch.randn_like(x) for x in (q, k, v)) for _ in range(extra)]
     packs = [gather_rows((s[0],), qkv_meta.indices)[0] for s in sets]
     flat = [x.view(rows, heads, head_dim) for x in (q, k, v)]
     cases = [
-        ("pack K,V", 2 * 2 * n * features * size + 4 * n, [lambda s=s: gather_rows(s[1:], kv_meta.indices) for s in sets],
-         lambda: [x.index_select(0, idx_long) for x in flat[1:]]),
+        ("pack K,V", 2 * 2 * n_kv * features * size + 4 * n_kv, [lambda s=s: gather_rows(s[1:], kv_meta.indices) for s in sets],
+         lambda: [x.index_select(0, kv_long) for x in flat[1:]]),
         ("pack Q,K,V", 3 * 2 * n * features * size + 4 * n, [lambda s=s: gather_rows(s, qkv_meta.indices) for s in sets],
          lambda: [x.index_select(0, idx_long) for x in flat]),
         ("scatter", (n + rows) * features * size + 4 * rows,
@@ -255,7 +256,7 @@ def kernel_measurements(q, k, v, kv_meta, qkv_meta, input_sets: int = 4) -> list
     ]  # fmt: skip
     results = []
     for name, nbytes, kernels, torch_version in cases:
-        payload = nbytes - 4 * (rows if name == "scatter" else n)  # the rows moved, without the int32 map
+        payload = nbytes - 4 * {"scatter": rows, "pack K,V": n_kv}.get(name, n)  # the rows moved, without the int32 map
         sources = [torch.empty(payload // 2, dtype=torch.uint8, device=q.device) for _ in sets]
         copies = [lambda src=src, dst=torch.empty_like(src): dst.copy_(src) for src in sources]
         kernel_us, copy_us = steady_us(kernels), steady_us(copies)

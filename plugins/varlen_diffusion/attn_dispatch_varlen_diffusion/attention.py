@@ -56,7 +56,10 @@ dict lookup. Under ``torch.compile`` the checks trace and the work is one custom
 
 Syncs: ``build_mask_meta``: one device-to-host copy of three ints per request. ``masked_attention``:
 none; it allocates, launches and returns, so it can be captured in a CUDA graph (sizes come from the
-metadata; the max-seqlen bounds are the padded S_q and S_k). Make the first call for a new call shape
+metadata; the max-seqlen bounds are the padded S_q and S_k). Under ``kv_pack`` and ``zero_copy`` the
+launches' sizes depend on the shapes alone, so a graph captured for one mask is right for another mask
+of that shape and strategy once its metadata's tensors are copied into the captured ones (what
+``torch.compile(mode="reduce-overhead")`` does; ``custom_ops``). Make the first call for a new call shape
 before capturing (as any warm-up does): binding compiles the pack kernel. A call bound during a capture
 is not cached (cross-attention's ``b * S_q`` offsets made there hold values only after a replay).
 """

@@ -16,8 +16,9 @@ query row is valid, so nothing is zeroed and Q is never packed):
 
 - no valid key in the batch: zeros, no launch;
 - ``pack_queries`` (self): gather Q/K/V rows, attention on packed tokens, scatter back with zeros;
-- packed strategies otherwise: gather K/V rows; Q and the output stay padded (``cu_seqlens_q = b*S_q``);
-  masked query rows zeroed in place under ``qkv_pack`` with Q in place (self);
+- packed strategies otherwise: gather K/V rows (``kv_pack``: all ``B * S_k``, valid ones first, so the
+  launch depends on shapes only); Q and the output stay padded (``cu_seqlens_q = b*S_q``); masked query
+  rows zeroed in place under ``qkv_pack`` with Q in place (self);
 - ``zero_copy``: K/V read in place (``cu_seqlens_k = b*S_k + run start``, ``seqused_k``); under the
   zeroing contract (self) Q too, through ``seqused_q`` into a zeroed output.
 """
@@ -79,7 +80,8 @@ def bind_call(
     seqlen_k, head_dim_v = k.shape[1], v.shape[3]
     dtype, device = q.dtype, q.device
     out_shape = (batch, seqlen_q, heads, head_dim_v)
-    if meta.total == 0:  # no valid key anywhere: FlashAttention would write zeros; skip the launch
+    if meta.total == 0:  # no valid key anywhere: FlashAttention would write zeros; skip the launch (a total
+        # not known on the host, None, launches: FlashAttention writes those zeros itself)
         return lambda q, k, v: q.new_zeros(out_shape)
     self_attention = seqlen_q == seqlen_k
     rows_q, rows_k, rows_v = _rows_of(q), _rows_of(k), _rows_of(v)
@@ -107,8 +109,7 @@ def bind_call(
         cu_q_padded = torch.arange(batch + 1, dtype=torch.int32, device=device) * seqlen_q
 
     if meta.strategy is not Strategy.ZERO_COPY:  # kv_pack, or qkv_pack with Q in place
-        n_masked = meta.batch * meta.seqlen - meta.total
-        masked = meta.masked if self_attention and meta.masked is not None and n_masked else None
+        masked = meta.masked if self_attention and meta.masked is not None and meta.masked.numel() else None
         if key_pages and meta.page_table is not None and _viewable(k) and _viewable(v):
             return _bind_key_pages(provider, meta, rows_q, cu_q_padded, seqlen_q, seqlen_k, scale, masked, out_shape)
         gather_kv = bind_gather((k, v), meta.indices)

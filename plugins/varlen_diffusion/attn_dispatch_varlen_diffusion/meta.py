@@ -42,7 +42,11 @@ class VarlenMaskMeta(MaskMeta):
 
     ``cu_seqlens_k``: zero-copy: ``b * S + run start`` (the padded tensor's own rows, read with
     ``seqlens`` as seqused); packed strategies: the prefix sum of ``seqlens`` over the packed rows.
-    ``indices``: flat ``b * S + s`` of each valid token, in order (packed strategies only).
+    ``indices`` (packed strategies only): flat ``b * S + s`` of each valid token, in order. ``kv_pack``
+    lists every masked token's after them, also in order: ``[B * S]``, a length fixed by the mask's shape,
+    so the K/V gather, its launch and the compiled op depend on the shape alone (a CUDA graph captured for
+    one mask replays right for another of that shape; FlashAttention reads only ``cu_seqlens_k``'s rows).
+    ``qkv_pack``: the valid tokens only, ``[total]``.
     ``page_table`` (packed strategies, made only when asked for): ``[B, S]``, row b's valid flat indices
     first (the rest 0): the keys as one-row pages of the padded tensor, for FlashAttention's paged read.
     ``pack_queries`` (``qkv_pack`` only): Q is packed too and ``inverse`` holds each padded token's packed
@@ -52,16 +56,16 @@ class VarlenMaskMeta(MaskMeta):
     (cross-attention); every query row is then valid, whatever the strategy.
     """
 
-    layout: Layout
+    layout: Layout | None  # None: not known on the host (made by the custom op from its tensors alone)
     strategy: Strategy
     zero_masked_queries: bool  # True: rows of masked query tokens come out as zeros (qkv_pack contract)
     batch: int
     seqlen: int
-    total: int  # valid tokens in the batch
+    total: int | None  # valid tokens in the batch; None: not known on the host, as layout
     seqlens: torch.Tensor  # [B]
     cu_seqlens_padded: torch.Tensor  # [B + 1]: b * S
     cu_seqlens_k: torch.Tensor  # [B + 1]
-    indices: torch.Tensor | None = None  # [total]
+    indices: torch.Tensor | None = None  # kv_pack: [B * S], valid first; qkv_pack: [total]
     page_table: torch.Tensor | None = None  # [B, S]
     pack_queries: bool = False
     inverse: torch.Tensor | None = None  # [B * S]
@@ -145,11 +149,16 @@ def make_mask_meta(
         cu_seqlens_k = torch.cat([seqlens.new_zeros(1), seqlens.cumsum(0, dtype=torch.int32)])
         flat_mask = key_mask.reshape(-1)
         packed_pos = flat_mask.cumsum(0, dtype=torch.int32) - 1
-        # Scatter each valid token's flat index to its packed slot; masked tokens go to a spare slot.
-        # (torch.nonzero would give the same, at the price of a second sync.)
-        slots = torch.where(flat_mask, packed_pos, total).long()
+        # Scatter each valid token's flat index to its packed slot (torch.nonzero would give the same, at the
+        # price of a second sync); masked tokens go after them (kv_pack) or to one spare slot (qkv_pack).
         flat = torch.arange(batch * seqlen, dtype=torch.int32, device=device)
-        indices = torch.empty(total + 1, dtype=torch.int32, device=device).scatter_(0, slots, flat)[:total]
+        if strategy is Strategy.KV_PACK:
+            masked_slot = total + (~flat_mask).cumsum(0, dtype=torch.int32) - 1
+            slots = torch.where(flat_mask, packed_pos, masked_slot).long()
+            indices = torch.empty(batch * seqlen, dtype=torch.int32, device=device).scatter_(0, slots, flat)
+        else:
+            slots = torch.where(flat_mask, packed_pos, total).long()
+            indices = torch.empty(total + 1, dtype=torch.int32, device=device).scatter_(0, slots, flat)[:total]
         if key_pages:  # row b's k-th valid key goes to column k of row b: b * S + (packed position - row start)
             row_start = cu_seqlens_k[:-1].repeat_interleave(seqlen)
             cells = torch.where(flat_mask, flat - flat % seqlen + packed_pos - row_start, batch * seqlen).long()

@@ -448,8 +448,10 @@ def meta_problems(meta, mask: torch.Tensor) -> list[str]:
         problems.append(f"seqlens {meta.seqlens.tolist()} total {meta.total}, expected {seqlens.tolist()}")
     indices = flat_indices(mask)
     if meta.indices is not None:
-        if not torch.equal(meta.indices, indices):
+        if not torch.equal(meta.indices[: indices.numel()], indices):
             problems.append("indices differ from mask.reshape(-1).nonzero()")
+        if meta.strategy.value == "kv_pack" and not torch.equal(meta.indices[indices.numel() :], flat_indices(~mask)):
+            problems.append("kv_pack's indices do not go on with the masked tokens, in order")
         cu = torch.cat([seqlens.new_zeros(1), seqlens.cumsum(0, dtype=torch.int32)])
         if not torch.equal(meta.cu_seqlens_k, cu):
             problems.append(f"cu_seqlens_k {meta.cu_seqlens_k.tolist()}, expected {cu.tolist()}")

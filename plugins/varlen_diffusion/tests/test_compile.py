@@ -14,6 +14,7 @@ from varlen_masks import row, text_image_mask
 from varlen_torch_provider import make_torch_provider, needs_interpreter
 
 from attn_dispatch_varlen_diffusion.attention import build_ops
+from attn_dispatch_varlen_diffusion.meta import Strategy
 
 pytestmark = needs_interpreter
 
@@ -114,26 +115,28 @@ def test_fake_implementation_gives_the_output_shape():
     q, k, v = tensors(mask, 6, 2)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from attn_dispatch_varlen_diffusion import custom_ops
+
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         fq, fk, fv = (mode.from_tensor(x) for x in (q, k, v))
         out = torch.ops.attn_dispatch_varlen_diffusion.masked_attention(
-            fq, fk, fv, meta.key_mask, meta.seqlens, meta.cu_seqlens_padded, meta.cu_seqlens_k, None, 1, False, False,
-            0.25, 0,
+            fq, fk, fv, *custom_ops._tensors_of(meta), 1, False, False, 0.25, 0
         )  # fmt: skip
     assert out.shape == (2, 6, H, D) and out.dtype == q.dtype
 
 
-def test_opcheck():
-    """torch.library's own checks of the op's schema, fake implementation and (no) aliasing."""
-    ops = build_ops(make_torch_provider(), general_strategy="kv_pack", device_type="cpu")
+@pytest.mark.parametrize("general", ["kv_pack", "qkv_pack"])
+def test_opcheck(general):
+    """torch.library's own checks of each op's schema, fake implementation and (no) aliasing."""
+    from attn_dispatch_varlen_diffusion import custom_ops
+
+    ops = build_ops(make_torch_provider(), general_strategy=general, device_type="cpu", pack_queries=True)
     mask = text_image_mask([2, 4], text=5, image=3, text_first=True)
     meta = ops.build_mask_meta(mask)
-    q, k, v = tensors(mask, 6, 2)
-    args = (
-        q, k, v, meta.key_mask, meta.seqlens, meta.cu_seqlens_padded, meta.cu_seqlens_k, meta.inverse, 1, False,
-        False, 0.25, ops._op_index,
-    )  # fmt: skip
-    torch.library.opcheck(torch.ops.attn_dispatch_varlen_diffusion.masked_attention.default, args, test_utils=("test_schema", "test_faketensor"))
+    q, k, v = tensors(mask, 6 if general == "kv_pack" else None, 2)  # cross-attention; self (Q packed)
+    strategy = custom_ops._STRATEGIES.index(meta.strategy)
+    args = (q, k, v, *custom_ops._tensors_of(meta), strategy, meta.zero_masked_queries, meta.pack_queries, 0.25, ops._op_index)
+    torch.library.opcheck(custom_ops.op_for(meta.strategy), args, test_utils=("test_schema", "test_faketensor"))
 
 
 def _gaps_mask(valid: int) -> torch.Tensor:
@@ -195,47 +198,61 @@ def op_on_copies(ops, meta, q, k, v):
 
     copies = [None if t is None else t.clone() for t in custom_ops._tensors_of(meta)]
     strategy = custom_ops._STRATEGIES.index(meta.strategy)
-    out = torch.ops.attn_dispatch_varlen_diffusion.masked_attention(
+    out = custom_ops.op_for(meta.strategy)(
         q, k, v, *copies, strategy, meta.zero_masked_queries, meta.pack_queries, 0.25, ops._op_index
     )
     return out, copies, strategy
 
 
 @pytest.mark.parametrize("case", list(RECOMPILE_CASES))
-def test_op_rebuilds_metadata_it_cannot_find(case):
-    """Tensors that are copies (no metadata owns them): the op rebuilds the count-sized parts from the key
-    mask and computes what eager computes for the original metadata."""
+def test_op_remakes_metadata_it_cannot_find(case, monkeypatch):
+    """Tensors that are copies (no metadata owns them): kv_pack and zero_copy make the metadata from the
+    copies alone (no rebuild, so no sync; layout and count unknown), qkv_pack rebuilds its count-sized parts
+    from the key mask; either way the op computes what eager computes for the original metadata."""
     make_mask, general, pack_queries, _ = RECOMPILE_CASES[case]
     ops = build_ops(make_torch_provider(), general_strategy=general, device_type="cpu", pack_queries=pack_queries)
     from attn_dispatch_varlen_diffusion import custom_ops
 
+    rebuild = custom_ops._rebuild
+    rebuilt_strategies = []
+
+    def counting_rebuild(tensors, scalars):
+        rebuilt_strategies.append(custom_ops._STRATEGIES[scalars[0]])
+        return rebuild(tensors, scalars)
+
+    monkeypatch.setattr(custom_ops, "_rebuild", counting_rebuild)
     for valid in VALID_COUNTS:
         mask = make_mask(valid)
         meta = ops.build_mask_meta(mask)
         q, k, v = tensors(mask, None, H, seed=valid)
         out, copies, strategy = op_on_copies(ops, meta, q, k, v)
-        rebuilt = custom_ops._find(tuple(copies), (strategy, meta.zero_masked_queries, meta.pack_queries))
-        assert (rebuilt.layout, rebuilt.total) == (meta.layout, meta.total)
+        remade = custom_ops._find(tuple(copies), (strategy, meta.zero_masked_queries, meta.pack_queries))
+        counted = meta.strategy is Strategy.QKV_PACK
+        assert (remade.layout, remade.total) == ((meta.layout, meta.total) if counted else (None, None))
         for name in ("indices", "masked"):
-            want, got = getattr(meta, name), getattr(rebuilt, name)
+            want, got = getattr(meta, name), getattr(remade, name)
             assert want is got is None or (got.dtype == want.dtype and torch.equal(got, want)), name
-        assert not meta.calls  # the op bound its call on the rebuilt metadata, not on this one
+        assert not meta.calls  # the op bound its call on the remade metadata, not on this one
         assert torch.equal(out, ops.masked_attention(q, k, v, meta, softmax_scale=0.25)), valid
+    assert rebuilt_strategies == ([Strategy.QKV_PACK] * len(VALID_COUNTS) if case.startswith("qkv_pack") else [])
 
 
-def test_op_is_left_out_of_cuda_graphs():
-    """Its bound calls bake mask-dependent sizes: Inductor's CUDA graphs must run it outside the capture."""
+def test_only_the_counted_op_is_left_out_of_cuda_graphs():
+    """qkv_pack's bound calls bake the valid count: Inductor's CUDA graphs must run its op outside the
+    capture. kv_pack's and zero_copy's depend on shapes only, so theirs is captured."""
     tag = getattr(torch.Tag, "cudagraph_unsafe", None)
     if tag is None:
         pytest.skip("this torch has no cudagraph_unsafe tag")
-    assert tag in torch.ops.attn_dispatch_varlen_diffusion.masked_attention.default.tags
+    ns = torch.ops.attn_dispatch_varlen_diffusion
+    assert tag in ns.masked_attention_counts.default.tags and tag not in ns.masked_attention.default.tags
 
 
 @pytest.mark.parametrize("case", list(RECOMPILE_CASES))
-def test_op_inside_a_capture_with_copied_metadata_runs_the_original_path(case, monkeypatch):
-    """CUDA graph trees hand the op copies of the metadata's tensors while capturing: no rebuild (it would
-    sync), but SDPA with the key mask, under the op's contract (zeros where a row has no valid key, and for
-    masked query rows under the zeroing contract)."""
+def test_op_inside_a_capture_with_copied_metadata(case, monkeypatch):
+    """CUDA graph trees hand the op copies of the metadata's tensors while capturing. Nothing is rebuilt
+    (it would sync). kv_pack and zero_copy run their fast path on the copies: the same bytes as eager.
+    qkv_pack runs SDPA with the key mask under the op's contract (zeros where a row has no valid key, and
+    for masked query rows under the zeroing contract)."""
     make_mask, general, pack_queries, _ = RECOMPILE_CASES[case]
     ops = build_ops(make_torch_provider(), general_strategy=general, device_type="cpu", pack_queries=pack_queries)
     from attn_dispatch_varlen_diffusion import custom_ops
@@ -243,7 +260,7 @@ def test_op_inside_a_capture_with_copied_metadata_runs_the_original_path(case, m
     def no_rebuild(*args):
         raise AssertionError("rebuilt inside a capture")
 
-    monkeypatch.setattr(custom_ops, "_capturing", lambda key_mask: True)
+    monkeypatch.setattr(custom_ops, "_capturing", lambda tensor: True)
     monkeypatch.setattr(custom_ops, "_rebuild", no_rebuild)
     for valid in VALID_COUNTS:
         mask = make_mask(valid)
@@ -253,7 +270,10 @@ def test_op_inside_a_capture_with_copied_metadata_runs_the_original_path(case, m
         out, _, _ = op_on_copies(ops, meta, q, k, v)
         want = ops.masked_attention(q, k, v, meta, softmax_scale=0.25)
         assert out.shape == want.shape and out.is_contiguous()
-        torch.testing.assert_close(out, want, rtol=1e-2, atol=5e-2)
+        if meta.strategy is Strategy.QKV_PACK:
+            torch.testing.assert_close(out, want, rtol=1e-2, atol=5e-2)
+        else:
+            assert torch.equal(out, want)
         assert not out[1].any()  # no valid key: zeros, as the fast path gives
         if meta.zero_masked_queries:
             assert not out[0][~mask[0]].any()

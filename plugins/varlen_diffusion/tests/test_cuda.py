@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 from varlen_masks import row, text_image_mask
 
 import attn_dispatch
@@ -312,8 +313,8 @@ def test_torch_compile_matches_eager(provider, name):
 
 
 def test_cuda_graphs_under_torch_compile_follow_each_new_mask(provider):
-    """``mode="reduce-overhead"``: the op is cudagraph_unsafe, so it runs outside the captured partitions with
-    each call's real metadata; masks of one shape with other valid counts and positions stay right."""
+    """``mode="reduce-overhead"``: kv_pack's op is captured with the rest; each replay gets the new mask's
+    metadata copied in, so masks of one shape with other valid counts and positions stay right."""
     ops = ops_for(provider, "kv_pack")
     masks = [text_image_mask([100, 37], text=128, image=1000, text_first=True),
              text_image_mask([20, 128], text=128, image=1000, text_first=True)]  # fmt: skip
@@ -323,6 +324,7 @@ def test_cuda_graphs_under_torch_compile_follow_each_new_mask(provider):
         return ops.masked_attention(q * 2, k, v, meta) * 2
 
     torch._dynamo.reset()
+    counters.clear()
     compiled = torch.compile(block, fullgraph=True, mode="reduce-overhead")
     outs = []
     for mask in masks + masks:
@@ -332,12 +334,15 @@ def test_cuda_graphs_under_torch_compile_follow_each_new_mask(provider):
         torch.testing.assert_close(got.float(), block(q, k, v, meta).float(), rtol=RTOL, atol=ATOL)
         outs.append(got)
     assert not torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])
+    inductor = counters["inductor"]
+    assert inductor["cudagraph_skips"] == 0 and inductor["cudagraph_partitions"] <= 1, dict(inductor)  # captured whole
 
 
 @pytest.mark.parametrize("zeroing", [False, True])
-def test_op_captured_with_copied_metadata_runs_sdpa_and_replays_new_masks(provider, zeroing):
-    """Captured with copies of its metadata (as CUDA graph trees would hand them): no sync breaks the capture,
-    and a replay after new mask contents are copied in computes the new mask."""
+def test_op_captured_with_copied_metadata_replays_new_masks(provider, zeroing):
+    """Captured with copies of its metadata (as CUDA graph trees hand them): no sync breaks the capture, and
+    a replay after a new mask's metadata is copied in computes the new mask. kv_pack runs its fast path in
+    the graph (the same bytes as eager); qkv_pack (its counts on the host) runs SDPA with the key mask."""
     from attn_dispatch_varlen_diffusion import custom_ops
 
     ops = ops_for(provider, "qkv_pack" if zeroing else "kv_pack", pack_queries=False if zeroing else None)
@@ -349,7 +354,7 @@ def test_op_captured_with_copied_metadata_runs_sdpa_and_replays_new_masks(provid
     strategy = custom_ops._STRATEGIES.index(meta.strategy)
 
     def run():
-        return torch.ops.attn_dispatch_varlen_diffusion.masked_attention(
+        return custom_ops.op_for(meta.strategy)(
             q, k, v, *copies, strategy, meta.zero_masked_queries, meta.pack_queries, D**-0.5, ops._op_index
         )
 
@@ -357,13 +362,19 @@ def test_op_captured_with_copied_metadata_runs_sdpa_and_replays_new_masks(provid
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        run()  # warm-up outside the capture (rebuilds its metadata once: syncs are allowed here)
+        run()  # warm-up outside the capture (compiles the gather; qkv_pack rebuilds its metadata: syncs allowed)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = run()
-    for mask in (first, second):
-        copies[0].copy_(mask)  # the key mask: what the fallback reads at replay
+    for mask in (first, second, first):
+        new_meta = ops.build_mask_meta(mask)
+        for copy, tensor in zip(copies, custom_ops._tensors_of(new_meta)):
+            if copy is not None:
+                copy.copy_(tensor)
         graph.replay()
-        want = ops.masked_attention(q, k, v, ops.build_mask_meta(mask), softmax_scale=D**-0.5)
-        torch.testing.assert_close(out.float(), want.float(), rtol=RTOL, atol=ATOL)
+        want = ops.masked_attention(q, k, v, new_meta, softmax_scale=D**-0.5)
+        if zeroing:
+            torch.testing.assert_close(out.float(), want.float(), rtol=RTOL, atol=ATOL)
+        else:
+            assert torch.equal(out, want)

@@ -75,7 +75,11 @@ def test_metadata_tensors_match_their_definitions(mask):
             assert meta.indices is None and meta.inverse is None
         else:
             assert torch.equal(meta.cu_seqlens_k, torch.cat([torch.zeros(1, dtype=torch.int32), lengths.cumsum(0).int()]))
-            assert torch.equal(meta.indices, flat)
+            if meta.strategy is Strategy.KV_PACK:  # every token, valid ones first: a length fixed by the shape
+                masked_flat = (~mask).reshape(-1).nonzero().squeeze(1).to(torch.int32)
+                assert torch.equal(meta.indices, torch.cat([flat, masked_flat]))
+            else:
+                assert torch.equal(meta.indices, flat)
             assert meta.pack_queries is (meta.strategy is Strategy.QKV_PACK and pack_queries)
             if meta.pack_queries:
                 expected = torch.full((batch * seqlen,), -1, dtype=torch.int32)
